@@ -1,0 +1,1 @@
+"""Adapters that ship with the ambassador (registered through twisted/plugins like any other)."""

@@ -1,0 +1,77 @@
+"""The values passed between the web layer, an adapter and the upstream pipeline."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from attrs import field, frozen
+
+Query = tuple[tuple[str, str], ...]
+
+
+@frozen
+class Route:
+    """One inbound path an adapter serves.
+
+    ``path`` is where it is mounted (``/movies``). A ``prefix`` route also
+    serves every path below it and sees the rest as ``InboundRequest.segments``.
+    ``name`` is a bounded label for logs and metrics, never a raw path.
+    """
+
+    name: str
+    path: str
+    prefix: bool = False
+    methods: tuple[str, ...] = ("GET", "HEAD")
+
+
+@frozen
+class InboundRequest:
+    """What the main container asked for, already checked by the web layer.
+
+    ``segments`` are the path segments below the route's mount; each one is
+    plain (letters, digits and ``_.,:~-``), never ``.``/``..`` and never
+    percent-encoded, so an adapter can join them into an upstream path safely.
+    """
+
+    method: str
+    route: Route
+    segments: tuple[str, ...]
+    query: Query
+    headers: Mapping[str, str] = field(factory=dict)
+
+
+@frozen
+class UpstreamRequest:
+    """What the pipeline sends to the outside service (before the credential is attached)."""
+
+    method: str
+    path: str
+    query: Query = ()
+    headers: Mapping[str, str] = field(factory=dict)
+
+
+@frozen
+class UpstreamResponse:
+    """What the outside service answered: status, headers (lower-case names) and the whole body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "")
+
+
+@frozen
+class Answer:
+    """What the ambassador sends back to the main container."""
+
+    status: int
+    headers: Sequence[tuple[str, str]]
+    body: bytes
+
+
+def without_params(query: Query, names: frozenset[str]) -> Query:
+    """The query with every parameter named in ``names`` removed (case-insensitive)."""
+    return tuple((k, v) for k, v in query if k.lower() not in names)

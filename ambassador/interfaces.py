@@ -1,0 +1,69 @@
+"""The public contracts: what an adapter plugin provides and what the web layer uses.
+
+Discovery and configuration are separate on purpose: ``IAdapterPlugin`` is
+found through Twisted's plugin system and needs no credential; its
+``configure`` returns the ``IExternalAdapter`` that actually serves requests.
+"""
+
+from __future__ import annotations
+
+from attrs import frozen
+from zope.interface import Attribute, Interface
+
+
+@frozen
+class Setting:
+    """One environment variable an adapter reads; ``secret`` ones are never printed."""
+
+    name: str
+    help: str
+    secret: bool = False
+
+
+class IAdapterPlugin(Interface):
+    """What a dropin in ``twisted/plugins/`` provides (together with ``IPlugin``)."""
+
+    name = Attribute("Short unique name, e.g. 'tmdb'.")
+    description = Attribute("One line saying which outside service this is.")
+    settings = Attribute("Sequence of Setting: the environment variables it reads.")
+
+    def configure(environ, reactor):
+        """
+        Build the serving adapter from ``environ`` (a mapping like ``os.environ``).
+
+        Raise ``ConfigurationError`` for settings that cannot work (the
+        process refuses to start). A missing credential is not an error
+        here: the adapter is mounted and answers 503 until one appears.
+
+        @rtype: L{IExternalAdapter}
+        """
+
+
+class IExternalAdapter(Interface):
+    """One configured outside service: the only thing the web layer knows about it."""
+
+    name = Attribute("The plugin's name.")
+    routes = Attribute("Sequence of ambassador.exchange.Route it serves.")
+    base_url = Attribute("Scheme, host and port of the outside service, e.g. 'https://api.themoviedb.org'.")
+    credential = Attribute("The ambassador.credentials.Credential attached to every upstream request.")
+    secret_params = Attribute("Lower-case query parameter names that carry credentials: removed from "
+                              "what callers send and redacted in logs.")
+
+    def upstream_request(inbound):
+        """
+        Translate an ambassador.exchange.InboundRequest into an UpstreamRequest.
+
+        Raise ambassador.problems.Problem to answer the caller without calling out.
+        """
+
+    def interpret(inbound, response):
+        """
+        Turn the outside service's UpstreamResponse into the Answer for the caller.
+
+        Raise ambassador.problems.Problem when the outside answer means the
+        ambassador or the outside world failed (rejected credential, garbage).
+        """
+
+
+class ConfigurationError(Exception):
+    """A setting that cannot work; the message names the setting and what was expected."""

@@ -1,0 +1,170 @@
+"""Fake outside services for tests: real twisted.web servers on loopback.
+
+Our own tests use them, and so can anyone testing an application against
+the ambassador without a network::
+
+    fake = FakeTMDB(api_keys={"my-key"})
+    port = serve(fake)            # http://127.0.0.1:<port>
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qsl
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+
+@frozen
+class RecordedRequest:
+    method: str
+    path: str
+    query: tuple[tuple[str, str], ...]
+    headers: dict[str, str]
+
+    def param(self, name: str) -> str | None:
+        return dict(self.query).get(name)
+
+
+class _QuietSite(Site):
+    # A fake's access log would show the credentials it was sent, mixed into the ambassador's log.
+    noisy = False
+
+    def log(self, request) -> None:
+        pass
+
+
+def serve(resource: Resource, reactor=None):
+    """Listen on an ephemeral loopback port; the returned port's ``base_url`` says where."""
+    if reactor is None:
+        from twisted.internet import reactor
+    site = _QuietSite(resource)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    port.base_url = f"http://127.0.0.1:{port.getHost().port}"
+    return port
+
+
+def _tmdb_error(status_code: int, message: str) -> dict:
+    return {"status_code": status_code, "status_message": message, "success": False}
+
+
+INVALID_KEY = _tmdb_error(7, "Invalid API key: You must be granted a valid key.")
+NOT_FOUND = _tmdb_error(34, "The resource you requested could not be found.")
+INVALID_PAGE = _tmdb_error(22, "Invalid page: Pages start at 1 and max at 500. They are expected to be an integer.")
+
+MOVIES = [
+    {"id": 550, "title": "Fight Club", "release_date": "1999-10-15", "popularity": 61.4, "vote_count": 30122,
+     "vote_average": 8.4, "overview": "A ticking-time-bomb insomniac and a slippery soap salesman ..."},
+    {"id": 603, "title": "The Matrix", "release_date": "1999-03-30", "popularity": 80.2, "vote_count": 26512,
+     "vote_average": 8.2, "overview": "Set in the 22nd century, The Matrix tells the story of a computer hacker ..."},
+    {"id": 13, "title": "Forrest Gump", "release_date": "1994-06-23", "popularity": 70.9, "vote_count": 27781,
+     "vote_average": 8.5, "overview": "A man with a low IQ has accomplished great things in his life ..."},
+    {"id": 680, "title": "Pulp Fiction", "release_date": "1994-09-10", "popularity": 66.0, "vote_count": 28321,
+     "vote_average": 8.5, "overview": "A burger-loving hit man, his philosophical partner ..."},
+]
+
+
+@define
+class FakeTMDB(Resource):
+    """A TMDB v3 look-alike: discover, movie details, search, and TMDB's real error answers.
+
+    It accepts ``api_key`` query parameters from ``api_keys`` and bearer
+    tokens from ``tokens`` and records every request in ``requests``. To
+    inject faults set ``fault`` to ``"hang"`` (never answer) or ``"reset"``
+    (drop the connection), or set ``canned`` to ``(status, headers, body)``
+    to answer that once the credential has been checked.
+    """
+
+    api_keys: set[str] = field(factory=lambda: {"test-api-key"})
+    tokens: set[str] = field(factory=lambda: {"test-read-token"})
+    requests: list[RecordedRequest] = field(factory=list)
+    fault: str | None = None
+    canned: tuple[int, dict[str, str], bytes] | None = None
+    hanging: list = field(factory=list)
+    _waiting: list[Deferred] = field(factory=list)
+    isLeaf = True
+
+    def __attrs_post_init__(self) -> None:
+        Resource.__init__(self)
+
+    def render(self, request):
+        path, _, query = request.uri.partition(b"?")
+        recorded = RecordedRequest(
+            method=request.method.decode(),
+            path=path.decode("latin-1"),
+            query=tuple(parse_qsl(query.decode("latin-1"), keep_blank_values=True)),
+            headers={k.decode().lower(): v[0].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()},
+        )
+        self.requests.append(recorded)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(recorded)
+        if self.fault == "hang":
+            self.hanging.append(request)
+            return NOT_DONE_YET
+        if self.fault == "reset":
+            request.transport.abortConnection()
+            return NOT_DONE_YET
+        if not self._authorized(recorded):
+            return self._json(request, 401, INVALID_KEY)
+        if self.canned is not None:
+            status, headers, body = self.canned
+            request.setResponseCode(status)
+            for name, value in headers.items():
+                request.setHeader(name, value)
+            return body
+        if recorded.method not in ("GET", "HEAD"):
+            return self._json(request, 405, _tmdb_error(3, "Method not allowed"))
+        return self._route(request, recorded)
+
+    def next_request(self) -> Deferred:
+        """Fires with the next request this fake receives (to sequence a test without sleeping)."""
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _authorized(self, recorded: RecordedRequest) -> bool:
+        authorization = recorded.headers.get("authorization", "")
+        if authorization.startswith("Bearer "):
+            return authorization[len("Bearer "):] in self.tokens
+        return recorded.param("api_key") in self.api_keys
+
+    def _route(self, request, recorded: RecordedRequest):
+        parts = recorded.path.strip("/").split("/")
+        if parts == ["3", "discover", "movie"]:
+            return self._discover(request, recorded)
+        if parts == ["3", "search", "movie"]:
+            text = (recorded.param("query") or "").lower()
+            return self._page(request, [m for m in MOVIES if text and text in m["title"].lower()], 1)
+        if len(parts) == 3 and parts[:2] == ["3", "movie"]:
+            movie = next((m for m in MOVIES if str(m["id"]) == parts[2]), None)
+            if movie is not None:
+                return self._json(request, 200, movie, cache=True)
+        if parts == ["3", "configuration"]:
+            return self._json(request, 200, {"images": {"base_url": "http://image.tmdb.org/t/p/"}}, cache=True)
+        return self._json(request, 404, NOT_FOUND)
+
+    def _discover(self, request, recorded: RecordedRequest):
+        page = recorded.param("page") or "1"
+        if not page.isdigit() or not 1 <= int(page) <= 500:
+            return self._json(request, 400, INVALID_PAGE)
+        key, _, order = (recorded.param("sort_by") or "popularity.desc").partition(".")
+        movies = sorted(MOVIES, key=lambda m: m.get(key, 0), reverse=order != "asc")
+        return self._page(request, movies, int(page))
+
+    def _page(self, request, movies, page: int):
+        results = movies if page == 1 else []
+        document = {"page": page, "results": results, "total_pages": 1, "total_results": len(movies)}
+        return self._json(request, 200, document, cache=True)
+
+    def _json(self, request, status: int, document: dict, cache: bool = False) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader("Content-Type", "application/json;charset=utf-8")
+        request.setHeader("Set-Cookie", "tmdb.session=abc; Path=/")
+        request.setHeader("Server", "openresty")
+        if cache:
+            request.setHeader("Cache-Control", "public, max-age=21600")
+        return json.dumps(document).encode()

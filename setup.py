@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ambassador",
+    version="0.1.0",
+    description="A Twisted sidecar that calls outside HTTP APIs for the container next to it, "
+    "credentials injected and failures made clear.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    # twisted.plugins holds dropins only: it must never ship an __init__.py.
+    packages=find_packages(include=["ambassador", "ambassador.*"]) + ["twisted.plugins"],
+    install_requires=[
+        "Twisted[tls]>=24.7",
+        "treq>=24.9",
+        "zope.interface>=6",
+        "attrs>=23.1",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-twisted>=1.14"],
+    },
+)
