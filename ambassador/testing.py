@@ -29,7 +29,7 @@ class RecordedRequest:
         return dict(self.query).get(name)
 
 
-class _QuietSite(Site):
+class QuietSite(Site):
     # A fake's access log would show the credentials it was sent, mixed into the ambassador's log.
     noisy = False
 
@@ -41,7 +41,7 @@ def serve(resource: Resource, reactor=None):
     """Listen on an ephemeral loopback port; the returned port's ``base_url`` says where."""
     if reactor is None:
         from twisted.internet import reactor
-    site = _QuietSite(resource)
+    site = QuietSite(resource)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     port.base_url = f"http://127.0.0.1:{port.getHost().port}"
     return port

@@ -170,3 +170,21 @@ async def test_other_methods_are_405_with_allow(fake_tmdb, start_ambassador, met
     problem(response, body, 405, "method-not-allowed")
     assert header(response, "allow") == "GET, HEAD"
     assert fake_tmdb.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_upstream_with_an_untrusted_certificate_is_refused(fake_tmdb, start_ambassador):
+    from twisted.internet import reactor, ssl
+
+    from ambassador.testing import QuietSite
+
+    key = ssl.KeyPair.generate(size=2048)
+    certificate = ssl.PrivateCertificate.fromCertificateAndKeyPair(key.selfSignedCert(1, CN="127.0.0.1"), key)
+    port = reactor.listenSSL(0, QuietSite(fake_tmdb), certificate.options(), interface="127.0.0.1")
+    try:
+        url = await start_ambassador({"TMDB_BASE_URL": f"https://127.0.0.1:{port.getHost().port}", **KEY})
+        document = problem(*await get(url + "/movies"), 502, "upstream-unreachable")
+        assert "TLS" in document["detail"]
+        assert fake_tmdb.requests == []  # the key never went over the untrusted connection
+    finally:
+        await port.stopListening()
