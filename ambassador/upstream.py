@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
+from attrs import evolve
 from OpenSSL.SSL import Error as TLSError
 from treq.client import HTTPClient
 from twisted.internet import defer, error
@@ -18,8 +19,10 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 
 from . import __version__
-from .exchange import InboundRequest, UpstreamRequest, UpstreamResponse
+from .exchange import InboundRequest, Trace, UpstreamRequest, UpstreamResponse
+from .health import Readiness
 from .interfaces import IExternalAdapter
+from .metrics import Metrics
 from .problems import Problem
 
 USER_AGENT = f"ambassador/{__version__}"
@@ -76,24 +79,88 @@ class UpstreamClient:
 
 
 class Gateway:
-    """Runs one inbound request through an adapter and the upstream pipeline."""
+    """Runs one inbound request through an adapter and the upstream pipeline.
 
-    def __init__(self, client: UpstreamClient, clock: IReactorTime, *, timeout: float = 10.0) -> None:
+    It records each upstream attempt in ``metrics`` and what it learns about
+    an adapter's credential in ``readiness``, and fills in the request's Trace.
+    """
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        clock: IReactorTime,
+        metrics: Metrics,
+        readiness: Readiness,
+        *,
+        timeout: float = 10.0,
+        forward_request_id: frozenset[str] = frozenset(),
+    ) -> None:
         self._client = client
         self._clock = clock
+        self._metrics = metrics
+        self._readiness = readiness
         self.timeout = timeout
+        self._forward_request_id = forward_request_id
 
-    def answer(self, adapter: IExternalAdapter, inbound: InboundRequest) -> defer.Deferred:
+    def answer(self, adapter: IExternalAdapter, inbound: InboundRequest, trace: Trace) -> defer.Deferred:
         """A Deferred firing with the Answer, or failing with a Problem. Cancel it to abandon."""
         try:
             request = adapter.credential.attach(adapter.upstream_request(inbound), adapter.name)
         except Problem:
             return defer.fail()
+        if inbound.request_id and adapter.name in self._forward_request_id:
+            request = evolve(request, headers={**request.headers, "X-Request-ID": inbound.request_id})
+        call = self._attempt(adapter, request, trace)
+        call.addCallback(self._interpret, adapter, inbound)
+        return call
+
+    def probe(self, adapter: IExternalAdapter, path: str) -> defer.Deferred:
+        """Ask the upstream for ``path``; fires with None when it answered well, else why not."""
+        try:
+            request = adapter.credential.attach(UpstreamRequest("GET", path), adapter.name)
+        except Problem as problem:
+            return defer.succeed(problem.detail)
+        call = self._attempt(adapter, request, Trace())
+        call.addCallbacks(
+            lambda response: None if response.status < 400 else f"{path} answered status {response.status}",
+            lambda failure: failure.value.detail if failure.check(Problem) else failure.getErrorMessage(),
+        )
+        return call
+
+    def _attempt(self, adapter: IExternalAdapter, request: UpstreamRequest, trace: Trace) -> defer.Deferred:
+        trace.attempts += 1
+        started = self._clock.seconds()
         call = defer.ensureDeferred(self._client.fetch(adapter.base_url, request))
         call.addTimeout(self.timeout, self._clock, onTimeoutCancel=_deadline_passed)
+        call.addBoth(self._attempted, adapter, started, trace)
         call.addErrback(self._explain_failure, adapter)
-        call.addCallback(lambda response: adapter.interpret(inbound, response))
         return call
+
+    def _attempted(self, result, adapter: IExternalAdapter, started: float, trace: Trace):
+        if isinstance(result, UpstreamResponse):
+            trace.upstream_status = result.status
+            outcome = f"{result.status // 100}xx"
+        elif result.check(DeadlinePassed):
+            outcome = "timeout"
+        elif result.check(defer.CancelledError):
+            outcome = "cancelled"
+        else:
+            outcome = "unreachable"
+        self._metrics.upstream_attempts.labels(adapter.name, outcome).inc()
+        self._metrics.upstream_seconds.labels(adapter.name).observe(self._clock.seconds() - started)
+        return result
+
+    def _interpret(self, response: UpstreamResponse, adapter: IExternalAdapter, inbound: InboundRequest):
+        state = self._readiness[adapter.name]
+        try:
+            answer = adapter.interpret(inbound, response)
+        except Problem as problem:
+            if problem.kind == "credential-rejected":
+                state.credential_rejected = True
+            raise
+        if answer.status < 500:
+            state.credential_rejected = False  # the upstream took the credential
+        return answer
 
     def _explain_failure(self, failure, adapter: IExternalAdapter):
         failure.trap(Exception)

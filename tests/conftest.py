@@ -10,9 +10,8 @@ from twisted.internet.defer import maybeDeferred
 from twisted.logger import formatEvent, globalLogPublisher
 
 from ambassador.adapters.tmdb import TMDBPlugin
-from ambassador.service import ProxyService
+from ambassador.service import assemble
 from ambassador.testing import FakeTMDB, serve
-from ambassador.upstream import Gateway, UpstreamClient
 
 # Every secret a test hands the ambassador; none may ever show up in a log event.
 SECRETS = ("test-api-key", "test-read-token", "caller-own-key", "file-api-key", "rotated-api-key")
@@ -47,18 +46,19 @@ def log_events():
 
 @pytest_twisted.async_yield_fixture
 async def start_ambassador():
-    """Start an ambassador serving the TMDB adapter configured from ``environ``; returns its URL."""
+    """Start an ambassador serving the TMDB adapter configured from ``environ`` (keywords go to
+    ``assemble``); returns the Ambassador with ``url`` and ``admin_url`` added."""
     services = []
 
-    async def start(environ, *, clock=reactor, timeout=10.0, plugin=TMDBPlugin()):
-        adapter = plugin.configure(environ, reactor)
-        client = UpstreamClient(reactor)
-        service = ProxyService(reactor, "tcp:0:interface=127.0.0.1", [adapter], client,
-                               Gateway(client, clock, timeout=timeout))
-        service.privilegedStartService()
-        service.startService()
-        services.append(service)
-        return f"http://127.0.0.1:{service.port.getHost().port}"
+    async def start(environ, *, plugin=TMDBPlugin(), **settings):
+        ambassador = assemble(reactor, [plugin.configure(environ, reactor)], endpoint="tcp:0:interface=127.0.0.1",
+                              admin_endpoint="tcp:0:interface=127.0.0.1", **settings)
+        ambassador.service.privilegedStartService()
+        ambassador.service.startService()
+        services.append(ambassador.service)
+        ambassador.url = f"http://127.0.0.1:{ambassador.proxy.port.getHost().port}"
+        ambassador.admin_url = f"http://127.0.0.1:{ambassador.admin.port.getHost().port}"
+        return ambassador
 
     yield start
     for service in services:

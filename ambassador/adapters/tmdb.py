@@ -40,6 +40,7 @@ class TMDBAdapter:
     name: str = "tmdb"
     routes: tuple[Route, ...] = (MOVIES, PASSTHROUGH)
     secret_params: frozenset[str] = _SECRET_PARAMS
+    probe_path: str = "/3/configuration"  # small, and answers 401 when the credential is bad
 
     def upstream_request(self, inbound: InboundRequest) -> UpstreamRequest:
         if inbound.route.name == MOVIES.name:
