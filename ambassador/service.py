@@ -209,8 +209,10 @@ def assemble(
     probe_interval: float = 0.0,
     forward_request_id=frozenset(),
     clock=None,
+    rng=None,
 ) -> Ambassador:
-    """Wire adapters, pipeline, proxy and admin listeners together. ``clock`` drives every timer."""
+    """Wire adapters, pipeline, proxy and admin listeners together. ``clock`` drives every timer,
+    ``rng`` (a random.Random) the retry jitter."""
     clock = clock or reactor
     policies = policies or resolve_policies(adapters, [])
     guards = {adapter.name: Guard.of(policies[adapter.name], clock) for adapter in adapters}
@@ -218,7 +220,8 @@ def assemble(
     readiness = Readiness.of(adapters, {name: guard.breaker for name, guard in guards.items()})
     metrics.watch(readiness)
     client = UpstreamClient(reactor, connect_timeout=connect_timeout)
-    gateway = Gateway(client, clock, metrics, readiness, guards, forward_request_id=frozenset(forward_request_id))
+    gateway = Gateway(client, clock, metrics, readiness, guards, forward_request_id=frozenset(forward_request_id),
+                      rng=rng)
     prober = Prober(readiness, gateway, clock, probe_interval) if probe_interval > 0 else None
     service = MultiService()
     Upkeep(clock, adapters, client, prober).setServiceParent(service)

@@ -73,9 +73,11 @@ class FakeTMDB(Resource):
 
     It accepts ``api_key`` query parameters from ``api_keys`` and bearer
     tokens from ``tokens`` and records every request in ``requests``. To
-    inject faults set ``fault`` to ``"hang"`` (never answer) or ``"reset"``
-    (drop the connection), or set ``canned`` to ``(status, headers, body)``
-    to answer that once the credential has been checked.
+    inject faults set ``fault`` to ``"hang"`` (never answer; ``release()``
+    answers them later) or ``"reset"`` (drop the connection), or set
+    ``canned`` to ``(status, headers, body)`` to answer that once the
+    credential has been checked. ``script`` is a list of such faults or
+    canned answers used up one per request, before ``fault`` and ``canned``.
     """
 
     api_keys: set[str] = field(factory=lambda: {"test-api-key"})
@@ -83,6 +85,7 @@ class FakeTMDB(Resource):
     requests: list[RecordedRequest] = field(factory=list)
     fault: str | None = None
     canned: tuple[int, dict[str, str], bytes] | None = None
+    script: list = field(factory=list)
     hanging: list = field(factory=list)
     _waiting: list[Deferred] = field(factory=list)
     isLeaf = True
@@ -102,16 +105,17 @@ class FakeTMDB(Resource):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(recorded)
-        if self.fault == "hang":
+        step = self.script.pop(0) if self.script else (self.fault or self.canned)
+        if step == "hang":
             self.hanging.append(request)
             return NOT_DONE_YET
-        if self.fault == "reset":
+        if step == "reset":
             request.transport.abortConnection()
             return NOT_DONE_YET
         if not self._authorized(recorded):
             return self._json(request, 401, INVALID_KEY)
-        if self.canned is not None:
-            status, headers, body = self.canned
+        if step is not None:
+            status, headers, body = step
             request.setResponseCode(status)
             for name, value in headers.items():
                 request.setHeader(name, value)
@@ -119,6 +123,14 @@ class FakeTMDB(Resource):
         if recorded.method not in ("GET", "HEAD"):
             return self._json(request, 405, _tmdb_error(3, "Method not allowed"))
         return self._route(request, recorded)
+
+    def release(self) -> None:
+        """Answer every hanging request as if nothing had been wrong."""
+        hanging, self.hanging = self.hanging, []
+        for request in hanging:
+            if not request._disconnected:
+                request.write(self._json(request, 200, MOVIES[0]))
+                request.finish()
 
     def next_request(self) -> Deferred:
         """Fires with the next request this fake receives (to sequence a test without sleeping)."""

@@ -223,7 +223,7 @@ class Gateway:
         slot.addTimeout(guard.policy.in_flight_queue, self._clock)
         try:
             await slot
-        except error.TimeoutError:
+        except defer.TimeoutError:
             self._metrics.concurrency_rejections.labels(name).inc()
             raise too_many_in_flight(name, guard.policy)
 
@@ -274,7 +274,7 @@ class Gateway:
             return failure
         if _caused_by(failure.value, TLSError):
             reason = "the TLS handshake failed (certificate not trusted or wrong host)"
-        elif failure.check(error.ConnectError, error.TimeoutError):
+        elif failure.check(error.ConnectError, error.TimeoutError, error.DNSLookupError):
             reason = f"could not connect ({_describe(failure.value)})"
         elif failure.check(_WrapperException, error.ConnectionLost, error.ConnectionDone):
             reason = "the connection failed before a complete answer arrived"

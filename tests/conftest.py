@@ -51,6 +51,7 @@ async def start_ambassador():
     services = []
 
     async def start(environ, *, plugin=TMDBPlugin(), **settings):
+        settings.setdefault("grace_period", 0)  # teardown must not wait on a test's Clock
         ambassador = assemble(reactor, [plugin.configure(environ, reactor)], endpoint="tcp:0:interface=127.0.0.1",
                               admin_endpoint="tcp:0:interface=127.0.0.1", **settings)
         ambassador.service.privilegedStartService()

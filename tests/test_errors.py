@@ -56,6 +56,13 @@ async def test_refused_connection_is_502(start_ambassador, fake_tmdb):
 
 
 @pytest_twisted.ensureDeferred
+async def test_unknown_host_is_502(start_ambassador):
+    ambassador = await start_ambassador({"TMDB_BASE_URL": "http://tmdb.invalid", **KEY}, policies=NO_RETRIES)
+    document = problem(*await get(ambassador.url + "/movies"), 502, "upstream-unreachable")
+    assert "host name not found" in document["detail"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_connection_reset_is_502_and_serving_goes_on(fake_tmdb, start_ambassador):
     ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), policies=NO_RETRIES)
     url = ambassador.url
