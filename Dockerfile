@@ -17,7 +17,8 @@ COPY twisted /tmp/src/twisted
 # root filesystem is read-only and twistd could not write dropin.cache.
 # Image layers keep whole-second mtimes, so a cache written in the same second
 # as a plugin would look stale to twistd: date the cache a few seconds ahead.
-# pip and setuptools are removed once done: nothing installs at run time.
+# pip and setuptools are removed once done: nothing installs at run time (an
+# image built FROM this one to add a plugin runs `python -m ensurepip` first).
 RUN python3 -m venv /opt/ambassador \
  && /opt/ambassador/bin/pip install /tmp/src \
  && /opt/ambassador/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
