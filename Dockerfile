@@ -15,9 +15,15 @@ COPY twisted /tmp/src/twisted
 
 # Install into a venv, then build Twisted's plugin cache now: at run time the
 # root filesystem is read-only and twistd could not write dropin.cache.
+# Image layers keep whole-second mtimes, so a cache written in the same second
+# as a plugin would look stale to twistd: date the cache a few seconds ahead.
+# pip and setuptools are removed once done: nothing installs at run time (an
+# image built FROM this one to add a plugin runs `python -m ensurepip` first).
 RUN python3 -m venv /opt/ambassador \
  && /opt/ambassador/bin/pip install /tmp/src \
  && /opt/ambassador/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
+ && touch -d '5 seconds' /opt/ambassador/lib/python3*/site-packages/twisted/plugins/dropin.cache \
+ && /opt/ambassador/bin/pip uninstall --yes --quiet pip setuptools \
  && rm -rf /tmp/src /root/.cache
 
 # Numeric so Kubernetes can check runAsNonRoot without a passwd entry.
