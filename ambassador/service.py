@@ -11,10 +11,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from .discovery import discover_adapters
+from .discovery import PLUGIN_DIRS_VARIABLE, add_plugin_dirs, discover_adapters, plugin_dirs_from_environment
 from .interfaces import ConfigurationError
+from .mounting import Mount, check_mount_names, describe_adapters, mounted, select_adapters
 from .upstream import Gateway, UpstreamClient
-from .web import AmbassadorSite, build_root
+from .web import AmbassadorSite, build_root, mount_table
 
 log = Logger(namespace="ambassador")
 
@@ -29,6 +30,11 @@ def endpoint_description(port: str) -> str:
 
 class Options(usage.Options):
     synopsis = "[options]"
+    optFlags = [
+        ["list-adapters", None,
+         "Print every discovered adapter (name, paths, description, the environment variables it reads "
+         "and whether each is set, never its value) and exit."],
+    ]
     optParameters = [
         ["port", "p", "8080",
          "Where to serve the main container: a bare number is TCP on 127.0.0.1 only; "
@@ -39,9 +45,32 @@ class Options(usage.Options):
         ["connect-timeout", None, 3.0, "Seconds to wait for a connection to an outside service.", float],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["adapter"] = []
+        self["mount"] = []
+        self["plugin-dir"] = []
+
+    def opt_adapter(self, name: str) -> None:
+        """Serve only the adapter NAME (repeatable). Default: every discovered adapter."""
+        self["adapter"].append(name.strip())
+
+    def opt_mount(self, mount: str) -> None:
+        """NAME=/path moves adapter NAME's main route, NAME.ROUTE=/path its route ROUTE (repeatable)."""
+        try:
+            self["mount"].append(Mount.parse(mount))
+        except ConfigurationError as e:
+            raise usage.UsageError(str(e))
+
+    def opt_plugin_dir(self, directory: str) -> None:
+        """Also load adapter dropins from DIRECTORY (repeatable; see AMBASSADOR_PLUGIN_DIRS)."""
+        self["plugin-dir"].append(directory)
+
     def getUsage(self, width=None) -> str:
-        lines = ["", "Environment variables read by the adapters (values are never printed):"]
-        for plugin in discover_adapters():
+        lines = ["", "Environment variables (values are never printed):",
+                 f"  {PLUGIN_DIRS_VARIABLE:32} directories of adapter dropins, separated by '{os.pathsep}' "
+                 "(like --plugin-dir)"]
+        for plugin in discover_adapters().adapters:
             lines.append(f"  {plugin.name}: {plugin.description}")
             for setting in plugin.settings:
                 lines.append(f"    {setting.name:30} {setting.help}")
@@ -55,9 +84,21 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
         self["endpoint"] = endpoint_description(self["port"])
         try:
-            self["adapters"] = [plugin.configure(os.environ, reactor) for plugin in discover_adapters()]
+            add_plugin_dirs(plugin_dirs_from_environment(os.environ) + self["plugin-dir"])
+            discovery = discover_adapters()
+            plugins = select_adapters(discovery, self["adapter"])
+            check_mount_names(self["mount"], [plugin.name for plugin in plugins])
+            if self["list-adapters"]:
+                print(describe_adapters(discovery, self["mount"], os.environ), end="")
+                raise SystemExit(0)
+            adapters = [mounted(plugin.configure(os.environ, reactor), self["mount"]) for plugin in plugins]
+            mount_table(adapters)
         except ConfigurationError as e:
             raise usage.UsageError(str(e))
+        for failure in discovery.failures:
+            log.error("Adapter dropin {module} failed to import ({error}); the adapters it provides are not "
+                      "served", module=failure.module, error=failure.error)
+        self["adapters"] = adapters
 
 
 class ProxyService(Service):

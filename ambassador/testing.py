@@ -1,21 +1,30 @@
-"""Fake outside services for tests: real twisted.web servers on loopback.
+"""Fake outside services and a running ambassador for tests: real twisted.web servers on loopback.
 
-Our own tests use them, and so can anyone testing an application against
-the ambassador without a network::
+Our own tests use them, and so can anyone testing an application or an
+adapter against the ambassador without a network::
 
     fake = FakeTMDB(api_keys={"my-key"})
     port = serve(fake)            # http://127.0.0.1:<port>
+    ambassador = start_ambassador([TMDBPlugin().configure({"TMDB_BASE_URL": port.base_url, ...}, reactor)])
+    # ... requests to ambassador.url ...
+    await ambassador.stopService()
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 from urllib.parse import parse_qsl
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+
+from .service import ProxyService
+from .upstream import Gateway, UpstreamClient
 
 
 @frozen
@@ -47,6 +56,40 @@ def serve(resource: Resource, reactor=None):
     return port
 
 
+def start_ambassador(adapters: Iterable, *, clock=None, timeout: float = 10.0) -> ProxyService:
+    """Serve configured ``adapters`` on an ephemeral loopback port as ``twistd ambassador`` does.
+
+    The returned service's ``url`` says where; ``clock`` drives the upstream
+    timeout (a ``Clock`` in tests). Stop it with ``stopService()``.
+    """
+    from twisted.internet import reactor
+
+    client = UpstreamClient(reactor)
+    service = ProxyService(reactor, "tcp:0:interface=127.0.0.1", list(adapters), client,
+                           Gateway(client, clock or reactor, timeout=timeout))
+    service.privilegedStartService()
+    service.startService()
+    service.url = f"http://127.0.0.1:{service.port.getHost().port}"
+    return service
+
+
+@contextmanager
+def logged_events(*, secrets: Iterable[str] = ()) -> Iterator[list[dict]]:
+    """Every log event emitted inside the block; on leaving it, fails if one shows any of ``secrets``."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    for event in events:
+        text = f"{formatEvent(event)} {event!r}"
+        if "log_failure" in event:
+            text += event["log_failure"].getTraceback()
+        for secret in secrets:
+            assert secret not in text, f"secret {secret!r} leaked into a log event: {text}"
+
+
 def _tmdb_error(status_code: int, message: str) -> dict:
     return {"status_code": status_code, "status_message": message, "success": False}
 
@@ -68,29 +111,17 @@ MOVIES = [
 
 
 @define
-class FakeTMDB(Resource):
-    """A TMDB v3 look-alike: discover, movie details, search, and TMDB's real error answers.
+class FakeService(Resource):
+    """The part every fake outside service shares: it records each request in ``requests``."""
 
-    It accepts ``api_key`` query parameters from ``api_keys`` and bearer
-    tokens from ``tokens`` and records every request in ``requests``. To
-    inject faults set ``fault`` to ``"hang"`` (never answer) or ``"reset"``
-    (drop the connection), or set ``canned`` to ``(status, headers, body)``
-    to answer that once the credential has been checked.
-    """
-
-    api_keys: set[str] = field(factory=lambda: {"test-api-key"})
-    tokens: set[str] = field(factory=lambda: {"test-read-token"})
     requests: list[RecordedRequest] = field(factory=list)
-    fault: str | None = None
-    canned: tuple[int, dict[str, str], bytes] | None = None
-    hanging: list = field(factory=list)
     _waiting: list[Deferred] = field(factory=list)
     isLeaf = True
 
     def __attrs_post_init__(self) -> None:
         Resource.__init__(self)
 
-    def render(self, request):
+    def record(self, request) -> RecordedRequest:
         path, _, query = request.uri.partition(b"?")
         recorded = RecordedRequest(
             method=request.method.decode(),
@@ -102,6 +133,34 @@ class FakeTMDB(Resource):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(recorded)
+        return recorded
+
+    def next_request(self) -> Deferred:
+        """Fires with the next request this fake receives (to sequence a test without sleeping)."""
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+
+@define
+class FakeTMDB(FakeService):
+    """A TMDB v3 look-alike: discover, movie details, search, and TMDB's real error answers.
+
+    It accepts ``api_key`` query parameters from ``api_keys`` and bearer
+    tokens from ``tokens`` and records every request in ``requests``. To
+    inject faults set ``fault`` to ``"hang"`` (never answer) or ``"reset"``
+    (drop the connection), or set ``canned`` to ``(status, headers, body)``
+    to answer that once the credential has been checked.
+    """
+
+    api_keys: set[str] = field(factory=lambda: {"test-api-key"})
+    tokens: set[str] = field(factory=lambda: {"test-read-token"})
+    fault: str | None = None
+    canned: tuple[int, dict[str, str], bytes] | None = None
+    hanging: list = field(factory=list)
+
+    def render(self, request):
+        recorded = self.record(request)
         if self.fault == "hang":
             self.hanging.append(request)
             return NOT_DONE_YET
@@ -119,12 +178,6 @@ class FakeTMDB(Resource):
         if recorded.method not in ("GET", "HEAD"):
             return self._json(request, 405, _tmdb_error(3, "Method not allowed"))
         return self._route(request, recorded)
-
-    def next_request(self) -> Deferred:
-        """Fires with the next request this fake receives (to sequence a test without sleeping)."""
-        d = Deferred()
-        self._waiting.append(d)
-        return d
 
     def _authorized(self, recorded: RecordedRequest) -> bool:
         authorization = recorded.headers.get("authorization", "")

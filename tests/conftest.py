@@ -7,12 +7,10 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
-from twisted.logger import formatEvent, globalLogPublisher
 
 from ambassador.adapters.tmdb import TMDBPlugin
-from ambassador.service import ProxyService
-from ambassador.testing import FakeTMDB, serve
-from ambassador.upstream import Gateway, UpstreamClient
+from ambassador.testing import FakeTMDB, logged_events, serve
+from ambassador.testing import start_ambassador as serve_adapters
 
 # Every secret a test hands the ambassador; none may ever show up in a log event.
 SECRETS = ("test-api-key", "test-read-token", "caller-own-key", "file-api-key", "rotated-api-key")
@@ -33,16 +31,8 @@ def fake_tmdb():
 @pytest.fixture(autouse=True)
 def log_events():
     """Every log event emitted during the test; afterwards, checks none holds a secret."""
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-    for event in events:
-        text = f"{formatEvent(event)} {event!r}"
-        if "log_failure" in event:
-            text += event["log_failure"].getTraceback()
-        for secret in SECRETS:
-            assert secret not in text, f"secret {secret!r} leaked into a log event: {text}"
+    with logged_events(secrets=SECRETS) as events:
+        yield events
 
 
 @pytest_twisted.async_yield_fixture
@@ -51,14 +41,9 @@ async def start_ambassador():
     services = []
 
     async def start(environ, *, clock=reactor, timeout=10.0, plugin=TMDBPlugin()):
-        adapter = plugin.configure(environ, reactor)
-        client = UpstreamClient(reactor)
-        service = ProxyService(reactor, "tcp:0:interface=127.0.0.1", [adapter], client,
-                               Gateway(client, clock, timeout=timeout))
-        service.privilegedStartService()
-        service.startService()
+        service = serve_adapters([plugin.configure(environ, reactor)], clock=clock, timeout=timeout)
         services.append(service)
-        return f"http://127.0.0.1:{service.port.getHost().port}"
+        return service.url
 
     yield start
     for service in services:
