@@ -13,12 +13,17 @@ adapter against the ambassador without a network::
 from __future__ import annotations
 
 import json
+import os
+import re
+import sys
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 from urllib.parse import parse_qsl
 
 from attrs import define, field, frozen
+from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -88,6 +93,50 @@ def logged_events(*, secrets: Iterable[str] = ()) -> Iterator[list[dict]]:
             text += event["log_failure"].getTraceback()
         for secret in secrets:
             assert secret not in text, f"secret {secret!r} leaked into a log event: {text}"
+
+
+#: The twistd next to the running Python, and the environment child processes start from.
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+BASE_ENV = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
+
+
+class TwistdProcess(protocol.ProcessProtocol):
+    """A child ``twistd``: collects all output; ``listening`` fires with the port the ambassador
+    announces, ``ended`` with ``(exit code, signal)``."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening = defer.Deferred()
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        found = re.search(rb"ambassador listening on [\d.]+:(\d+)", self.output)
+        if found and not self.listening.called:
+            self.listening.callback(int(found.group(1)))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(self.output.decode()))
+        self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+
+def spawn_ambassador(*args: str, env: dict[str, str], cwd) -> TwistdProcess:
+    """Start ``twistd -n ambassador ARGS`` with only ``env`` (plus PATH) in its environment."""
+    from twisted.internet import reactor
+
+    process = TwistdProcess()
+    reactor.spawnProcess(process, TWISTD, [TWISTD, "-n", "ambassador", *args], env={**BASE_ENV, **env},
+                         path=str(cwd))
+    return process
+
+
+async def run_twistd(*args: str, env: dict[str, str], cwd) -> tuple[str, int]:
+    """Run ``twistd ARGS`` to its end; returns its output (stdout and stderr) and exit code."""
+    out, err, code = await getProcessOutputAndValue(TWISTD, args, env={**BASE_ENV, **env}, path=str(cwd))
+    return (out + err).decode(), code
 
 
 def _tmdb_error(status_code: int, message: str) -> dict:

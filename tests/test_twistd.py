@@ -1,52 +1,16 @@
 """`twistd -n ambassador` as a real process, exactly as the README starts it."""
 
-import os
-import re
 import signal
-import sys
 
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
-from twisted.internet.utils import getProcessOutputAndValue
 
+from ambassador.testing import run_twistd, spawn_ambassador
 from conftest import SECRETS, get, tmdb_env
-
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-BASE_ENV = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
-
-
-class Twistd(protocol.ProcessProtocol):
-    """Collects all output; ``listening`` fires with the port the log line announces."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.listening = defer.Deferred()
-        self.ended = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        found = re.search(rb"ambassador listening on [\d.]+:(\d+)", self.output)
-        if found and not self.listening.called:
-            self.listening.callback(int(found.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(self.output.decode()))
-        self.ended.callback((reason.value.exitCode, reason.value.signal))
-
-
-async def run_twistd(*args, env, cwd):
-    out, err, code = await getProcessOutputAndValue(TWISTD, args, env={**BASE_ENV, **env}, path=str(cwd))
-    return (out + err).decode(), code
 
 
 @pytest_twisted.ensureDeferred
 async def test_readme_command_serves_and_never_logs_the_key(fake_tmdb, tmp_path):
-    process = Twistd()
-    env = {**BASE_ENV, **tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key")}
-    reactor.spawnProcess(process, TWISTD, [TWISTD, "-n", "ambassador", "--port", "0"], env=env, path=str(tmp_path))
+    process = spawn_ambassador("--port", "0", env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), cwd=tmp_path)
     try:
         port = await process.listening
         url = f"http://127.0.0.1:{port}"
@@ -96,10 +60,8 @@ async def test_bad_configuration_stops_startup_with_a_clear_message(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_binding_beyond_loopback_warns(fake_tmdb, tmp_path):
-    process = Twistd()
-    env = {**BASE_ENV, **tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key")}
-    reactor.spawnProcess(process, TWISTD, [TWISTD, "-n", "ambassador", "--port", "tcp:0:interface=0.0.0.0"],
-                         env=env, path=str(tmp_path))
+    process = spawn_ambassador("--port", "tcp:0:interface=0.0.0.0", env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"),
+                               cwd=tmp_path)
     try:
         await process.listening
     finally:
