@@ -39,7 +39,8 @@ async def test_readme_command_serves_and_never_logs_the_key(fake_tmdb, tmp_path)
 async def test_help_documents_every_option_and_variable_without_values(tmp_path):
     output, code = await run_twistd("ambassador", "--help", env={"TMDB_API_KEY": "test-api-key"}, cwd=tmp_path)
     assert code == 0
-    for word in ["--port", "--timeout", "--connect-timeout", "127.0.0.1", "unix:", "TMDB_API_KEY",
+    for word in ["--port", "--timeout", "--connect-timeout", "127.0.0.1", "unix:", "--list-adapters", "--adapter",
+                 "--mount", "NAME.ROUTE=/path", "--plugin-dir", "AMBASSADOR_PLUGIN_DIRS", "TMDB_API_KEY",
                  "TMDB_API_KEY_FILE", "TMDB_READ_ACCESS_TOKEN", "TMDB_READ_ACCESS_TOKEN_FILE", "API_KEY",
                  "TMDB_BASE_URL"]:
         assert word in output
