@@ -13,7 +13,8 @@ from ambassador.testing import FakeTMDB, logged_events, serve
 from ambassador.testing import start_ambassador as serve_adapters
 
 # Every secret a test hands the ambassador; none may ever show up in a log event.
-SECRETS = ("test-api-key", "test-read-token", "caller-own-key", "file-api-key", "rotated-api-key")
+SECRETS = ("test-api-key", "test-read-token", "caller-own-key", "file-api-key", "rotated-api-key",
+           "test-weather-key")
 
 
 @pytest.fixture
