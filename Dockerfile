@@ -22,9 +22,10 @@ RUN python3 -m venv /opt/ambassador \
 
 # Numeric so Kubernetes can check runAsNonRoot without a passwd entry.
 USER 10001:10001
-EXPOSE 8080
+EXPOSE 8080 9901
 
 # --pidfile= : no pid file (read-only root filesystem, one process per container).
 ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "ambassador"]
 # Containers in a Pod share its network namespace: loopback reaches the main container.
-CMD ["--port", "tcp:8080:interface=127.0.0.1"]
+# The admin port (health, readiness, metrics) listens on all interfaces for the kubelet.
+CMD ["--port", "tcp:8080:interface=127.0.0.1", "--admin-port", "tcp:9901", "--log-format", "json"]

@@ -15,6 +15,7 @@ setup(
         "treq>=24.9",
         "zope.interface>=6",
         "attrs>=23.1",
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14"],

@@ -64,6 +64,7 @@ class FileSecret:
     _signature: tuple[int, ...] | None = field(default=None, init=False)
     _poll: LoopingCall | None = field(default=None, init=False)
     problem: str | None = field(default=None, init=False)
+    reloads: int = field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.reload()
@@ -96,6 +97,7 @@ class FileSecret:
         rotated = self._value is not None and value != self._value
         self._value, self._signature, self.problem = value, signature, None
         if rotated:
+            self.reloads += 1
             log.info("Secret file {path} changed; new requests use the new value", path=self.path)
 
     def _keep(self, problem: str) -> None:
@@ -172,14 +174,29 @@ class Credential:
     def attach(self, request: UpstreamRequest, adapter: str) -> UpstreamRequest:
         secret = self.source.current() if self.source is not None else None
         if secret is None:
-            where = f" ({self.source.describe()} has no value)" if self.source else ""
             raise Problem(
                 503,
                 "credential-missing",
                 "No credential configured",
-                f"The ambassador has no credential for {adapter}{where}. {self.missing_hint}",
+                f"The ambassador has {self.missing_reason(adapter)}",
             )
         return self.inject(request, secret)
+
+    def present(self) -> bool:
+        return self.source is not None and self.source.current() is not None
+
+    def reloads(self) -> int:
+        return self.source.reloads if isinstance(self.source, FileSecret) else 0
+
+    def warning(self) -> str | None:
+        """Trouble with the source that does not stop serving (a file gone, the last value kept)."""
+        if isinstance(self.source, FileSecret) and self.source.problem and self.present():
+            return f"{self.source.describe()} {self.source.problem}; using the last good value"
+        return None
+
+    def missing_reason(self, adapter: str) -> str:
+        where = f" ({self.source.describe()} has no value)" if self.source else ""
+        return f"no credential for {adapter}{where}. {self.missing_hint}"
 
     def redact(self, text: str) -> str:
         """``text`` with the current secret replaced, for error text from elsewhere."""

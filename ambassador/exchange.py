@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from attrs import field, frozen
+from attrs import define, field, frozen
 
 Query = tuple[tuple[str, str], ...]
 
@@ -38,6 +38,7 @@ class InboundRequest:
     segments: tuple[str, ...]
     query: Query
     headers: Mapping[str, str] = field(factory=dict)
+    request_id: str = ""
 
 
 @frozen
@@ -70,6 +71,16 @@ class Answer:
     status: int
     headers: Sequence[tuple[str, str]]
     body: bytes
+
+
+@define
+class Trace:
+    """What happened to one inbound request on its way out: filled in by the
+    pipeline, read by the access log."""
+
+    upstream_status: int | None = None
+    attempts: int = 0
+    cache: str | None = None
 
 
 def without_params(query: Query, names: frozenset[str]) -> Query:

@@ -34,7 +34,7 @@ class Problem(Exception):
         self.headers = tuple(headers)
         self.extensions = extensions
 
-    def body(self, instance: str | None = None) -> bytes:
+    def body(self, instance: str | None = None, request_id: str | None = None) -> bytes:
         document: dict[str, object] = {
             "type": f"urn:ambassador:problem:{self.kind}",
             "title": self.title,
@@ -43,6 +43,8 @@ class Problem(Exception):
         }
         if instance is not None:
             document["instance"] = instance
+        if request_id is not None:
+            document["request_id"] = request_id
         document.update(self.extensions)
         return json.dumps(document).encode()
 

@@ -7,7 +7,7 @@ adapter against the ambassador without a network::
     port = serve(fake)            # http://127.0.0.1:<port>
     ambassador = start_ambassador([TMDBPlugin().configure({"TMDB_BASE_URL": port.base_url, ...}, reactor)])
     # ... requests to ambassador.url ...
-    await ambassador.stopService()
+    await ambassador.service.stopService()
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from .service import ProxyService
-from .upstream import Gateway, UpstreamClient
+from .service import Ambassador, assemble
 
 
 @frozen
@@ -43,7 +42,7 @@ class RecordedRequest:
         return dict(self.query).get(name)
 
 
-class _QuietSite(Site):
+class QuietSite(Site):
     # A fake's access log would show the credentials it was sent, mixed into the ambassador's log.
     noisy = False
 
@@ -55,27 +54,26 @@ def serve(resource: Resource, reactor=None):
     """Listen on an ephemeral loopback port; the returned port's ``base_url`` says where."""
     if reactor is None:
         from twisted.internet import reactor
-    site = _QuietSite(resource)
+    site = QuietSite(resource)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     port.base_url = f"http://127.0.0.1:{port.getHost().port}"
     return port
 
 
-def start_ambassador(adapters: Iterable, *, clock=None, timeout: float = 10.0) -> ProxyService:
-    """Serve configured ``adapters`` on an ephemeral loopback port as ``twistd ambassador`` does.
-
-    The returned service's ``url`` says where; ``clock`` drives the upstream
-    timeout (a ``Clock`` in tests). Stop it with ``stopService()``.
-    """
+def start_ambassador(adapters: Iterable, **settings) -> Ambassador:
+    """Serve configured ``adapters`` as ``twistd ambassador`` does, proxy and admin listeners on
+    ephemeral loopback ports; keywords go to ``ambassador.service.assemble`` (``clock=Clock()``
+    drives every timer). The result's ``url`` and ``admin_url`` say where; stop it with
+    ``service.stopService()``."""
     from twisted.internet import reactor
 
-    client = UpstreamClient(reactor)
-    service = ProxyService(reactor, "tcp:0:interface=127.0.0.1", list(adapters), client,
-                           Gateway(client, clock or reactor, timeout=timeout))
-    service.privilegedStartService()
-    service.startService()
-    service.url = f"http://127.0.0.1:{service.port.getHost().port}"
-    return service
+    ambassador = assemble(reactor, list(adapters), endpoint="tcp:0:interface=127.0.0.1",
+                          admin_endpoint="tcp:0:interface=127.0.0.1", **settings)
+    ambassador.service.privilegedStartService()
+    ambassador.service.startService()
+    ambassador.url = f"http://127.0.0.1:{ambassador.proxy.port.getHost().port}"
+    ambassador.admin_url = f"http://127.0.0.1:{ambassador.admin.port.getHost().port}"
+    return ambassador
 
 
 @contextmanager
@@ -111,7 +109,7 @@ class TwistdProcess(protocol.ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
-        found = re.search(rb"ambassador listening on [\d.]+:(\d+)", self.output)
+        found = re.search(rb"ambassador proxy listening on [\d.]+:(\d+)", self.output)
         if found and not self.listening.called:
             self.listening.callback(int(found.group(1)))
 

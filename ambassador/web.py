@@ -7,6 +7,7 @@ itself is problem+json; every request gets one structured access-log event.
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Iterable
 from urllib.parse import parse_qsl
 
@@ -15,8 +16,9 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from .exchange import Answer, InboundRequest, Route
+from .exchange import Answer, InboundRequest, Route, Trace
 from .interfaces import ConfigurationError, IExternalAdapter
+from .metrics import Metrics, RouteMetrics
 from .problems import PROBLEM_CONTENT_TYPE, Problem, not_found
 from .upstream import Gateway
 
@@ -27,11 +29,13 @@ access_log = Logger(namespace="ambassador.access")
 # backslashes, control characters or anything else that could change the
 # meaning of the upstream path.
 _PLAIN_SEGMENT = re.compile(rb"[A-Za-z0-9_.,:~-]+\Z")
+# A caller's X-Request-ID is reused only if it cannot upset a log line or a header.
+_ACCEPTABLE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}\Z")
 
 
-def _write_problem(request, problem: Problem) -> None:
+def write_problem(request, problem: Problem) -> None:
     request.ambassador_problem = problem.kind
-    body = problem.body(instance=request.path.decode("latin-1"))
+    body = problem.body(instance=request.path.decode("latin-1"), request_id=getattr(request, "ambassador_id", None))
     request.setResponseCode(problem.status)
     request.setHeader(b"content-type", PROBLEM_CONTENT_TYPE)
     for name, value in problem.headers:
@@ -51,7 +55,7 @@ class ProblemResource(Resource):
         self._make_problem = make_problem
 
     def render(self, request):
-        _write_problem(request, self._make_problem())
+        write_problem(request, self._make_problem())
         return NOT_DONE_YET
 
 
@@ -62,7 +66,7 @@ class MountNode(Resource):
         return ProblemResource()
 
     def render(self, request):
-        _write_problem(request, not_found())
+        write_problem(request, not_found())
         return NOT_DONE_YET
 
 
@@ -71,21 +75,25 @@ class RouteResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, adapter: IExternalAdapter, route: Route, gateway: Gateway) -> None:
+    def __init__(self, adapter: IExternalAdapter, route: Route, gateway: Gateway, metrics: RouteMetrics) -> None:
         super().__init__()
         self.adapter = adapter
         self.route = route
         self.gateway = gateway
+        self.metrics = metrics
         self._allow = ", ".join(route.methods)
 
     def render(self, request):
-        request.ambassador_route = (self.adapter, self.route)
+        request.ambassador_route = self
+        request.ambassador_trace = trace = Trace()
+        self.metrics.in_flight.inc()
+        request.notifyFinish().addBoth(lambda _: self.metrics.in_flight.dec())
         try:
             inbound = self._inbound(request)
         except Problem as problem:
-            _write_problem(request, problem)
+            write_problem(request, problem)
             return NOT_DONE_YET
-        answer = self.gateway.answer(self.adapter, inbound)
+        answer = self.gateway.answer(self.adapter, inbound, trace)
         request.notifyFinish().addErrback(lambda _: answer.cancel())
         answer.addCallbacks(self._write_answer, self._write_failure, (request,), None, (request,))
         return NOT_DONE_YET
@@ -129,6 +137,7 @@ class RouteResource(Resource):
             segments=tuple(s.decode("ascii") for s in raw),
             query=pairs,
             headers=headers,
+            request_id=request.ambassador_id,
         )
 
     def _write_answer(self, answer: Answer, request) -> None:
@@ -148,13 +157,14 @@ class RouteResource(Resource):
             problem = failure.value
         else:
             log.error(
-                "Unexpected error answering {route}: {error}",
+                "Unexpected error answering {route} (request {request_id}): {error}",
                 route=self.route.name,
+                request_id=request.ambassador_id,
                 error=self.adapter.credential.redact(f"{failure.type.__name__}: {failure.value}"),
             )
             problem = Problem(500, "internal-error", "Internal error",
                               "The ambassador failed unexpectedly; the error is logged.")
-        _write_problem(request, problem)
+        write_problem(request, problem)
 
 
 def mount_table(adapters: Iterable[IExternalAdapter]) -> dict[tuple[str, ...], tuple[IExternalAdapter, Route]]:
@@ -180,14 +190,15 @@ def mount_table(adapters: Iterable[IExternalAdapter]) -> dict[tuple[str, ...], t
     return table
 
 
-def build_root(adapters: Iterable[IExternalAdapter], gateway: Gateway) -> Resource:
+def build_root(adapters: Iterable[IExternalAdapter], gateway: Gateway, metrics: Metrics) -> Resource:
     """The Resource tree with every route of every adapter at its mount path."""
     root = MountNode()
     for segments, (adapter, route) in mount_table(adapters).items():
         node = root
         for segment in segments[:-1]:
             node = node.children.setdefault(segment.encode(), MountNode())
-        node.putChild(segments[-1].encode(), RouteResource(adapter, route, gateway))
+        resource = RouteResource(adapter, route, gateway, metrics.route(adapter.name, route.name))
+        node.putChild(segments[-1].encode(), resource)
     return root
 
 
@@ -201,30 +212,72 @@ def _redacted_uri(request, secret_params: frozenset[str]) -> str:
     return f"{text}?{shown}"
 
 
+def _request_id(request) -> str:
+    offered = request.getHeader(b"x-request-id")
+    if offered is not None and _ACCEPTABLE_REQUEST_ID.match(offered):
+        return offered.decode("ascii")
+    return uuid.uuid4().hex
+
+
 class AmbassadorSite(Site):
-    """A Site whose access log is one structured, redacted event per request."""
+    """A Site that gives every request an id and one structured, redacted access-log event."""
 
     displayTracebacks = False
 
-    def __init__(self, resource, clock, **kwargs) -> None:
+    def __init__(self, resource, clock, metrics: Metrics, **kwargs) -> None:
         super().__init__(resource, **kwargs)
         self._clock = clock
+        self._unmatched = metrics.route("", "unmatched")
+        self._in_flight: set = set()
+        self._drained: defer.Deferred | None = None
+
+    def drain(self, grace_period: float) -> defer.Deferred:
+        """Fires when no request is in flight, or after ``grace_period`` seconds, whichever is first."""
+        log.info("Draining {count} requests in flight (up to {grace} s)", count=len(self._in_flight),
+                 grace=grace_period)
+        self._drained = defer.Deferred()
+        self._drained.addTimeout(grace_period, self._clock)
+        self._drained.addErrback(lambda _: log.warn("Grace period over with {count} requests unfinished",
+                                                    count=len(self._in_flight)))
+        self._check_drained(None)
+        return self._drained
+
+    def _check_drained(self, request) -> None:
+        self._in_flight.discard(request)
+        if not self._in_flight and self._drained is not None and not self._drained.called:
+            self._drained.callback(None)
 
     def getResourceFor(self, request):
+        self._in_flight.add(request)
+        request.notifyFinish().addBoth(lambda _: self._check_drained(request))
         request.ambassador_started = self._clock.seconds()
+        request.ambassador_id = _request_id(request)
+        request.setHeader(b"x-request-id", request.ambassador_id)
         return super().getResourceFor(request)
 
     def log(self, request) -> None:
-        adapter, route = getattr(request, "ambassador_route", (None, None))
+        route_resource = getattr(request, "ambassador_route", None)
+        trace = getattr(request, "ambassador_trace", None) or Trace()
         started = getattr(request, "ambassador_started", None)
-        secret_params = adapter.secret_params if adapter is not None else frozenset()
+        duration = 0.0 if started is None else self._clock.seconds() - started
+        if route_resource is None:
+            adapter, route, secret_params, metrics = None, None, frozenset(), self._unmatched
+        else:
+            adapter, route = route_resource.adapter.name, route_resource.route.name
+            secret_params, metrics = route_resource.adapter.secret_params, route_resource.metrics
+        metrics.answered(request.code, duration)
         access_log.info(
-            "{method} {path} {status} {duration_ms}ms",
+            "{method} {path} {status} {duration_ms}ms adapter={adapter} route={route} "
+            "upstream={upstream_status} attempts={attempts} cache={cache} id={request_id}",
+            request_id=getattr(request, "ambassador_id", None),
             method=request.method.decode("latin-1"),
             path=_redacted_uri(request, secret_params),
             status=request.code,
-            adapter=adapter.name if adapter is not None else None,
-            route=route.name if route is not None else None,
+            adapter=adapter,
+            route=route,
+            upstream_status=trace.upstream_status,
+            attempts=trace.attempts,
+            cache=trace.cache,
             problem=getattr(request, "ambassador_problem", None),
-            duration_ms=None if started is None else round((self._clock.seconds() - started) * 1000, 1),
+            duration_ms=round(duration * 1000, 1),
         )

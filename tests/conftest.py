@@ -38,13 +38,14 @@ def log_events():
 
 @pytest_twisted.async_yield_fixture
 async def start_ambassador():
-    """Start an ambassador serving the TMDB adapter configured from ``environ``; returns its URL."""
+    """Start an ambassador serving the TMDB adapter configured from ``environ`` (keywords go to
+    ``assemble``); returns the Ambassador with ``url`` and ``admin_url`` added."""
     services = []
 
-    async def start(environ, *, clock=reactor, timeout=10.0, plugin=TMDBPlugin()):
-        service = serve_adapters([plugin.configure(environ, reactor)], clock=clock, timeout=timeout)
-        services.append(service)
-        return service.url
+    async def start(environ, *, plugin=TMDBPlugin(), **settings):
+        ambassador = serve_adapters([plugin.configure(environ, reactor)], **settings)
+        services.append(ambassador.service)
+        return ambassador
 
     yield start
     for service in services:

@@ -7,10 +7,13 @@ import pytest_twisted
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 
+from ambassador.resilience import Policy
 from ambassador.testing import serve
 from conftest import get, header, tmdb_env
 
 KEY = {"TMDB_API_KEY": "test-api-key"}
+# These tests are about how one answer is mapped; retries are tested in test_resilience.py.
+NO_RETRIES = {"tmdb": Policy(retries=0)}
 
 
 def problem(response, body, status, kind):
@@ -26,7 +29,8 @@ def problem(response, body, status, kind):
 
 @pytest_twisted.ensureDeferred
 async def test_no_credential_is_503_naming_the_variables(fake_tmdb, start_ambassador):
-    url = await start_ambassador(tmdb_env(fake_tmdb))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb))
+    url = ambassador.url
     document = problem(*await get(url + "/movies"), 503, "credential-missing")
     assert "TMDB_API_KEY" in document["detail"] and "TMDB_READ_ACCESS_TOKEN" in document["detail"]
     assert fake_tmdb.requests == []
@@ -34,7 +38,8 @@ async def test_no_credential_is_503_naming_the_variables(fake_tmdb, start_ambass
 
 @pytest_twisted.ensureDeferred
 async def test_missing_secret_file_is_503_naming_the_file(fake_tmdb, start_ambassador, tmp_path):
-    url = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY_FILE=str(tmp_path / "absent")))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY_FILE=str(tmp_path / "absent")))
+    url = ambassador.url
     document = problem(*await get(url + "/movies"), 503, "credential-missing")
     assert str(tmp_path / "absent") in document["detail"]
 
@@ -44,14 +49,16 @@ async def test_refused_connection_is_502(start_ambassador, fake_tmdb):
     closed = serve(fake_tmdb)
     base_url = closed.base_url
     await closed.stopListening()
-    url = await start_ambassador({"TMDB_BASE_URL": base_url, **KEY})
+    ambassador = await start_ambassador({"TMDB_BASE_URL": base_url, **KEY}, policies=NO_RETRIES)
+    url = ambassador.url
     document = problem(*await get(url + "/movies"), 502, "upstream-unreachable")
     assert "connection refused" in document["detail"]
 
 
 @pytest_twisted.ensureDeferred
 async def test_connection_reset_is_502_and_serving_goes_on(fake_tmdb, start_ambassador):
-    url = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), policies=NO_RETRIES)
+    url = ambassador.url
     fake_tmdb.fault = "reset"
     problem(*await get(url + "/movies"), 502, "upstream-unreachable")
     fake_tmdb.fault = None
@@ -62,7 +69,8 @@ async def test_connection_reset_is_502_and_serving_goes_on(fake_tmdb, start_amba
 @pytest_twisted.ensureDeferred
 async def test_upstream_timeout_is_504(fake_tmdb, start_ambassador):
     clock = Clock()
-    url = await start_ambassador(tmdb_env(fake_tmdb, **KEY), clock=clock, timeout=10)
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), clock=clock)
+    url = ambassador.url
     fake_tmdb.fault = "hang"
     arrived = fake_tmdb.next_request()
     answer = ensureDeferred(get(url + "/movies"))
@@ -77,7 +85,8 @@ async def test_upstream_timeout_is_504(fake_tmdb, start_ambassador):
 @pytest.mark.parametrize("status_code", [3, 7, 10])
 @pytest_twisted.ensureDeferred
 async def test_rejected_credential_is_502(fake_tmdb, start_ambassador, status_code):
-    url = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    url = ambassador.url
     body = json.dumps({"status_code": status_code, "status_message": "no", "success": False}).encode()
     fake_tmdb.canned = (401, {"Content-Type": "application/json;charset=utf-8"}, body)
     document = problem(*await get(url + "/movies"), 502, "credential-rejected")
@@ -86,7 +95,8 @@ async def test_rejected_credential_is_502(fake_tmdb, start_ambassador, status_co
 
 @pytest_twisted.ensureDeferred
 async def test_wrong_key_is_credential_rejected(fake_tmdb, start_ambassador):
-    url = await start_ambassador(tmdb_env(fake_tmdb, TMDB_READ_ACCESS_TOKEN="caller-own-key"))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_READ_ACCESS_TOKEN="caller-own-key"))
+    url = ambassador.url
     problem(*await get(url + "/tmdb/3/movie/550"), 502, "credential-rejected")
 
 
@@ -103,7 +113,8 @@ async def test_wrong_key_is_credential_rejected(fake_tmdb, start_ambassador):
 )
 @pytest_twisted.ensureDeferred
 async def test_answers_tmdb_never_sends_are_502(fake_tmdb, start_ambassador, canned):
-    url = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    url = ambassador.url
     fake_tmdb.canned = canned
     response, body = await get(url + "/movies")
     problem(response, body, 502, "upstream-bad-answer")
@@ -117,7 +128,8 @@ async def test_answers_tmdb_never_sends_are_502(fake_tmdb, start_ambassador, can
 )
 @pytest_twisted.ensureDeferred
 async def test_outside_failures_map_to_gateway_statuses(fake_tmdb, start_ambassador, status, expected, kind):
-    url = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), policies=NO_RETRIES)
+    url = ambassador.url
     body = json.dumps({"status_code": 25, "status_message": "Your request count (41) is over the allowed limit of (40)."})
     fake_tmdb.canned = (status, {"Content-Type": "application/json", "Retry-After": "3"}, body.encode())
     response, body = await get(url + "/movies")
@@ -128,7 +140,8 @@ async def test_outside_failures_map_to_gateway_statuses(fake_tmdb, start_ambassa
 
 @pytest_twisted.ensureDeferred
 async def test_callers_mistakes_pass_through_unchanged(fake_tmdb, start_ambassador):
-    url = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    url = ambassador.url
     response, body = await get(url + "/tmdb/3/movie/999999999")
     assert response.code == 404
     assert json.loads(body)["status_code"] == 34
@@ -142,7 +155,8 @@ async def test_callers_mistakes_pass_through_unchanged(fake_tmdb, start_ambassad
                                   "/tmdb/movie/550"])
 @pytest_twisted.ensureDeferred
 async def test_unknown_paths_are_404(fake_tmdb, start_ambassador, path):
-    url = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    url = ambassador.url
     problem(*await get(url + path), 404, "not-found")
     assert fake_tmdb.requests == []
 
@@ -151,22 +165,44 @@ async def test_unknown_paths_are_404(fake_tmdb, start_ambassador, path):
                                   "/tmdb/3//movie", "/tmdb/3/movie/5%00"])
 @pytest_twisted.ensureDeferred
 async def test_paths_that_could_escape_are_400(fake_tmdb, start_ambassador, path):
-    url = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    url = ambassador.url
     problem(*await get(url + path), 400, "bad-path")
     assert fake_tmdb.requests == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_invalid_query_is_400(fake_tmdb, start_ambassador):
-    url = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    url = ambassador.url
     problem(*await get(url + "/movies?query=%ff"), 400, "bad-query")
 
 
 @pytest.mark.parametrize("method", ["POST", "DELETE", "PUT"])
 @pytest_twisted.ensureDeferred
 async def test_other_methods_are_405_with_allow(fake_tmdb, start_ambassador, method):
-    url = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    url = ambassador.url
     response, body = await get(url + "/tmdb/3/movie/550", method=method)
     problem(response, body, 405, "method-not-allowed")
     assert header(response, "allow") == "GET, HEAD"
     assert fake_tmdb.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_upstream_with_an_untrusted_certificate_is_refused(fake_tmdb, start_ambassador):
+    from twisted.internet import reactor, ssl
+
+    from ambassador.testing import QuietSite
+
+    key = ssl.KeyPair.generate(size=2048)
+    certificate = ssl.PrivateCertificate.fromCertificateAndKeyPair(key.selfSignedCert(1, CN="127.0.0.1"), key)
+    port = reactor.listenSSL(0, QuietSite(fake_tmdb), certificate.options(), interface="127.0.0.1")
+    try:
+        ambassador = await start_ambassador({"TMDB_BASE_URL": f"https://127.0.0.1:{port.getHost().port}", **KEY})
+        url = ambassador.url
+        document = problem(*await get(url + "/movies"), 502, "upstream-unreachable")
+        assert "TLS" in document["detail"]
+        assert fake_tmdb.requests == []  # the key never went over the untrusted connection
+    finally:
+        await port.stopListening()

@@ -78,7 +78,7 @@ async def test_following_the_guide_gives_an_installed_tested_serving_adapter(tmp
     # `WEATHER_API_KEY=<key> twistd -n ambassador`, in front of the guide's fake Acme Weather
     fake = load_module(site / "ambassador_weather" / "testing.py").FakeWeather()
     port = serve(fake)
-    process = spawn_ambassador("--port", "0", cwd=tmp_path, env={
+    process = spawn_ambassador("--port", "0", "--admin-port", "none", cwd=tmp_path, env={
         **env, "WEATHER_API_KEY": "test-weather-key", "WEATHER_BASE_URL": port.base_url})
     try:
         url = f"http://127.0.0.1:{await process.listening}"

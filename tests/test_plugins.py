@@ -50,7 +50,7 @@ def plugin_dir(tmp_path, **dropins: str):
 
 async def serve_and_stop(args, env, cwd, paths):
     """Start twistd with ``args``, GET each of ``paths``; returns the statuses and everything it printed."""
-    process = spawn_ambassador("--port", "0", *args, env=env, cwd=cwd)
+    process = spawn_ambassador("--port", "0", "--admin-port", "none", *args, env=env, cwd=cwd)
     try:
         port = await process.listening
         statuses = [(await get(f"http://127.0.0.1:{port}{path}"))[0].code for path in paths]
@@ -99,7 +99,7 @@ async def test_mount_moves_the_main_route_or_a_named_one(fake_tmdb, monkeypatch)
         statuses = [(await get(ambassador.url + path))[0].code
                     for path in ["/themoviedb/3/movie/550", "/v1/films", "/tmdb/3/movie/550", "/movies"]]
     finally:
-        await ambassador.stopService()
+        await ambassador.service.stopService()
     assert statuses == [200, 200, 404, 404]
     assert [r.path for r in fake_tmdb.requests] == ["/3/movie/550", "/3/discover/movie"]
 
@@ -169,7 +169,8 @@ async def test_unwritable_dropin_cache_is_silent(fake_tmdb, tmp_path):
                                                     tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), tmp_path,
                                                     ["/films"])
             assert statuses == [200]
-            assert "cache" not in output.lower() and "error" not in output.lower(), output
+            for noise in ("dropin.cache", "unable to write", "error", "traceback"):
+                assert noise not in output.lower(), output
         assert (directory / "dropin.cache").is_dir()
     finally:
         directory.chmod(0o755)

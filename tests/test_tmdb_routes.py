@@ -9,7 +9,8 @@ from conftest import get, header, tmdb_env
 
 @pytest_twisted.ensureDeferred
 async def test_movies_is_discover_with_the_api_key_added(fake_tmdb, start_ambassador):
-    url = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"))
+    url = ambassador.url
     response, body = await get(url + "/movies")
     assert response.code == 200
     assert header(response, "content-type") == "application/json;charset=utf-8"
@@ -20,7 +21,8 @@ async def test_movies_is_discover_with_the_api_key_added(fake_tmdb, start_ambass
 
 @pytest_twisted.ensureDeferred
 async def test_movies_passes_the_callers_parameters(fake_tmdb, start_ambassador):
-    url = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"))
+    url = ambassador.url
     response, body = await get(url + "/movies?page=1&sort_by=vote_count.desc&with_genres=18%2C53")
     assert response.code == 200
     assert json.loads(body)["results"][0]["title"] == "Fight Club"
@@ -31,7 +33,8 @@ async def test_movies_passes_the_callers_parameters(fake_tmdb, start_ambassador)
 
 @pytest_twisted.ensureDeferred
 async def test_passthrough_serves_any_v3_read_path(fake_tmdb, start_ambassador):
-    url = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"))
+    url = ambassador.url
     response, body = await get(url + "/tmdb/3/movie/550")
     assert response.code == 200
     assert json.loads(body)["title"] == "Fight Club"
@@ -43,7 +46,8 @@ async def test_passthrough_serves_any_v3_read_path(fake_tmdb, start_ambassador):
 
 @pytest_twisted.ensureDeferred
 async def test_head_answers_headers_without_body(fake_tmdb, start_ambassador):
-    url = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"))
+    url = ambassador.url
     response, body = await get(url + "/movies", method="HEAD")
     assert response.code == 200
     assert body == b""
@@ -53,7 +57,8 @@ async def test_head_answers_headers_without_body(fake_tmdb, start_ambassador):
 
 @pytest_twisted.ensureDeferred
 async def test_callers_credentials_are_replaced(fake_tmdb, start_ambassador):
-    url = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"))
+    url = ambassador.url
     response, _ = await get(url + "/tmdb/3/movie/550?api_key=caller-own-key&API_KEY=caller-own-key",
                             headers={"Authorization": "Bearer caller-own-key", "Cookie": "a=b"})
     assert response.code == 200
@@ -64,9 +69,10 @@ async def test_callers_credentials_are_replaced(fake_tmdb, start_ambassador):
 
 @pytest_twisted.ensureDeferred
 async def test_read_access_token_is_sent_as_bearer_and_preferred(fake_tmdb, start_ambassador):
-    url = await start_ambassador(
+    ambassador = await start_ambassador(
         tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key", TMDB_READ_ACCESS_TOKEN="test-read-token")
     )
+    url = ambassador.url
     response, _ = await get(url + "/movies?api_key=caller-own-key")
     assert response.code == 200
     [seen] = fake_tmdb.requests
@@ -76,7 +82,8 @@ async def test_read_access_token_is_sent_as_bearer_and_preferred(fake_tmdb, star
 
 @pytest_twisted.ensureDeferred
 async def test_api_key_variable_from_the_original_article(fake_tmdb, start_ambassador):
-    url = await start_ambassador(tmdb_env(fake_tmdb, API_KEY="test-api-key"))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, API_KEY="test-api-key"))
+    url = ambassador.url
     response, _ = await get(url + "/movies")
     assert response.code == 200
     assert fake_tmdb.requests[0].param("api_key") == "test-api-key"
@@ -84,7 +91,8 @@ async def test_api_key_variable_from_the_original_article(fake_tmdb, start_ambas
 
 @pytest_twisted.ensureDeferred
 async def test_tmdb_api_key_wins_over_api_key(fake_tmdb, start_ambassador):
-    url = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key", API_KEY="caller-own-key"))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key", API_KEY="caller-own-key"))
+    url = ambassador.url
     await get(url + "/movies")
     assert fake_tmdb.requests[0].param("api_key") == "test-api-key"
 
@@ -94,12 +102,14 @@ async def test_credentials_from_secret_files(fake_tmdb, start_ambassador, tmp_pa
     fake_tmdb.api_keys.add("file-api-key")
     (tmp_path / "apikey").write_text("  file-api-key\n")
     (tmp_path / "token").write_text("test-read-token\n")
-    url = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY_FILE=str(tmp_path / "apikey")))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY_FILE=str(tmp_path / "apikey")))
+    url = ambassador.url
     response, _ = await get(url + "/movies")
     assert response.code == 200
     assert fake_tmdb.requests[-1].param("api_key") == "file-api-key"
 
-    url = await start_ambassador(tmdb_env(fake_tmdb, TMDB_READ_ACCESS_TOKEN_FILE=str(tmp_path / "token")))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_READ_ACCESS_TOKEN_FILE=str(tmp_path / "token")))
+    url = ambassador.url
     response, _ = await get(url + "/movies")
     assert response.code == 200
     assert fake_tmdb.requests[-1].headers["authorization"] == "Bearer test-read-token"
@@ -107,7 +117,8 @@ async def test_credentials_from_secret_files(fake_tmdb, start_ambassador, tmp_pa
 
 @pytest_twisted.ensureDeferred
 async def test_only_descriptive_upstream_headers_come_back(fake_tmdb, start_ambassador):
-    url = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"))
+    url = ambassador.url
     response, _ = await get(url + "/tmdb/3/movie/550")
     assert header(response, "cache-control") == "public, max-age=21600"
     assert header(response, "set-cookie") is None
@@ -116,7 +127,8 @@ async def test_only_descriptive_upstream_headers_come_back(fake_tmdb, start_amba
 
 @pytest_twisted.ensureDeferred
 async def test_access_log_has_one_redacted_event_per_request(fake_tmdb, start_ambassador, log_events):
-    url = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"))
+    url = ambassador.url
     await get(url + "/movies?api_key=caller-own-key&page=1")
     [event] = [e for e in log_events if e.get("log_namespace") == "ambassador.access"]
     assert event["path"] == "/movies?api_key=[REDACTED]&page=1"

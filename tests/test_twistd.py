@@ -1,5 +1,6 @@
 """`twistd -n ambassador` as a real process, exactly as the README starts it."""
 
+import json
 import signal
 
 import pytest_twisted
@@ -10,7 +11,8 @@ from conftest import SECRETS, get, tmdb_env
 
 @pytest_twisted.ensureDeferred
 async def test_readme_command_serves_and_never_logs_the_key(fake_tmdb, tmp_path):
-    process = spawn_ambassador("--port", "0", env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), cwd=tmp_path)
+    process = spawn_ambassador("--port", "0", "--admin-port", "0",
+                               env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), cwd=tmp_path)
     try:
         port = await process.listening
         url = f"http://127.0.0.1:{port}"
@@ -28,7 +30,7 @@ async def test_readme_command_serves_and_never_logs_the_key(fake_tmdb, tmp_path)
         process.transport.signalProcess(signal.SIGTERM)
     log = process.output.decode()
     assert await process.ended == (0, None), log
-    assert "ambassador listening on 127.0.0.1:" in log
+    assert "ambassador proxy listening on 127.0.0.1:" in log
     assert "GET /tmdb/3/movie/550?api_key=[REDACTED]" in log
     for secret in SECRETS:
         assert secret not in log
@@ -56,16 +58,39 @@ async def test_bad_configuration_stops_startup_with_a_clear_message(tmp_path):
     assert "Traceback" not in output
 
     output, code = await run_twistd("-n", "ambassador", "--timeout", "-1", env={}, cwd=tmp_path)
-    assert code != 0 and "--timeout must be a positive number" in output
+    assert code != 0 and "timeout must be a number of seconds" in output
 
 
 @pytest_twisted.ensureDeferred
 async def test_binding_beyond_loopback_warns(fake_tmdb, tmp_path):
-    process = spawn_ambassador("--port", "tcp:0:interface=0.0.0.0", env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"),
-                               cwd=tmp_path)
+    process = spawn_ambassador("--port", "tcp:0:interface=0.0.0.0", "--admin-port", "none",
+                               env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), cwd=tmp_path)
     try:
         await process.listening
     finally:
         process.transport.signalProcess(signal.SIGTERM)
     assert await process.ended == (0, None)
     assert "which is not loopback" in process.output.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_log_format_writes_one_json_object_per_line(fake_tmdb, tmp_path):
+    process = spawn_ambassador("--port", "0", "--admin-port", "none", "--log-format", "json",
+                               env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), cwd=tmp_path)
+    try:
+        port = await process.listening
+        await get(f"http://127.0.0.1:{port}/movies?api_key=caller-own-key", headers={"X-Request-ID": "json-1"})
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+    assert await process.ended == (0, None)
+    lines = process.output.decode().splitlines()
+    events = [json.loads(line) for line in lines]  # every line is JSON
+    [access] = [e for e in events if e["logger"] == "ambassador.access"]
+    assert access["request_id"] == "json-1"
+    assert access["path"] == "/movies?api_key=[REDACTED]"
+    for field in ("time", "level", "adapter", "method", "route", "status", "upstream_status", "attempts",
+                  "cache", "duration_ms"):
+        assert field in access
+    assert (access["status"], access["upstream_status"], access["route"]) == (200, 200, "movies")
+    for secret in SECRETS:
+        assert secret not in process.output.decode()

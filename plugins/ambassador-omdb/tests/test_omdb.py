@@ -35,16 +35,16 @@ def fake_omdb():
 @pytest_twisted.async_yield_fixture
 async def omdb(fake_omdb):
     """Start an ambassador serving OMDb (pointed at the fake) with ``settings``; returns its URL."""
-    services = []
+    started = []
 
     def start(**settings):
         environ = {"OMDB_BASE_URL": fake_omdb.base_url, **settings}
-        services.append(start_ambassador([OMDbPlugin().configure(environ, reactor)]))
-        return services[-1].url
+        started.append(start_ambassador([OMDbPlugin().configure(environ, reactor)]))
+        return started[-1].url
 
     yield start
-    for service in services:
-        await maybeDeferred(service.stopService)
+    for ambassador in started:
+        await maybeDeferred(ambassador.service.stopService)
 
 
 async def get(url: str):
@@ -161,7 +161,7 @@ async def test_installed_distribution_is_listed_and_serves_under_twistd(fake_omd
         ["OMDB_API_KEY", "set"], ["OMDB_API_KEY_FILE", "not"], ["OMDB_BASE_URL", "set"]]
     assert KEY not in listing and fake_omdb.base_url not in listing
 
-    process = spawn_ambassador("--port", "0", "--adapter", "omdb", env=env, cwd=tmp_path)
+    process = spawn_ambassador("--port", "0", "--admin-port", "none", "--adapter", "omdb", env=env, cwd=tmp_path)
     try:
         port = await process.listening
         response, body = await get(f"http://127.0.0.1:{port}/omdb?i=tt0133093")

@@ -1,0 +1,75 @@
+"""The admin listener: liveness, readiness and Prometheus metrics, apart from the proxy.
+
+It proxies nothing and shows no credential: readiness names what is missing
+(a variable, a file path), never a value.
+"""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from .health import Readiness
+from .metrics import Metrics
+from .problems import Problem
+from .web import MountNode, write_problem
+
+
+class _Leaf(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        if request.method not in (b"GET", b"HEAD"):
+            write_problem(request, Problem(405, "method-not-allowed", "Method not allowed",
+                                           "The admin endpoints answer GET and HEAD only.",
+                                           headers=[("Allow", "GET, HEAD")]))
+            return NOT_DONE_YET
+        return self.render_GET(request)
+
+
+class Liveness(_Leaf):
+    def render_GET(self, request):
+        # Answering at all means the reactor is turning.
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"ok\n"
+
+
+class ReadinessResource(_Leaf):
+    def __init__(self, readiness: Readiness) -> None:
+        super().__init__()
+        self._readiness = readiness
+
+    def render_GET(self, request):
+        report = self._readiness.report()
+        request.setResponseCode(200 if report["ready"] else 503)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(report, indent=1).encode() + b"\n"
+
+
+class MetricsResource(_Leaf):
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return self._metrics.exposition()
+
+
+class AdminSite(Site):
+    # Probes hit these every few seconds: they stay out of the access log.
+    noisy = False
+
+    def log(self, request) -> None:
+        pass
+
+
+def admin_site(readiness: Readiness, metrics: Metrics) -> AdminSite:
+    root = MountNode()
+    root.putChild(b"healthz", Liveness())
+    root.putChild(b"readyz", ReadinessResource(readiness))
+    root.putChild(b"metrics", MetricsResource(metrics))
+    return AdminSite(root)

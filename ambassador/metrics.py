@@ -1,0 +1,94 @@
+"""Prometheus metrics: one registry per ambassador, label values always bounded.
+
+Labels are adapter names, route names (templates such as ``tmdb-v3``), status
+classes and outcome words: never raw paths, query strings or credentials.
+Label children used on every request are created once, at mount time.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .resilience import CLOSED, HALF_OPEN, OPEN
+
+# Latencies of a sidecar in front of an internet API: sub-millisecond cache
+# hits up to the 10 s default deadline.
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("ambassador_requests", "Inbound requests answered, by status class.",
+                                ["adapter", "route", "code_class"], registry=r)
+        self.request_seconds = Histogram("ambassador_request_duration_seconds",
+                                         "Time from receiving an inbound request to finishing its answer.",
+                                         ["adapter", "route"], buckets=_BUCKETS, registry=r)
+        self.in_flight = Gauge("ambassador_requests_in_flight", "Inbound requests being answered now.",
+                               ["adapter"], registry=r)
+        self.upstream_attempts = Counter("ambassador_upstream_attempts",
+                                         "Requests sent to an outside service, by outcome (status class, "
+                                         "timeout, unreachable).", ["adapter", "outcome"], registry=r)
+        self.upstream_seconds = Histogram("ambassador_upstream_duration_seconds",
+                                          "Time one upstream attempt took, whole body included.",
+                                          ["adapter"], buckets=_BUCKETS, registry=r)
+        self.retries = Counter("ambassador_upstream_retries", "Upstream attempts that were retries.",
+                               ["adapter"], registry=r)
+        self.rate_limit_waits = Counter("ambassador_rate_limit_waits", "Requests that waited for the "
+                                        "client-side rate limit.", ["adapter"], registry=r)
+        self.rate_limit_rejections = Counter("ambassador_rate_limit_rejections", "Requests answered 429 "
+                                             "because the rate-limit queue was full.", ["adapter"], registry=r)
+        self.concurrency_rejections = Counter("ambassador_concurrency_rejections", "Requests answered 503 "
+                                              "because too many were in flight upstream.", ["adapter"], registry=r)
+
+    def watch(self, readiness) -> None:
+        """Report adapter state (credential, readiness) at scrape time, from ``readiness``."""
+        self.registry.register(_StateCollector(readiness))
+
+    def route(self, adapter: str, route: str) -> "RouteMetrics":
+        return RouteMetrics(self, adapter, route)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RouteMetrics:
+    """The label children one route updates on every request, bound once."""
+
+    def __init__(self, metrics: Metrics, adapter: str, route: str) -> None:
+        self._by_class = {c: metrics.requests.labels(adapter, route, c) for c in STATUS_CLASSES}
+        self._seconds = metrics.request_seconds.labels(adapter, route)
+        self.in_flight = metrics.in_flight.labels(adapter)
+
+    def answered(self, status: int, seconds: float) -> None:
+        self._by_class.get(f"{status // 100}xx", self._by_class["5xx"]).inc()
+        self._seconds.observe(seconds)
+
+
+class _StateCollector:
+    def __init__(self, readiness) -> None:
+        self._readiness = readiness
+
+    def collect(self):
+        present = GaugeMetricFamily("ambassador_credential_present",
+                                    "1 when the adapter has a credential to send.", labels=["adapter"])
+        reloads = CounterMetricFamily("ambassador_credential_reloads",
+                                      "Times a credential file changed and was re-read.", labels=["adapter"])
+        ready = GaugeMetricFamily("ambassador_adapter_ready", "1 when the adapter is ready to serve.",
+                                  labels=["adapter"])
+        circuit = GaugeMetricFamily("ambassador_circuit_state",
+                                    "Circuit breaker state: 0 closed, 1 open, 2 half-open.", labels=["adapter"])
+        for state in self._readiness.adapters:
+            credential = state.adapter.credential
+            present.add_metric([state.adapter.name], 1.0 if credential.present() else 0.0)
+            reloads.add_metric([state.adapter.name], credential.reloads())
+            ready.add_metric([state.adapter.name], 0.0 if state.reasons() else 1.0)
+            if state.breaker is not None:
+                circuit.add_metric([state.adapter.name], _CIRCUIT_STATES[state.breaker.state])
+        yield from (present, reloads, ready, circuit)
+
+
+_CIRCUIT_STATES = {CLOSED: 0.0, OPEN: 1.0, HALF_OPEN: 2.0}

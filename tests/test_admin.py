@@ -1,0 +1,150 @@
+"""The admin listener over real HTTP: liveness, readiness in each state, metrics after known requests."""
+
+import json
+
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
+
+from ambassador.credentials import FILE_POLL_INTERVAL
+from ambassador.resilience import Policy
+from conftest import SECRETS, get, header, tmdb_env
+
+KEY = {"TMDB_API_KEY": "test-api-key"}
+
+
+async def readiness(ambassador):
+    response, body = await get(ambassador.admin_url + "/readyz")
+    return response.code, json.loads(body)
+
+
+def samples(exposition: bytes) -> dict:
+    """{(sample name, frozenset(labels)): value} from the Prometheus text format."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(exposition.decode())
+        for s in family.samples
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz_answers_while_serving(fake_tmdb, start_ambassador):
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb))
+    response, body = await get(ambassador.admin_url + "/healthz")
+    assert (response.code, body) == (200, b"ok\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_not_ready_without_a_credential(fake_tmdb, start_ambassador):
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb))
+    code, report = await readiness(ambassador)
+    assert code == 503 and report["ready"] is False
+    [reason] = report["adapters"]["tmdb"]["reasons"]
+    assert reason.startswith("credential missing") and "TMDB_API_KEY" in reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_rejected_credential_makes_unready_until_it_works_again(fake_tmdb, start_ambassador):
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    assert (await readiness(ambassador))[0] == 200
+    fake_tmdb.api_keys.clear()  # TMDB revoked the key
+    assert (await get(ambassador.url + "/movies"))[0].code == 502
+    code, report = await readiness(ambassador)
+    assert code == 503
+    assert report["adapters"]["tmdb"]["reasons"] == ["credential rejected by the upstream"]
+    fake_tmdb.api_keys.add("test-api-key")
+    assert (await get(ambassador.url + "/movies"))[0].code == 200
+    assert (await readiness(ambassador))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_vanished_secret_file_is_a_warning_not_unreadiness(fake_tmdb, start_ambassador, tmp_path):
+    clock = Clock()
+    (tmp_path / "key").write_text("test-api-key")
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY_FILE=str(tmp_path / "key")), clock=clock)
+    (tmp_path / "key").unlink()
+    clock.advance(FILE_POLL_INTERVAL)
+    code, report = await readiness(ambassador)
+    assert code == 200
+    [warning] = report["adapters"]["tmdb"]["warnings"]
+    assert str(tmp_path / "key") in warning and "last good value" in warning
+
+
+@pytest_twisted.ensureDeferred
+async def test_probe_finds_a_bad_credential_before_any_caller_does(fake_tmdb, start_ambassador):
+    clock = Clock()
+    fake_tmdb.api_keys.clear()
+    probed = fake_tmdb.next_request()
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), clock=clock, probe_interval=30)
+    await probed
+    code, report = await readiness(ambassador)
+    assert code == 503
+    assert report["adapters"]["tmdb"]["reasons"] == ["probe failed: /3/configuration answered status 401"]
+    fake_tmdb.api_keys.add("test-api-key")
+    probed = fake_tmdb.next_request()
+    clock.advance(29)
+    assert not probed.called
+    clock.advance(1)
+    await probed
+    assert [r.path for r in fake_tmdb.requests] == ["/3/configuration", "/3/configuration"]
+    assert (await readiness(ambassador))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_after_a_known_sequence(fake_tmdb, start_ambassador):
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), policies={"tmdb": Policy(retries=0)})
+    url = ambassador.url
+    await get(url + "/movies?api_key=caller-own-key")
+    await get(url + "/movies")
+    await get(url + "/tmdb/3/movie/1")
+    await get(url + "/nowhere")
+    fake_tmdb.fault = "reset"
+    await get(url + "/tmdb/3/movie/550")
+    response, exposition = await get(ambassador.admin_url + "/metrics")
+    assert response.code == 200 and header(response, "content-type").startswith("text/plain")
+    values = samples(exposition)
+
+    def value(name, **labels):
+        return values.get((name, frozenset(labels.items())), 0)
+
+    assert value("ambassador_requests_total", adapter="tmdb", route="movies", code_class="2xx") == 2
+    assert value("ambassador_requests_total", adapter="tmdb", route="tmdb-v3", code_class="4xx") == 1
+    assert value("ambassador_requests_total", adapter="tmdb", route="tmdb-v3", code_class="5xx") == 1
+    assert value("ambassador_requests_total", adapter="", route="unmatched", code_class="4xx") == 1
+    assert value("ambassador_request_duration_seconds_count", adapter="tmdb", route="movies") == 2
+    assert value("ambassador_upstream_attempts_total", adapter="tmdb", outcome="2xx") == 2
+    assert value("ambassador_upstream_attempts_total", adapter="tmdb", outcome="4xx") == 1
+    assert value("ambassador_upstream_attempts_total", adapter="tmdb", outcome="unreachable") == 1
+    assert value("ambassador_upstream_retries_total", adapter="tmdb") == 0
+    assert value("ambassador_upstream_duration_seconds_count", adapter="tmdb") == 4
+    assert value("ambassador_requests_in_flight", adapter="tmdb") == 0
+    assert value("ambassador_credential_present", adapter="tmdb") == 1
+    assert value("ambassador_adapter_ready", adapter="tmdb") == 1
+    label_values = {v for (_, labels) in values for _, v in labels}
+    assert not any("/" in v or "?" in v for v in label_values)
+    for secret in SECRETS:
+        assert secret.encode() not in exposition
+
+
+@pytest_twisted.ensureDeferred
+async def test_credential_reloads_are_counted(fake_tmdb, start_ambassador, tmp_path):
+    clock = Clock()
+    fake_tmdb.api_keys.add("rotated-api-key")
+    (tmp_path / "key").write_text("test-api-key")
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY_FILE=str(tmp_path / "key")), clock=clock)
+    (tmp_path / "key").write_text("rotated-api-key")
+    clock.advance(FILE_POLL_INTERVAL)
+    _, exposition = await get(ambassador.admin_url + "/metrics")
+    assert samples(exposition)[("ambassador_credential_reloads_total", frozenset({("adapter", "tmdb")}))] == 1
+    await get(ambassador.url + "/movies")
+    assert fake_tmdb.requests[-1].param("api_key") == "rotated-api-key"
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_answers_problems_for_unknown_paths_and_methods(fake_tmdb, start_ambassador):
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb))
+    response, body = await get(ambassador.admin_url + "/movies")
+    assert response.code == 404 and header(response, "content-type") == "application/problem+json"
+    response, body = await get(ambassador.admin_url + "/readyz", method="POST")
+    assert response.code == 405 and json.loads(body)["type"] == "urn:ambassador:problem:method-not-allowed"
+    assert fake_tmdb.requests == []
