@@ -77,7 +77,8 @@ def outside_failure(service: str, response: UpstreamResponse) -> Problem | None:
                        "retry later.", headers=retry_after(response))
     if status == 503:
         return Problem(503, "upstream-unavailable", "Upstream unavailable",
-                       f"The {service} service answered 503 (temporarily unavailable).", headers=retry_after(response))
+                       f"The {service} service answered 503 (temporarily unavailable).",
+                       headers=retry_after(response))
     if status == 504:
         return Problem(504, "upstream-timeout", "Upstream timed out",
                        f"The {service} service answered 504 (its own gateway timed out).")
