@@ -60,6 +60,17 @@ def serve(resource: Resource, reactor=None):
     return port
 
 
+@contextmanager
+def serving(fake: Resource) -> Iterator[Resource]:
+    """``fake`` served on loopback (see ``serve``) for the block, with its ``base_url`` set."""
+    port = serve(fake)
+    fake.base_url = port.base_url
+    try:
+        yield fake
+    finally:
+        port.stopListening()
+
+
 def start_ambassador(adapters: Iterable, **settings) -> Ambassador:
     """Serve configured ``adapters`` as ``twistd ambassador`` does, proxy and admin listeners on
     ephemeral loopback ports; keywords go to ``ambassador.service.assemble`` (``clock=Clock()``

@@ -9,7 +9,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
 
 from ambassador.adapters.tmdb import TMDBPlugin
-from ambassador.testing import FakeTMDB, logged_events, serve
+from ambassador.testing import FakeTMDB, logged_events, serving
 from ambassador.testing import start_ambassador as serve_adapters
 
 # Every secret a test hands the ambassador; none may ever show up in a log event.
@@ -19,14 +19,11 @@ SECRETS = ("test-api-key", "test-read-token", "caller-own-key", "file-api-key", 
 
 @pytest.fixture
 def fake_tmdb():
-    fake = FakeTMDB()
-    port = serve(fake)
-    fake.base_url = port.base_url
-    yield fake
-    for request in fake.hanging:
-        if not request._disconnected:
-            request.transport.abortConnection()
-    port.stopListening()
+    with serving(FakeTMDB()) as fake:
+        yield fake
+        for request in fake.hanging:
+            if not request._disconnected:
+                request.transport.abortConnection()
 
 
 @pytest.fixture(autouse=True)

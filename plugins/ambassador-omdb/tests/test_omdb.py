@@ -9,7 +9,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
 
-from ambassador.testing import logged_events, run_twistd, serve, spawn_ambassador, start_ambassador
+from ambassador.testing import logged_events, run_twistd, serving, spawn_ambassador, start_ambassador
 from ambassador_omdb.adapter import OMDbPlugin
 from ambassador_omdb.testing import FakeOMDb
 
@@ -25,11 +25,8 @@ def log_events():
 
 @pytest.fixture
 def fake_omdb():
-    fake = FakeOMDb()
-    port = serve(fake)
-    fake.base_url = port.base_url
-    yield fake
-    port.stopListening()
+    with serving(FakeOMDb()) as fake:
+        yield fake
 
 
 @pytest_twisted.async_yield_fixture
