@@ -115,6 +115,6 @@ def describe_adapters(discovery: Discovery, mounts: Sequence[Mount], environ) ->
     if not discovery.adapters:
         lines.append("No adapters found.")
     for failure in discovery.failures:
-        lines.append(f"Dropin {failure.module} failed to import ({failure.error}); "
-                     "the adapters it provides are not served")
+        lines.append(f"Dropin {failure.module} failed to import ({failure.error}); any adapter it provides "
+                     "is not served")
     return "\n".join(lines) + "\n"

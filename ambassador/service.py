@@ -137,8 +137,8 @@ class Options(usage.Options):
         except ConfigurationError as e:
             raise usage.UsageError(str(e))
         for failure in discovery.failures:
-            log.error("Adapter dropin {module} failed to import ({error}); the adapters it provides are not "
-                      "served", module=failure.module, error=failure.error)
+            log.error("Dropin {module} failed to import ({error}); any adapter it provides is not served",
+                      module=failure.module, error=failure.error)
         unknown = self["forward-request-id"] - {adapter.name for adapter in self["adapters"]}
         if unknown:
             raise usage.UsageError(f"--forward-request-id: no adapter named {', '.join(sorted(unknown))}")
