@@ -181,3 +181,23 @@ async def test_missing_plugin_dir_is_a_startup_error(tmp_path):
     output, code = await run_twistd("-n", "ambassador", "--plugin-dir", str(tmp_path / "absent"), env={}, cwd=tmp_path)
     assert code == 1
     assert f"plugin directory {tmp_path / 'absent'} does not exist or is not a directory" in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_cached_adapter_whose_dropin_no_longer_imports_is_reported(tmp_path):
+    """dropin.cache still lists the adapter (the file looks older than the cache), but importing
+    it fails now, as when a dependency was uninstalled."""
+    directory = plugin_dir(tmp_path, films=FILMS_DROPIN)
+    output, code = await run_twistd("ambassador", "--plugin-dir", str(directory), "--list-adapters", env={},
+                                    cwd=tmp_path)
+    assert code == 0 and "films: TMDB discover again" in output and (directory / "dropin.cache").is_file()
+    films = directory / "films.py"
+    films.write_text(BROKEN_DROPIN)
+    os.utime(films, (0, 0))
+    output, code = await run_twistd("ambassador", "--plugin-dir", str(directory), "--list-adapters", env={},
+                                    cwd=tmp_path)
+    assert code == 0
+    assert "films:" not in output
+    assert ("Dropin twisted.plugins.films failed to import (ModuleNotFoundError: No module named "
+            "'not_installed_dependency')") in output
+    assert "Traceback" not in output
