@@ -67,7 +67,6 @@ class Options(usage.Options):
         self["policy"] = []
         self["adapter"] = []
         self["mount"] = []
-        self["plugin-dir"] = []
 
     def opt_adapter(self, name: str) -> None:
         """Serve only the adapter NAME (repeatable). Default: every discovered adapter."""
@@ -82,7 +81,10 @@ class Options(usage.Options):
 
     def opt_plugin_dir(self, directory: str) -> None:
         """Also load adapter dropins from DIRECTORY (repeatable; see AMBASSADOR_PLUGIN_DIRS)."""
-        self["plugin-dir"].append(directory)
+        try:
+            add_plugin_dirs([directory])  # now, so that a later --help lists their settings too
+        except ConfigurationError as e:
+            raise usage.UsageError(str(e))
 
     def opt_policy(self, entry: str) -> None:
         """[ADAPTER.]KEY=VALUE: a resilience setting for every adapter, or for one (repeatable;
@@ -124,7 +126,7 @@ class Options(usage.Options):
         self["admin-endpoint"] = None if admin == "none" else endpoint_description(admin, bare_interface="0.0.0.0")
         timeout = [] if self["timeout"] is None else [f"timeout={self['timeout']}"]
         try:
-            add_plugin_dirs(plugin_dirs_from_environment(os.environ) + self["plugin-dir"])
+            add_plugin_dirs(plugin_dirs_from_environment(os.environ))
             discovery = discover_adapters()
             plugins = select_adapters(discovery, self["adapter"])
             check_mount_names(self["mount"], [plugin.name for plugin in plugins])

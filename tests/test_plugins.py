@@ -129,6 +129,8 @@ async def test_plugin_dir_adds_an_adapter_and_two_on_one_path_is_a_startup_error
     env = tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key")
     statuses, _ = await serve_and_stop(["--plugin-dir", str(directory)], env, tmp_path, ["/films", "/movies"])
     assert statuses == [200, 200]
+    output, code = await run_twistd("ambassador", "--plugin-dir", str(directory), "--help", env=env, cwd=tmp_path)
+    assert code == 0 and "films: TMDB discover again, at /films" in output
 
     output, code = await run_twistd("-n", "ambassador", "--plugin-dir", str(directory), "--mount", "films=/movies",
                                     env=env, cwd=tmp_path)
