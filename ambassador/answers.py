@@ -57,6 +57,12 @@ def bad_answer(service: str, what: str) -> Problem:
     )
 
 
+def retry_after(response: UpstreamResponse, default: str | None = None) -> list[tuple[str, str]]:
+    """The upstream ``Retry-After`` header (or ``default``) as headers for a Problem."""
+    value = response.headers.get("retry-after", default)
+    return [("Retry-After", value)] if value is not None else []
+
+
 def outside_failure(service: str, response: UpstreamResponse) -> Problem | None:
     """The problem for an answer that means the outside world failed, or None.
 
@@ -65,14 +71,14 @@ def outside_failure(service: str, response: UpstreamResponse) -> Problem | None:
     A redirect is not followed or passed on (its Location may carry a credential).
     """
     status = response.status
-    retry_after = [("Retry-After", response.headers["retry-after"])] if "retry-after" in response.headers else []
     if status == 429:
         return Problem(429, "upstream-rate-limited", "Upstream rate limit reached",
                        f"The {service} service is refusing requests because its rate limit was reached; "
-                       "retry later.", headers=retry_after)
+                       "retry later.", headers=retry_after(response))
     if status == 503:
         return Problem(503, "upstream-unavailable", "Upstream unavailable",
-                       f"The {service} service answered 503 (temporarily unavailable).", headers=retry_after)
+                       f"The {service} service answered 503 (temporarily unavailable).",
+                       headers=retry_after(response))
     if status == 504:
         return Problem(504, "upstream-timeout", "Upstream timed out",
                        f"The {service} service answered 504 (its own gateway timed out).")

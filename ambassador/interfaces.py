@@ -26,6 +26,9 @@ class IAdapterPlugin(Interface):
     name = Attribute("Short unique name, e.g. 'tmdb'.")
     description = Attribute("One line saying which outside service this is.")
     settings = Attribute("Sequence of Setting: the environment variables it reads.")
+    routes = Attribute("Sequence of ambassador.exchange.Route its adapter serves, at their default paths; "
+                       "the first is the main one, which --mount NAME=/path moves. Listed without "
+                       "configuring anything.")
 
     def configure(environ, reactor):
         """

@@ -14,13 +14,14 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from .admin import admin_site
-from .discovery import discover_adapters
+from .discovery import PLUGIN_DIRS_VARIABLE, add_plugin_dirs, discover_adapters, plugin_dirs_from_environment
 from .health import Prober, Readiness
 from .interfaces import ConfigurationError
 from .metrics import Metrics
+from .mounting import Mount, check_mount_names, describe_adapters, mounted, select_adapters
 from .resilience import POLICY_HELP, Guard, Policy, resolve_policies
 from .upstream import Gateway, UpstreamClient
-from .web import AmbassadorSite, build_root
+from .web import AmbassadorSite, build_root, mount_table
 
 log = Logger(namespace="ambassador")
 
@@ -35,6 +36,11 @@ def endpoint_description(port: str, *, bare_interface: str) -> str:
 
 class Options(usage.Options):
     synopsis = "[options]"
+    optFlags = [
+        ["list-adapters", None,
+         "Print every discovered adapter (name, paths, description, the environment variables it reads "
+         "and whether each is set, never its value) and exit."],
+    ]
     optParameters = [
         ["port", "p", "8080",
          "Where to serve the main container: a bare number is TCP on 127.0.0.1 only; "
@@ -59,6 +65,26 @@ class Options(usage.Options):
         super().__init__()
         self["forward-request-id"] = set()
         self["policy"] = []
+        self["adapter"] = []
+        self["mount"] = []
+
+    def opt_adapter(self, name: str) -> None:
+        """Serve only the adapter NAME (repeatable). Default: every discovered adapter."""
+        self["adapter"].append(name.strip())
+
+    def opt_mount(self, mount: str) -> None:
+        """NAME=/path moves adapter NAME's main route, NAME.ROUTE=/path its route ROUTE (repeatable)."""
+        try:
+            self["mount"].append(Mount.parse(mount))
+        except ConfigurationError as e:
+            raise usage.UsageError(str(e))
+
+    def opt_plugin_dir(self, directory: str) -> None:
+        """Also load adapter dropins from DIRECTORY (repeatable; see AMBASSADOR_PLUGIN_DIRS)."""
+        try:
+            add_plugin_dirs([directory])  # now, so that a later --help lists their settings too
+        except ConfigurationError as e:
+            raise usage.UsageError(str(e))
 
     def opt_policy(self, entry: str) -> None:
         """[ADAPTER.]KEY=VALUE: a resilience setting for every adapter, or for one (repeatable;
@@ -71,8 +97,10 @@ class Options(usage.Options):
         self["forward-request-id"].add(adapter)
 
     def getUsage(self, width=None) -> str:
-        lines = ["", "Environment variables read by the adapters (values are never printed):"]
-        for plugin in discover_adapters():
+        lines = ["", "Environment variables (values are never printed):",
+                 f"  {PLUGIN_DIRS_VARIABLE:32} directories of adapter dropins, separated by '{os.pathsep}' "
+                 "(like --plugin-dir)"]
+        for plugin in discover_adapters().adapters:
             lines.append(f"  {plugin.name}: {plugin.description}")
             for setting in plugin.settings:
                 lines.append(f"    {setting.name:30} {setting.help}")
@@ -98,10 +126,21 @@ class Options(usage.Options):
         self["admin-endpoint"] = None if admin == "none" else endpoint_description(admin, bare_interface="0.0.0.0")
         timeout = [] if self["timeout"] is None else [f"timeout={self['timeout']}"]
         try:
-            self["adapters"] = [plugin.configure(os.environ, reactor) for plugin in discover_adapters()]
+            add_plugin_dirs(plugin_dirs_from_environment(os.environ))
+            discovery = discover_adapters()
+            plugins = select_adapters(discovery, self["adapter"])
+            check_mount_names(self["mount"], [plugin.name for plugin in plugins])
+            if self["list-adapters"]:
+                print(describe_adapters(discovery, self["mount"], os.environ), end="")
+                raise SystemExit(0)
+            self["adapters"] = [mounted(plugin.configure(os.environ, reactor), self["mount"]) for plugin in plugins]
+            mount_table(self["adapters"])
             self["policies"] = resolve_policies(self["adapters"], timeout + self["policy"])
         except ConfigurationError as e:
             raise usage.UsageError(str(e))
+        for failure in discovery.failures:
+            log.error("Dropin {module} failed to import ({error}); any adapter it provides is not served",
+                      module=failure.module, error=failure.error)
         unknown = self["forward-request-id"] - {adapter.name for adapter in self["adapters"]}
         if unknown:
             raise usage.UsageError(f"--forward-request-id: no adapter named {', '.join(sorted(unknown))}")

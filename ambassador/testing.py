@@ -1,21 +1,34 @@
-"""Fake outside services for tests: real twisted.web servers on loopback.
+"""Fake outside services and a running ambassador for tests: real twisted.web servers on loopback.
 
-Our own tests use them, and so can anyone testing an application against
-the ambassador without a network::
+Our own tests use them, and so can anyone testing an application or an
+adapter against the ambassador without a network::
 
     fake = FakeTMDB(api_keys={"my-key"})
     port = serve(fake)            # http://127.0.0.1:<port>
+    ambassador = start_ambassador([TMDBPlugin().configure({"TMDB_BASE_URL": port.base_url, ...}, reactor)])
+    # ... requests to ambassador.url ...
+    await ambassador.service.stopService()
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import sys
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 from urllib.parse import parse_qsl
 
 from attrs import define, field, frozen
+from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+
+from .service import Ambassador, assemble
 
 
 @frozen
@@ -47,6 +60,94 @@ def serve(resource: Resource, reactor=None):
     return port
 
 
+@contextmanager
+def serving(fake: Resource) -> Iterator[Resource]:
+    """``fake`` served on loopback (see ``serve``) for the block, with its ``base_url`` set."""
+    port = serve(fake)
+    fake.base_url = port.base_url
+    try:
+        yield fake
+    finally:
+        port.stopListening()
+
+
+def start_ambassador(adapters: Iterable, **settings) -> Ambassador:
+    """Serve configured ``adapters`` as ``twistd ambassador`` does, proxy and admin listeners on
+    ephemeral loopback ports; keywords go to ``ambassador.service.assemble`` (``clock=Clock()``
+    drives every timer). The result's ``url`` and ``admin_url`` say where; stop it with
+    ``service.stopService()``."""
+    from twisted.internet import reactor
+
+    ambassador = assemble(reactor, list(adapters), endpoint="tcp:0:interface=127.0.0.1",
+                          admin_endpoint="tcp:0:interface=127.0.0.1", **settings)
+    ambassador.service.privilegedStartService()
+    ambassador.service.startService()
+    ambassador.url = f"http://127.0.0.1:{ambassador.proxy.port.getHost().port}"
+    ambassador.admin_url = f"http://127.0.0.1:{ambassador.admin.port.getHost().port}"
+    return ambassador
+
+
+@contextmanager
+def logged_events(*, secrets: Iterable[str] = ()) -> Iterator[list[dict]]:
+    """Every log event emitted inside the block; on leaving it, fails if one shows any of ``secrets``."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    for event in events:
+        text = f"{formatEvent(event)} {event!r}"
+        if "log_failure" in event:
+            text += event["log_failure"].getTraceback()
+        for secret in secrets:
+            assert secret not in text, f"secret {secret!r} leaked into a log event: {text}"
+
+
+#: The twistd next to the running Python, and the environment child processes start from.
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+BASE_ENV = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
+
+
+class TwistdProcess(protocol.ProcessProtocol):
+    """A child ``twistd``: collects all output; ``listening`` fires with the port the ambassador
+    announces, ``ended`` with ``(exit code, signal)``."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening = defer.Deferred()
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        found = re.search(rb"ambassador proxy listening on [\d.]+:(\d+)", self.output)
+        if found and not self.listening.called:
+            self.listening.callback(int(found.group(1)))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(self.output.decode()))
+        self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+
+def spawn_ambassador(*args: str, env: dict[str, str], cwd) -> TwistdProcess:
+    """Start ``twistd -n ambassador ARGS`` with only ``env`` (plus PATH) in its environment."""
+    from twisted.internet import reactor
+
+    process = TwistdProcess()
+    reactor.spawnProcess(process, TWISTD, [TWISTD, "-n", "ambassador", *args], env={**BASE_ENV, **env},
+                         path=str(cwd))
+    return process
+
+
+async def run_twistd(*args: str, env: dict[str, str], cwd) -> tuple[str, int]:
+    """Run ``twistd ARGS`` to its end; returns its output (stdout and stderr) and exit code."""
+    out, err, code = await getProcessOutputAndValue(TWISTD, args, env={**BASE_ENV, **env}, path=str(cwd))
+    return (out + err).decode(), code
+
+
 def _tmdb_error(status_code: int, message: str) -> dict:
     return {"status_code": status_code, "status_message": message, "success": False}
 
@@ -68,7 +169,39 @@ MOVIES = [
 
 
 @define
-class FakeTMDB(Resource):
+class FakeService(Resource):
+    """The part every fake outside service shares: it records each request in ``requests``."""
+
+    requests: list[RecordedRequest] = field(factory=list)
+    _waiting: list[Deferred] = field(factory=list)
+    isLeaf = True
+
+    def __attrs_post_init__(self) -> None:
+        Resource.__init__(self)
+
+    def record(self, request) -> RecordedRequest:
+        path, _, query = request.uri.partition(b"?")
+        recorded = RecordedRequest(
+            method=request.method.decode(),
+            path=path.decode("latin-1"),
+            query=tuple(parse_qsl(query.decode("latin-1"), keep_blank_values=True)),
+            headers={k.decode().lower(): v[0].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()},
+        )
+        self.requests.append(recorded)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(recorded)
+        return recorded
+
+    def next_request(self) -> Deferred:
+        """Fires with the next request this fake receives (to sequence a test without sleeping)."""
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+
+@define
+class FakeTMDB(FakeService):
     """A TMDB v3 look-alike: discover, movie details, search, and TMDB's real error answers.
 
     It accepts ``api_key`` query parameters from ``api_keys`` and bearer
@@ -82,29 +215,13 @@ class FakeTMDB(Resource):
 
     api_keys: set[str] = field(factory=lambda: {"test-api-key"})
     tokens: set[str] = field(factory=lambda: {"test-read-token"})
-    requests: list[RecordedRequest] = field(factory=list)
     fault: str | None = None
     canned: tuple[int, dict[str, str], bytes] | None = None
     script: list = field(factory=list)
     hanging: list = field(factory=list)
-    _waiting: list[Deferred] = field(factory=list)
-    isLeaf = True
-
-    def __attrs_post_init__(self) -> None:
-        Resource.__init__(self)
 
     def render(self, request):
-        path, _, query = request.uri.partition(b"?")
-        recorded = RecordedRequest(
-            method=request.method.decode(),
-            path=path.decode("latin-1"),
-            query=tuple(parse_qsl(query.decode("latin-1"), keep_blank_values=True)),
-            headers={k.decode().lower(): v[0].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()},
-        )
-        self.requests.append(recorded)
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(recorded)
+        recorded = self.record(request)
         step = self.script.pop(0) if self.script else (self.fault or self.canned)
         if step == "hang":
             self.hanging.append(request)
@@ -131,12 +248,6 @@ class FakeTMDB(Resource):
             if not request._disconnected:
                 request.write(self._json(request, 200, MOVIES[0]))
                 request.finish()
-
-    def next_request(self) -> Deferred:
-        """Fires with the next request this fake receives (to sequence a test without sleeping)."""
-        d = Deferred()
-        self._waiting.append(d)
-        return d
 
     def _authorized(self, recorded: RecordedRequest) -> bool:
         authorization = recorded.headers.get("authorization", "")

@@ -167,34 +167,38 @@ class RouteResource(Resource):
         write_problem(request, problem)
 
 
+def mount_table(adapters: Iterable[IExternalAdapter]) -> dict[tuple[str, ...], tuple[IExternalAdapter, Route]]:
+    """Every route of every adapter by its path segments; ConfigurationError when two routes
+    share a path or one would hide another below it."""
+    table: dict[tuple[str, ...], tuple[IExternalAdapter, Route]] = {}
+    for adapter in adapters:
+        for route in adapter.routes:
+            segments = tuple(s for s in route.path.strip("/").split("/") if s)
+            owner = f"{adapter.name} ({route.name})"
+            if not segments:
+                raise ConfigurationError(f"{owner}: cannot mount at '/'")
+            for other, (other_adapter, other_route) in table.items():
+                shorter, longer = sorted((segments, other), key=len)
+                if longer[: len(shorter)] != shorter:
+                    continue
+                other_owner = f"{other_adapter.name} ({other_route.name})"
+                if shorter == longer:
+                    raise ConfigurationError(f"{owner} and {other_owner} are both mounted at {route.path}")
+                raise ConfigurationError(f"{owner} at {route.path} and {other_owner} at {other_route.path} "
+                                         "overlap: one would hide the other")
+            table[segments] = (adapter, route)
+    return table
+
+
 def build_root(adapters: Iterable[IExternalAdapter], gateway: Gateway, metrics: Metrics) -> Resource:
     """The Resource tree with every route of every adapter at its mount path."""
     root = MountNode()
-    claimed: dict[str, str] = {}
-    for adapter in adapters:
-        for route in adapter.routes:
-            segments = [s for s in route.path.strip("/").split("/") if s]
-            if not segments:
-                raise ConfigurationError(f"{adapter.name} route {route.name!r}: cannot mount at '/'")
-            owner = f"{adapter.name} ({route.name})"
-            if route.path.rstrip("/") in claimed:
-                raise ConfigurationError(
-                    f"{owner} and {claimed[route.path.rstrip('/')]} are both mounted at {route.path}"
-                )
-            claimed[route.path.rstrip("/")] = owner
-            node = root
-            for segment in segments[:-1]:
-                key = segment.encode()
-                child = node.children.get(key)
-                if child is None:
-                    child = node.children[key] = MountNode()
-                elif isinstance(child, RouteResource):
-                    raise ConfigurationError(f"{owner} at {route.path} is inside {child.route.path}")
-                node = child
-            key = segments[-1].encode()
-            if key in node.children:
-                raise ConfigurationError(f"{owner} at {route.path} would hide other routes below it")
-            node.putChild(key, RouteResource(adapter, route, gateway, metrics.route(adapter.name, route.name)))
+    for segments, (adapter, route) in mount_table(adapters).items():
+        node = root
+        for segment in segments[:-1]:
+            node = node.children.setdefault(segment.encode(), MountNode())
+        resource = RouteResource(adapter, route, gateway, metrics.route(adapter.name, route.name))
+        node.putChild(segments[-1].encode(), resource)
     return root
 
 

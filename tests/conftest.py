@@ -7,41 +7,30 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
-from twisted.logger import formatEvent, globalLogPublisher
 
 from ambassador.adapters.tmdb import TMDBPlugin
-from ambassador.service import assemble
-from ambassador.testing import FakeTMDB, serve
+from ambassador.testing import FakeTMDB, logged_events, serving
+from ambassador.testing import start_ambassador as serve_adapters
 
 # Every secret a test hands the ambassador; none may ever show up in a log event.
-SECRETS = ("test-api-key", "test-read-token", "caller-own-key", "file-api-key", "rotated-api-key")
+SECRETS = ("test-api-key", "test-read-token", "caller-own-key", "file-api-key", "rotated-api-key",
+           "test-weather-key")
 
 
 @pytest.fixture
 def fake_tmdb():
-    fake = FakeTMDB()
-    port = serve(fake)
-    fake.base_url = port.base_url
-    yield fake
-    for request in fake.hanging:
-        if not request._disconnected:
-            request.transport.abortConnection()
-    port.stopListening()
+    with serving(FakeTMDB()) as fake:
+        yield fake
+        for request in fake.hanging:
+            if not request._disconnected:
+                request.transport.abortConnection()
 
 
 @pytest.fixture(autouse=True)
 def log_events():
     """Every log event emitted during the test; afterwards, checks none holds a secret."""
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-    for event in events:
-        text = f"{formatEvent(event)} {event!r}"
-        if "log_failure" in event:
-            text += event["log_failure"].getTraceback()
-        for secret in SECRETS:
-            assert secret not in text, f"secret {secret!r} leaked into a log event: {text}"
+    with logged_events(secrets=SECRETS) as events:
+        yield events
 
 
 @pytest_twisted.async_yield_fixture
@@ -52,13 +41,8 @@ async def start_ambassador():
 
     async def start(environ, *, plugin=TMDBPlugin(), **settings):
         settings.setdefault("grace_period", 0)  # teardown must not wait on a test's Clock
-        ambassador = assemble(reactor, [plugin.configure(environ, reactor)], endpoint="tcp:0:interface=127.0.0.1",
-                              admin_endpoint="tcp:0:interface=127.0.0.1", **settings)
-        ambassador.service.privilegedStartService()
-        ambassador.service.startService()
+        ambassador = serve_adapters([plugin.configure(environ, reactor)], **settings)
         services.append(ambassador.service)
-        ambassador.url = f"http://127.0.0.1:{ambassador.proxy.port.getHost().port}"
-        ambassador.admin_url = f"http://127.0.0.1:{ambassador.admin.port.getHost().port}"
         return ambassador
 
     yield start

@@ -1,53 +1,18 @@
 """`twistd -n ambassador` as a real process, exactly as the README starts it."""
 
 import json
-import os
-import re
 import signal
-import sys
 
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
-from twisted.internet.utils import getProcessOutputAndValue
 
+from ambassador.testing import run_twistd, spawn_ambassador
 from conftest import SECRETS, get, tmdb_env
-
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-BASE_ENV = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
-
-
-class Twistd(protocol.ProcessProtocol):
-    """Collects all output; ``listening`` fires with the port the log line announces."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.listening = defer.Deferred()
-        self.ended = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        found = re.search(rb"ambassador proxy listening on [\d.]+:(\d+)", self.output)
-        if found and not self.listening.called:
-            self.listening.callback(int(found.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(self.output.decode()))
-        self.ended.callback((reason.value.exitCode, reason.value.signal))
-
-
-async def run_twistd(*args, env, cwd):
-    out, err, code = await getProcessOutputAndValue(TWISTD, args, env={**BASE_ENV, **env}, path=str(cwd))
-    return (out + err).decode(), code
 
 
 @pytest_twisted.ensureDeferred
 async def test_readme_command_serves_and_never_logs_the_key(fake_tmdb, tmp_path):
-    process = Twistd()
-    env = {**BASE_ENV, **tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key")}
-    reactor.spawnProcess(process, TWISTD, [TWISTD, "-n", "ambassador", "--port", "0", "--admin-port", "0"], env=env, path=str(tmp_path))
+    process = spawn_ambassador("--port", "0", "--admin-port", "0",
+                               env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), cwd=tmp_path)
     try:
         port = await process.listening
         url = f"http://127.0.0.1:{port}"
@@ -76,7 +41,8 @@ async def test_readme_command_serves_and_never_logs_the_key(fake_tmdb, tmp_path)
 async def test_help_documents_every_option_and_variable_without_values(tmp_path):
     output, code = await run_twistd("ambassador", "--help", env={"TMDB_API_KEY": "test-api-key"}, cwd=tmp_path)
     assert code == 0
-    for word in ["--port", "--timeout", "--connect-timeout", "127.0.0.1", "unix:", "TMDB_API_KEY",
+    for word in ["--port", "--timeout", "--connect-timeout", "127.0.0.1", "unix:", "--list-adapters", "--adapter",
+                 "--mount", "NAME.ROUTE=/path", "--plugin-dir", "AMBASSADOR_PLUGIN_DIRS", "TMDB_API_KEY",
                  "TMDB_API_KEY_FILE", "TMDB_READ_ACCESS_TOKEN", "TMDB_READ_ACCESS_TOKEN_FILE", "API_KEY",
                  "TMDB_BASE_URL"]:
         assert word in output
@@ -97,11 +63,8 @@ async def test_bad_configuration_stops_startup_with_a_clear_message(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_binding_beyond_loopback_warns(fake_tmdb, tmp_path):
-    process = Twistd()
-    env = {**BASE_ENV, **tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key")}
-    reactor.spawnProcess(process, TWISTD, [TWISTD, "-n", "ambassador", "--port", "tcp:0:interface=0.0.0.0",
-                                              "--admin-port", "none"],
-                         env=env, path=str(tmp_path))
+    process = spawn_ambassador("--port", "tcp:0:interface=0.0.0.0", "--admin-port", "none",
+                               env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), cwd=tmp_path)
     try:
         await process.listening
     finally:
@@ -112,10 +75,8 @@ async def test_binding_beyond_loopback_warns(fake_tmdb, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_json_log_format_writes_one_json_object_per_line(fake_tmdb, tmp_path):
-    process = Twistd()
-    env = {**BASE_ENV, **tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key")}
-    reactor.spawnProcess(process, TWISTD, [TWISTD, "-n", "ambassador", "--port", "0", "--admin-port", "none",
-                                           "--log-format", "json"], env=env, path=str(tmp_path))
+    process = spawn_ambassador("--port", "0", "--admin-port", "none", "--log-format", "json",
+                               env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), cwd=tmp_path)
     try:
         port = await process.listening
         await get(f"http://127.0.0.1:{port}/movies?api_key=caller-own-key", headers={"X-Request-ID": "json-1"})

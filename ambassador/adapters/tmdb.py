@@ -21,6 +21,7 @@ from ..problems import credential_rejected, not_found
 DEFAULT_BASE_URL = "https://api.themoviedb.org"
 MOVIES = Route("movies", "/movies")
 PASSTHROUGH = Route("tmdb-v3", "/tmdb", prefix=True)
+ROUTES = (PASSTHROUGH, MOVIES)  # the passthrough is the main one: --mount tmdb=/path moves it
 
 # TMDB's status_code values that mean "your credential is no good":
 # 3 authentication failed, 7 invalid API key, 10 suspended API key.
@@ -38,7 +39,7 @@ class TMDBAdapter:
     credential: Credential
     base_url: str = DEFAULT_BASE_URL
     name: str = "tmdb"
-    routes: tuple[Route, ...] = (MOVIES, PASSTHROUGH)
+    routes: tuple[Route, ...] = ROUTES
     secret_params: frozenset[str] = _SECRET_PARAMS
     probe_path: str = "/3/configuration"  # small, and answers 401 when the credential is bad
     # TMDB answers 429 (status_code 25) above roughly 40 requests per second.
@@ -77,6 +78,7 @@ class TMDBAdapter:
 class TMDBPlugin:
     name: str = "tmdb"
     description: str = "The Movie Database v3 API: /movies (discover) and /tmdb/3/… passthrough"
+    routes: tuple[Route, ...] = ROUTES
     settings: tuple[Setting, ...] = (
         Setting("TMDB_READ_ACCESS_TOKEN", "v4 read access token, sent as Authorization: Bearer "
                 "(preferred: keeps the key out of URLs)", secret=True),

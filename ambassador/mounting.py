@@ -1,0 +1,120 @@
+"""Which adapters are served, and where: ``--adapter`` selects them, ``--mount`` moves their routes.
+
+``--mount NAME=/path`` moves adapter NAME's main route (its first; for
+TMDB the ``/tmdb`` passthrough), ``--mount NAME.ROUTE=/path`` moves the
+route called ROUTE (``tmdb.movies=/films``). Moving makes new ``Route``
+values; the adapter itself is not touched (``Remounted`` serves it with
+them), so an adapter needs nothing to be movable.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from attrs import evolve, frozen
+from twisted.python.components import proxyForInterface
+
+from .discovery import Discovery
+from .exchange import Route
+from .interfaces import ConfigurationError, IExternalAdapter
+
+_MOUNT_PATH = re.compile(r"(/[A-Za-z0-9_.,:~-]+)+/?\Z")
+
+
+@frozen
+class Mount:
+    adapter: str
+    route: str | None  # None: the adapter's main route
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> Mount:
+        name, _, path = text.partition("=")
+        adapter, _, route = name.strip().partition(".")
+        if not adapter or not _MOUNT_PATH.match(path) or {".", ".."} & set(path.split("/")):
+            raise ConfigurationError(
+                f"--mount {text}: expected NAME=/path or NAME.ROUTE=/path, the path made of "
+                "/-separated segments of letters, digits and _ . , : ~ -"
+            )
+        return cls(adapter, route or None, path.rstrip("/"))
+
+    def __str__(self) -> str:
+        return f"{self.adapter}{'.' + self.route if self.route else ''}={self.path}"
+
+
+def select_adapters(discovery: Discovery, names: Sequence[str]) -> list:
+    """The plugins called ``names`` (every one when empty); an unknown name is an error."""
+    known = discovery.by_name()
+    if not names:
+        return list(known.values())
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        message = f"unknown adapter {', '.join(map(repr, unknown))} (--adapter); known adapters: " + (
+            ", ".join(known) or "none"
+        )
+        if discovery.failures:
+            message += "; these dropins failed to import: " + "; ".join(map(str, discovery.failures))
+        raise ConfigurationError(message)
+    return [known[name] for name in dict.fromkeys(names)]
+
+
+def moved_routes(adapter: str, routes: Sequence[Route], mounts: Sequence[Mount]) -> tuple[Route, ...]:
+    """``routes`` of ``adapter`` with the paths its ``mounts`` give them."""
+    moved = list(routes)
+    for mount in mounts:
+        if mount.adapter != adapter:
+            continue
+        names = [route.name for route in moved]
+        if mount.route is None and moved:
+            index = 0
+        elif mount.route in names:
+            index = names.index(mount.route)
+        else:
+            raise ConfigurationError(f"--mount {mount}: {adapter} has no route {mount.route!r}; "
+                                     f"its routes: {', '.join(names) or 'none'}")
+        moved[index] = evolve(moved[index], path=mount.path)
+    return tuple(moved)
+
+
+def check_mount_names(mounts: Sequence[Mount], adapters: Sequence[str]) -> None:
+    for mount in mounts:
+        if mount.adapter not in adapters:
+            raise ConfigurationError(
+                f"--mount {mount}: no adapter {mount.adapter!r} is served; served: {', '.join(adapters) or 'none'}"
+            )
+
+
+class Remounted(proxyForInterface(IExternalAdapter, "adapter")):  # type: ignore[misc]
+    """An adapter served at other paths: everything but ``routes`` is the original's."""
+
+    def __init__(self, adapter: IExternalAdapter, routes: tuple[Route, ...]) -> None:
+        super().__init__(adapter)
+        self._routes = routes
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return self._routes
+
+
+def mounted(adapter: IExternalAdapter, mounts: Sequence[Mount]) -> IExternalAdapter:
+    routes = moved_routes(adapter.name, adapter.routes, mounts)
+    return adapter if routes == tuple(adapter.routes) else Remounted(adapter, routes)
+
+
+def describe_adapters(discovery: Discovery, mounts: Sequence[Mount], environ) -> str:
+    """The --list-adapters text: each adapter's routes, description and settings (set or not, never values)."""
+    lines = []
+    for plugin in discovery.adapters:
+        routes = ", ".join(f"{route.path}{'/…' if route.prefix else ''} ({route.name})"
+                           for route in moved_routes(plugin.name, plugin.routes, mounts))
+        lines += [f"{plugin.name}: {plugin.description}", f"  mounted at: {routes}"]
+        for setting in plugin.settings:
+            state = "set" if environ.get(setting.name, "").strip() else "not set"
+            lines.append(f"  {setting.name:30} {state:8} {setting.help}")
+    if not discovery.adapters:
+        lines.append("No adapters found.")
+    for failure in discovery.failures:
+        lines.append(f"Dropin {failure.module} failed to import ({failure.error}); any adapter it provides "
+                     "is not served")
+    return "\n".join(lines) + "\n"

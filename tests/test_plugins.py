@@ -1,0 +1,205 @@
+"""Adapters as plugins: --list-adapters, --adapter, --mount, plugin directories, broken and read-only dropins."""
+
+import os
+import signal
+import textwrap
+
+import pytest
+import pytest_twisted
+from twisted.python import usage
+
+from ambassador.service import Options
+from ambassador.testing import run_twistd, spawn_ambassador, start_ambassador
+from conftest import get, tmdb_env
+
+# A second adapter for a plugin directory: TMDB's discover route again, at /films.
+FILMS_DROPIN = textwrap.dedent('''
+    from attrs import evolve
+    from twisted.plugin import IPlugin
+    from zope.interface import implementer
+
+    from ambassador.adapters.tmdb import MOVIES, TMDBPlugin
+    from ambassador.interfaces import IAdapterPlugin
+
+    FILMS = evolve(MOVIES, path="/films")
+
+
+    @implementer(IPlugin, IAdapterPlugin)
+    class FilmsPlugin:
+        name = "films"
+        description = "TMDB discover again, at /films"
+        settings = ()
+        routes = (FILMS,)
+
+        def configure(self, environ, reactor):
+            return evolve(TMDBPlugin().configure(environ, reactor), name="films", routes=(FILMS,))
+
+
+    films = FilmsPlugin()
+''')
+BROKEN_DROPIN = "import not_installed_dependency\n"
+
+
+def plugin_dir(tmp_path, **dropins: str):
+    directory = tmp_path / "plugins"
+    directory.mkdir()
+    for name, source in dropins.items():
+        (directory / f"{name}.py").write_text(source)
+    return directory
+
+
+async def serve_and_stop(args, env, cwd, paths):
+    """Start twistd with ``args``, GET each of ``paths``; returns the statuses and everything it printed."""
+    process = spawn_ambassador("--port", "0", "--admin-port", "none", *args, env=env, cwd=cwd)
+    try:
+        port = await process.listening
+        statuses = [(await get(f"http://127.0.0.1:{port}{path}"))[0].code for path in paths]
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+    assert await process.ended == (0, None)
+    return statuses, process.output.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_adapters_shows_routes_and_which_settings_are_set_never_values(tmp_path):
+    env = {"TMDB_API_KEY": "test-api-key", "TMDB_BASE_URL": "http://tmdb.internal:8000"}
+    output, code = await run_twistd("ambassador", "--list-adapters", "--mount", "tmdb.movies=/films",
+                                    env=env, cwd=tmp_path)
+    assert code == 0
+    assert "tmdb: The Movie Database" in output
+    assert "mounted at: /tmdb/… (tmdb-v3), /films (movies)" in output
+    settings = {line.split()[0]: line.split()[1] for line in output.splitlines() if line.startswith("  TMDB_")}
+    assert settings == {"TMDB_READ_ACCESS_TOKEN": "not", "TMDB_READ_ACCESS_TOKEN_FILE": "not",
+                        "TMDB_API_KEY": "set", "TMDB_API_KEY_FILE": "not", "TMDB_BASE_URL": "set"}
+    assert "test-api-key" not in output and "tmdb.internal" not in output
+    assert "listening" not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_adapter_is_a_startup_error_listing_the_known_ones(tmp_path):
+    output, code = await run_twistd("-n", "ambassador", "--adapter", "nope", env={}, cwd=tmp_path)
+    assert code == 1
+    assert "unknown adapter 'nope' (--adapter); known adapters: " in output and "tmdb" in output
+    assert "Traceback" not in output
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(["--adapter", "tmdb", *args])
+    return options
+
+
+@pytest_twisted.ensureDeferred
+async def test_mount_moves_the_main_route_or_a_named_one(fake_tmdb, monkeypatch):
+    for name, value in tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key").items():
+        monkeypatch.setenv(name, value)
+    options = parse("--mount", "tmdb=/themoviedb", "--mount", "tmdb.movies=/v1/films/")
+    ambassador = start_ambassador(options["adapters"])
+    try:
+        statuses = [(await get(ambassador.url + path))[0].code
+                    for path in ["/themoviedb/3/movie/550", "/v1/films", "/tmdb/3/movie/550", "/movies"]]
+    finally:
+        await ambassador.service.stopService()
+    assert statuses == [200, 200, 404, 404]
+    assert [r.path for r in fake_tmdb.requests] == ["/3/movie/550", "/3/discover/movie"]
+
+
+@pytest.mark.parametrize(
+    "mount, message",
+    [
+        ("tmdb=/movies", "tmdb (movies) and tmdb (tmdb-v3) are both mounted at /movies"),
+        ("tmdb.movies=/tmdb/3/films", "tmdb (movies) at /tmdb/3/films and tmdb (tmdb-v3) at /tmdb overlap"),
+        ("tmdb.nope=/x", "tmdb has no route 'nope'; its routes: tmdb-v3, movies"),
+        ("omdb=/x", "no adapter 'omdb' is served; served: tmdb"),
+        ("tmdb=/x/../y", "expected NAME=/path or NAME.ROUTE=/path"),
+        ("tmdb=x", "expected NAME=/path or NAME.ROUTE=/path"),
+        ("tmdb=/", "expected NAME=/path or NAME.ROUTE=/path"),
+        ("tmdb=/a%2fb", "expected NAME=/path or NAME.ROUTE=/path"),
+    ],
+)
+def test_bad_mounts_are_usage_errors(mount, message):
+    with pytest.raises(usage.UsageError) as error:
+        parse("--mount", mount)
+    assert message in str(error.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_plugin_dir_adds_an_adapter_and_two_on_one_path_is_a_startup_error(fake_tmdb, tmp_path):
+    directory = plugin_dir(tmp_path, films=FILMS_DROPIN)
+    env = tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key")
+    statuses, _ = await serve_and_stop(["--plugin-dir", str(directory)], env, tmp_path, ["/films", "/movies"])
+    assert statuses == [200, 200]
+    output, code = await run_twistd("ambassador", "--plugin-dir", str(directory), "--help", env=env, cwd=tmp_path)
+    assert code == 0 and "films: TMDB discover again, at /films" in output
+
+    output, code = await run_twistd("-n", "ambassador", "--plugin-dir", str(directory), "--mount", "films=/movies",
+                                    env=env, cwd=tmp_path)
+    assert code == 1
+    assert "tmdb (movies) and films (movies) are both mounted at /movies" in output
+    assert "Traceback" not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_broken_dropin_is_reported_once_and_the_others_serve(fake_tmdb, tmp_path):
+    directory = plugin_dir(tmp_path, films=FILMS_DROPIN, weather=BROKEN_DROPIN)
+    env = tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key", AMBASSADOR_PLUGIN_DIRS=f"{directory}{os.pathsep}")
+    statuses, output = await serve_and_stop([], env, tmp_path, ["/films", "/movies"])
+    assert statuses == [200, 200]
+    reports = [line for line in output.splitlines() if "twisted.plugins.weather" in line]
+    assert len(reports) == 1, output
+    assert "failed to import (ModuleNotFoundError: No module named 'not_installed_dependency')" in reports[0]
+    assert "Traceback" not in output and "Unhandled Error" not in output
+
+    output, code = await run_twistd("-n", "ambassador", "--adapter", "weather", env=env, cwd=tmp_path)
+    assert code == 1
+    assert "unknown adapter 'weather' (--adapter)" in output
+    assert ("these dropins failed to import: twisted.plugins.weather (ModuleNotFoundError: "
+            "No module named 'not_installed_dependency')") in output
+    assert "Traceback" not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_unwritable_dropin_cache_is_silent(fake_tmdb, tmp_path):
+    """As on a read-only filesystem or a ConfigMap volume. Root may write anywhere, so the cache's
+    place is taken by a directory, which no one can replace with a file."""
+    directory = plugin_dir(tmp_path, films=FILMS_DROPIN)
+    (directory / "dropin.cache").mkdir()
+    directory.chmod(0o555)
+    try:
+        for attempt in range(2):
+            statuses, output = await serve_and_stop(["--plugin-dir", str(directory)],
+                                                    tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), tmp_path,
+                                                    ["/films"])
+            assert statuses == [200]
+            for noise in ("dropin.cache", "unable to write", "error", "traceback"):
+                assert noise not in output.lower(), output
+        assert (directory / "dropin.cache").is_dir()
+    finally:
+        directory.chmod(0o755)
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_plugin_dir_is_a_startup_error(tmp_path):
+    output, code = await run_twistd("-n", "ambassador", "--plugin-dir", str(tmp_path / "absent"), env={}, cwd=tmp_path)
+    assert code == 1
+    assert f"plugin directory {tmp_path / 'absent'} does not exist or is not a directory" in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_cached_adapter_whose_dropin_no_longer_imports_is_reported(tmp_path):
+    """dropin.cache still lists the adapter (the file looks older than the cache), but importing
+    it fails now, as when a dependency was uninstalled."""
+    directory = plugin_dir(tmp_path, films=FILMS_DROPIN)
+    output, code = await run_twistd("ambassador", "--plugin-dir", str(directory), "--list-adapters", env={},
+                                    cwd=tmp_path)
+    assert code == 0 and "films: TMDB discover again" in output and (directory / "dropin.cache").is_file()
+    films = directory / "films.py"
+    films.write_text(BROKEN_DROPIN)
+    os.utime(films, (0, 0))
+    output, code = await run_twistd("ambassador", "--plugin-dir", str(directory), "--list-adapters", env={},
+                                    cwd=tmp_path)
+    assert code == 0
+    assert "films:" not in output
+    assert ("Dropin twisted.plugins.films failed to import (ModuleNotFoundError: No module named "
+            "'not_installed_dependency')") in output
+    assert "Traceback" not in output
