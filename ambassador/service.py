@@ -13,14 +13,17 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from .admin import admin_site
+from .credentials import FileSecret
 from .discovery import discover_adapters
 from .health import Prober, Readiness
 from .interfaces import ConfigurationError
+from .limits import InboundLimits
 from .metrics import Metrics
 from .upstream import Gateway, UpstreamClient
 from .web import AmbassadorSite, build_root
 
 log = Logger(namespace="ambassador")
+DEFAULT_LIMITS = InboundLimits()
 
 
 def endpoint_description(port: str, *, bare_interface: str) -> str:
@@ -48,6 +51,16 @@ class Options(usage.Options):
          "Seconds between readiness probes of each adapter's upstream (adapters that name a cheap probe "
          "path, e.g. TMDB's /3/configuration); 0 turns probing off.", float],
         ["log-format", None, "text", "text (for people) or json (one JSON object per line, for log collectors)."],
+        ["max-connections", None, DEFAULT_LIMITS.max_connections,
+         "Inbound connections served at once; beyond this a new connection gets 503 and is closed.", int],
+        ["idle-timeout", None, DEFAULT_LIMITS.idle_timeout,
+         "Seconds an inbound connection may stay silent before it is closed.", float],
+        ["read-timeout", None, DEFAULT_LIMITS.read_timeout,
+         "Seconds a caller has from a request's first byte to its last before it gets 408 "
+         "(drops slowloris-style clients).", float],
+        ["require-token-file", None, None,
+         "Only serve callers that send 'Authorization: Bearer <token>' with the token in this file "
+         "(re-read when it changes). For deployments that must expose the proxy port beyond loopback."],
     ]
 
     def __init__(self) -> None:
@@ -70,9 +83,19 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
-        for name in ("timeout", "connect-timeout"):
+        for name in ("timeout", "connect-timeout", "idle-timeout", "read-timeout"):
             if not self[name] > 0:
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
+        if self["max-connections"] < 1:
+            raise usage.UsageError("--max-connections must be at least 1")
+        self["limits"] = InboundLimits(max_connections=self["max-connections"], idle_timeout=self["idle-timeout"],
+                                       read_timeout=self["read-timeout"])
+        self["token"] = None
+        if self["require-token-file"] is not None:
+            self["token"] = FileSecret(self["require-token-file"])
+            if self["token"].current() is None:
+                raise usage.UsageError(f"--require-token-file: {self['require-token-file']} "
+                                       f"{self['token'].problem}; it must hold the token callers send")
         if self["probe-interval"] < 0:
             raise usage.UsageError("--probe-interval must be 0 (off) or a positive number of seconds")
         if self["log-format"] not in ("text", "json"):
@@ -185,6 +208,8 @@ def assemble(
     connect_timeout: float = 3.0,
     probe_interval: float = 0.0,
     forward_request_id=frozenset(),
+    limits: InboundLimits = InboundLimits(),
+    token: FileSecret | None = None,
     clock=None,
 ) -> Ambassador:
     """Wire adapters, pipeline, proxy and admin listeners together. ``clock`` drives every timer."""
@@ -200,7 +225,7 @@ def assemble(
     Upkeep(clock, adapters, client, prober).setServiceParent(service)
     routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in adapters for route in adapter.routes)
     log.info("Routes: {routes}", routes=routes or "none")
-    site = AmbassadorSite(build_root(adapters, gateway, metrics), clock, metrics)
+    site = AmbassadorSite(build_root(adapters, gateway, metrics), clock, metrics, limits=limits, token=token)
     proxy = Listener(reactor, endpoint, site, "proxy", warn_if_exposed=True)
     proxy.setServiceParent(service)
     admin = None
@@ -222,4 +247,6 @@ def makeService(options: Options) -> MultiService:
         connect_timeout=options["connect-timeout"],
         probe_interval=options["probe-interval"],
         forward_request_id=options["forward-request-id"],
+        limits=options["limits"],
+        token=options["token"],
     ).service

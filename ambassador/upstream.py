@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
+import treq
 from attrs import evolve
 from OpenSSL.SSL import Error as TLSError
 from treq.client import HTTPClient
@@ -26,6 +27,8 @@ from .metrics import Metrics
 from .problems import Problem
 
 USER_AGENT = f"ambassador/{__version__}"
+#: The most an upstream answer may hold unless the adapter sets ``max_response_bytes``.
+DEFAULT_MAX_RESPONSE_BYTES = 10 * 1024 * 1024
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -55,7 +58,8 @@ class UpstreamClient:
         self._pool._factory = _QuietClientFactory
         self._http = HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=self._pool))
 
-    async def fetch(self, base_url: str, request: UpstreamRequest) -> UpstreamResponse:
+    async def fetch(self, base_url: str, request: UpstreamRequest, *,
+                    max_body: int = DEFAULT_MAX_RESPONSE_BYTES) -> UpstreamResponse:
         url = base_url + request.path
         if request.query:
             url += "?" + urlencode(request.query)
@@ -64,7 +68,7 @@ class UpstreamClient:
             headers.setRawHeaders(name, [value])
         # Never follow redirects: a Location may point elsewhere and we would send the credential.
         response = await self._http.request(request.method, url, headers=headers, allow_redirects=False)
-        body = await response.content()
+        body = await _read_body(response, max_body)
         return UpstreamResponse(
             status=response.code,
             headers={
@@ -76,6 +80,24 @@ class UpstreamClient:
 
     def close(self) -> defer.Deferred:
         return self._pool.closeCachedConnections()
+
+
+class ResponseTooLarge(Exception):
+    """The upstream answer was longer than its adapter's limit; the rest was not read."""
+
+
+async def _read_body(response, limit: int) -> bytes:
+    chunks, size = [], 0
+
+    def keep(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise ResponseTooLarge(limit)  # treq then drops the connection
+        chunks.append(data)
+
+    await treq.collect(response, keep)
+    return b"".join(chunks)
 
 
 class Gateway:
@@ -130,7 +152,8 @@ class Gateway:
     def _attempt(self, adapter: IExternalAdapter, request: UpstreamRequest, trace: Trace) -> defer.Deferred:
         trace.attempts += 1
         started = self._clock.seconds()
-        call = defer.ensureDeferred(self._client.fetch(adapter.base_url, request))
+        limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
+        call = defer.ensureDeferred(self._client.fetch(adapter.base_url, request, max_body=limit))
         call.addTimeout(self.timeout, self._clock, onTimeoutCancel=_deadline_passed)
         call.addBoth(self._attempted, adapter, started, trace)
         call.addErrback(self._explain_failure, adapter)
@@ -144,6 +167,8 @@ class Gateway:
             outcome = "timeout"
         elif result.check(defer.CancelledError):
             outcome = "cancelled"
+        elif result.check(ResponseTooLarge):
+            outcome = "too-large"
         else:
             outcome = "unreachable"
         self._metrics.upstream_attempts.labels(adapter.name, outcome).inc()
@@ -174,6 +199,10 @@ class Gateway:
             )
         if failure.check(defer.CancelledError):
             return failure
+        if failure.check(ResponseTooLarge):
+            raise Problem(502, "upstream-too-large", "Upstream answer too large",
+                          f"{where} answered more than {failure.value.args[0]} bytes, "
+                          "the most the ambassador reads from it.")
         if _caused_by(failure.value, TLSError):
             reason = "the TLS handshake failed (certificate not trusted or wrong host)"
         elif failure.check(error.ConnectError, error.TimeoutError):
