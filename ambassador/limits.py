@@ -82,11 +82,15 @@ def problem_response(problem: Problem) -> bytes:
 
 
 class BoundedRequest(Request):
-    """A Request whose body is kept in memory and refused beyond ``max_body``."""
+    """A Request whose body is kept in memory and refused beyond ``max_body``; no target is special."""
 
     def gotLength(self, length) -> None:
         # Never a temporary file: the body is bounded, and the root filesystem may be read-only.
         self.content = BytesIO()
+
+    def _handleStar(self) -> None:
+        # Twisted answers a request for "*" (OPTIONS *) itself; the Site refuses it like any other target.
+        self.render(self.site.getResourceFor(self))
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.content.tell() + len(data) > self.channel.limits.max_body:

@@ -249,7 +249,7 @@ class AmbassadorSite(Site):
 
     def __init__(self, resource, clock, metrics: Metrics, *, limits: InboundLimits = InboundLimits(),
                  token: FileSecret | None = None) -> None:
-        super().__init__(resource, timeout=limits.idle_timeout, reactor=clock)
+        super().__init__(resource, timeout=limits.idle_timeout, reactor=clock, parsePOSTFormSubmission=False)
         self._clock = clock
         self._unmatched = metrics.route("", "unmatched")
         self.limits = limits
@@ -282,6 +282,7 @@ class AmbassadorSite(Site):
         request.ambassador_started = self._clock.seconds()
         request.ambassador_id = _request_id(request)
         request.setHeader(b"x-request-id", request.ambassador_id)
+        request.responseHeaders.removeHeader(b"server")  # no need to tell callers which Twisted this is
         problem = self._unauthorized(request) or _path_problem(request)
         if problem is not None:
             return ProblemResource(lambda: problem)
