@@ -18,6 +18,6 @@ setup(
         "prometheus_client>=0.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"],
     },
 )
