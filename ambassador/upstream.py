@@ -6,12 +6,14 @@ the call itself, and the mapping of network failures to problem answers.
 
 from __future__ import annotations
 
+from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urlencode
 
 import treq
 from attrs import evolve
 from OpenSSL.SSL import Error as TLSError
 from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -56,7 +58,10 @@ class UpstreamClient:
         self._pool.maxPersistentPerHost = max_idle_per_host
         self._pool.cachedConnectionTimeout = idle_timeout
         self._pool._factory = _QuietClientFactory
-        self._http = HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=self._pool))
+        # A cookie jar that keeps nothing: an upstream's cookies must not follow one caller's request into
+        # every later one (treq would otherwise store them and send them back).
+        nothing = IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
+        self._http = HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=self._pool), cookiejar=nothing)
 
     async def fetch(self, base_url: str, request: UpstreamRequest, *,
                     max_body: int = DEFAULT_MAX_RESPONSE_BYTES) -> UpstreamResponse:

@@ -170,6 +170,15 @@ async def test_no_caller_header_is_sent_upstream(fake_tmdb, start_ambassador):
 
 
 @pytest_twisted.ensureDeferred
+async def test_upstream_cookies_are_never_sent_back_with_a_later_request(fake_tmdb, start_ambassador):
+    url = (await start_ambassador(tmdb_env(fake_tmdb, **KEY))).url
+    for _ in range(2):
+        response, _ = await get(url + "/tmdb/3/movie/550")  # the fake answers Set-Cookie: tmdb.session=abc
+        assert response.code == 200
+    assert [set(seen.headers) <= UPSTREAM_HEADERS for seen in fake_tmdb.requests] == [True, True]
+
+
+@pytest_twisted.ensureDeferred
 async def test_even_a_careless_adapter_never_sees_credential_forwarding_or_hop_headers(fake_tmdb, start_ambassador):
     url = (await start_ambassador(tmdb_env(fake_tmdb, **KEY), plugin=CarelessPlugin())).url
     status, _, _ = await raw_exchange(url, b"GET /tmdb/3/movie/550 HTTP/1.1\r\n" + CALLER_HEADERS + b"\r\n")
