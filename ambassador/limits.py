@@ -123,7 +123,9 @@ class LimitedChannel(HTTPChannel):
         super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._deadline is None and not self._handlingRequest and not self._refused:
+        if self._refused:
+            return  # lingering after a refusal: read and drop
+        if self._deadline is None and not self._handlingRequest:
             self._deadline = self.callLater(self.limits.read_timeout, self.refuse, too_slow(self.limits))
         super().dataReceived(data)
 
@@ -152,14 +154,21 @@ class LimitedChannel(HTTPChannel):
                     else bad_request())
 
     def refuse(self, problem: Problem) -> None:
-        """Answer ``problem`` and close, ignoring whatever else the caller sends."""
+        """Answer ``problem`` and close, dropping whatever else the caller sends.
+
+        Closing at once while the caller is still sending would make the kernel
+        reset the connection, and the caller could lose the answer before
+        reading it. So only our side is closed; what still arrives is read and
+        dropped until the caller closes, or for at most ``read_timeout``.
+        """
         if self._refused:
             return
         self._refused = True
         self._stop_deadline()
         self.site.refused(problem)
         self.transport.write(problem_response(problem))
-        self.loseConnection()
+        self.transport.loseWriteConnection()
+        self._deadline = self.callLater(self.limits.read_timeout, self.transport.abortConnection)
 
     def _stop_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():

@@ -93,11 +93,18 @@ async def test_connections_beyond_the_limit_get_503_and_serving_goes_on(fake_tmd
     assert [e["status"] for e in refusals(log_events)] == [503]
 
 
+class HalfClosableTransport(StringTransport):
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
 def proxy_channel(clock, **limits):
     """A proxy channel (the real Site and parser, no routes) on a StringTransport, timed by ``clock``."""
     site = AmbassadorSite(build_root([], None, Metrics()), clock, Metrics(), limits=InboundLimits(**limits))
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
-    transport = StringTransport()
+    transport = HalfClosableTransport()
     channel.makeConnection(transport)
     return channel, transport
 
@@ -111,11 +118,15 @@ def test_a_request_trickled_byte_by_byte_gets_408_after_the_read_timeout():
         clock.advance(0.3)
     assert clock.seconds() < 10 and transport.value() == b""
     clock.advance(9.99 - clock.seconds())
-    assert not transport.disconnecting
+    assert not transport.write_closed
     clock.advance(0.01)
     status, _, body = parse_response(transport.value())
     assert status == 408 and json.loads(body)["type"] == "urn:ambassador:problem:request-timeout"
-    assert transport.disconnecting
+    assert transport.write_closed and not transport.disconnecting
+    channel.dataReceived(b"more " * 1000)  # read and dropped while lingering
+    assert parse_response(transport.value())[0] == 408 and len(transport.value()) < 500
+    clock.advance(10)
+    assert transport.disconnected  # a caller that never closes is cut off
 
 
 def test_a_silent_connection_is_closed_after_the_idle_timeout():
@@ -137,4 +148,4 @@ def test_the_read_timeout_stops_when_the_request_is_complete_and_restarts_with_t
     assert not transport.disconnecting
     channel.dataReceived(b"GET /nowhere HTTP/1.1\r\n")
     clock.advance(10)
-    assert parse_response(transport.value())[0] == 408
+    assert parse_response(transport.value())[0] == 408 and transport.write_closed
