@@ -15,10 +15,13 @@ from io import BytesIO
 
 from attrs import frozen
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.web.http import RESPONSES, HTTPChannel
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 
 from .problems import PROBLEM_CONTENT_TYPE, Problem
+
+access_log = Logger(namespace="ambassador.access")
 
 
 @frozen
@@ -100,11 +103,8 @@ class BoundedRequest(Request):
 
 
 class LimitedChannel(HTTPChannel):
-    """HTTPChannel with ``limits``, problem+json refusals, a read deadline and a connection count.
-
-    The Site sets ``limits`` and ``site``; ``site.refused(problem)`` records
-    each refusal and ``site.connections`` counts open connections.
-    """
+    """HTTPChannel with ``limits``, problem+json refusals, a read deadline and a connection count,
+    for a LimitedSite."""
 
     limits = InboundLimits()
     _deadline = None
@@ -164,6 +164,7 @@ class LimitedChannel(HTTPChannel):
         if self._refused:
             return
         self._refused = True
+        self.clearLineBuffer()  # parse nothing more of what already arrived
         self._stop_deadline()
         self.site.refused(problem)
         self.transport.write(problem_response(problem))
@@ -187,3 +188,31 @@ class Overloaded(Protocol):
         self._site.refused(problem)
         self.transport.write(problem_response(problem))
         self.transport.loseConnection()
+
+
+class LimitedSite(Site):
+    """A Site whose connections keep to ``limits``; ``reactor`` times them."""
+
+    protocol = LimitedChannel
+    requestFactory = BoundedRequest
+    displayTracebacks = False
+
+    def __init__(self, resource, *, limits: InboundLimits = InboundLimits(), reactor=None) -> None:
+        super().__init__(resource, timeout=limits.idle_timeout, reactor=reactor, parsePOSTFormSubmission=False)
+        self.limits = limits
+        self.connections = 0
+
+    def buildProtocol(self, addr):
+        if self.connections >= self.limits.max_connections:
+            return Overloaded(self)
+        channel = super().buildProtocol(addr)
+        channel.limits = self.limits
+        return channel
+
+    def refused(self, problem: Problem) -> None:
+        """Called for each problem answered before a request was read whole."""
+        access_log.info("Refused {status} {problem}", status=problem.status, problem=problem.kind)
+
+    def getResourceFor(self, request):
+        request.responseHeaders.removeHeader(b"server")  # callers need not know which Twisted this is
+        return super().getResourceFor(request)

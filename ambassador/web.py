@@ -15,13 +15,13 @@ from urllib.parse import parse_qsl
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
 from .answers import hop_by_hop
 from .credentials import FileSecret
 from .exchange import Answer, InboundRequest, Route, Trace
 from .interfaces import ConfigurationError, IExternalAdapter
-from .limits import BoundedRequest, InboundLimits, LimitedChannel, Overloaded
+from .limits import InboundLimits, LimitedSite
 from .metrics import Metrics, RouteMetrics
 from .problems import PROBLEM_CONTENT_TYPE, Problem, not_found
 from .upstream import Gateway
@@ -239,21 +239,15 @@ def _path_problem(request) -> Problem | None:
     return None
 
 
-class AmbassadorSite(Site):
+class AmbassadorSite(LimitedSite):
     """The proxy Site: inbound limits, an optional caller token, and for every request an id
     and one structured, redacted access-log event."""
 
-    displayTracebacks = False
-    protocol = LimitedChannel
-    requestFactory = BoundedRequest
-
     def __init__(self, resource, clock, metrics: Metrics, *, limits: InboundLimits = InboundLimits(),
                  token: FileSecret | None = None) -> None:
-        super().__init__(resource, timeout=limits.idle_timeout, reactor=clock, parsePOSTFormSubmission=False)
+        super().__init__(resource, limits=limits, reactor=clock)
         self._clock = clock
         self._unmatched = metrics.route("", "unmatched")
-        self.limits = limits
-        self.connections = 0
         self._token = token
 
     def startFactory(self) -> None:
@@ -266,27 +260,17 @@ class AmbassadorSite(Site):
             self._token.stop()
         super().stopFactory()
 
-    def buildProtocol(self, addr):
-        if self.connections >= self.limits.max_connections:
-            return Overloaded(self)
-        channel = super().buildProtocol(addr)
-        channel.limits = self.limits
-        return channel
-
     def refused(self, problem: Problem) -> None:
-        """Count and log a problem answered before any request was read (see ambassador.limits)."""
         self._unmatched.answered(problem.status, 0.0)
-        access_log.info("Refused {status} {problem}", status=problem.status, problem=problem.kind)
+        super().refused(problem)
 
     def getResourceFor(self, request):
         request.ambassador_started = self._clock.seconds()
         request.ambassador_id = _request_id(request)
         request.setHeader(b"x-request-id", request.ambassador_id)
-        request.responseHeaders.removeHeader(b"server")  # no need to tell callers which Twisted this is
+        resource = super().getResourceFor(request)  # only looks children up
         problem = self._unauthorized(request) or _path_problem(request)
-        if problem is not None:
-            return ProblemResource(lambda: problem)
-        return super().getResourceFor(request)
+        return resource if problem is None else ProblemResource(lambda: problem)
 
     def _unauthorized(self, request) -> Problem | None:
         if self._token is None:

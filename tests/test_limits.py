@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 from ambassador.limits import InboundLimits
 from ambassador.metrics import Metrics
 from ambassador.web import AmbassadorSite, build_root
-from conftest import connect_raw, get, parse_response, raw_exchange, tmdb_env
+from conftest import connect_raw, parse_response, raw_exchange, tmdb_env
 from test_no_ssrf import assert_problem, still_serves
 
 KEY = {"TMDB_API_KEY": "test-api-key"}
@@ -62,6 +62,15 @@ async def test_oversized_or_malformed_requests_get_a_problem_and_nothing_goes_up
     assert fake_tmdb.requests == []
     assert [(e["status"], e["problem"]) for e in refusals(log_events)] == [(status, kind)]
     await still_serves(url, fake_tmdb)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_admin_listener_keeps_to_the_same_limits(fake_tmdb, start_ambassador):
+    admin_url = (await start_ambassador(tmdb_env(fake_tmdb, **KEY))).admin_url
+    many = b"GET /healthz HTTP/1.1\r\n" + b"X-Many: 1\r\n" * (LIMITS.max_headers + 1) + b"\r\n"
+    assert_problem(*await raw_exchange(admin_url, many), 431, "headers-too-large")
+    status, headers, body = await raw_exchange(admin_url, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert (status, body) == (200, b"ok\n") and "server" not in headers
 
 
 @pytest_twisted.ensureDeferred
