@@ -145,7 +145,8 @@ class Listener(Service):
         if self._warn_if_exposed and host is not None and not ipaddress.ip_address(host.split("%")[0]).is_loopback:
             log.warn(
                 "Listening on {address}, which is not loopback: anyone who reaches this address can use "
-                "the ambassador's credentials. Bind 127.0.0.1 unless the pod's network is trusted.",
+                "the ambassador's credentials. Bind 127.0.0.1 unless the pod's network is trusted, "
+                "or make callers present a token (--require-token-file).",
                 address=where,
             )
 
