@@ -11,12 +11,13 @@ gives a caller ``read_timeout`` seconds to send a whole request.
 from __future__ import annotations
 
 import uuid
+from http import HTTPStatus
 from io import BytesIO
 
 from attrs import frozen
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from .problems import PROBLEM_CONTENT_TYPE, Problem
@@ -74,7 +75,7 @@ def problem_response(problem: Problem) -> bytes:
     request_id = uuid.uuid4().hex
     body = problem.body(request_id=request_id)
     lines = [
-        b"HTTP/1.1 %d %s" % (problem.status, RESPONSES.get(problem.status, b"Error")),
+        f"HTTP/1.1 {problem.status} {HTTPStatus(problem.status).phrase}".encode(),
         b"Content-Type: " + PROBLEM_CONTENT_TYPE.encode(),
         b"Content-Length: %d" % len(body),
         b"X-Request-ID: " + request_id.encode(),

@@ -37,7 +37,8 @@ _PLAIN_SEGMENT = re.compile(rb"[A-Za-z0-9_.,:~-]+\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Caller headers no adapter ever sees, so none can be forwarded upstream by mistake:
 # the caller's credentials and cookies, the ambassador's own token, and what
-# describes the hop between caller and ambassador.
+# describes the hop between caller and ambassador (with Proxy-*, X-Forwarded-*
+# and the hop-by-hop headers).
 _CALLER_ONLY_HEADERS = frozenset({"authorization", "cookie", "host", "forwarded", "x-real-ip", "content-length"})
 # A caller's X-Request-ID is reused only if it cannot upset a log line or a header.
 _ACCEPTABLE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}\Z")
@@ -135,10 +136,9 @@ class RouteResource(Resource):
             name.decode("latin-1").lower(): values[0].decode("latin-1")
             for name, values in request.requestHeaders.getAllRawHeaders()
         }
-        for name in _CALLER_ONLY_HEADERS | hop_by_hop(headers):
-            headers.pop(name, None)
-        for name in [name for name in headers if name.startswith(("proxy-", "x-forwarded-"))]:
-            del headers[name]
+        hidden = _CALLER_ONLY_HEADERS | hop_by_hop(headers)
+        headers = {name: value for name, value in headers.items()
+                   if name not in hidden and not name.startswith(("proxy-", "x-forwarded-"))}
         return InboundRequest(
             method=method,
             route=self.route,
