@@ -70,9 +70,8 @@ def too_many_connections(limits: InboundLimits) -> Problem:
                    "close idle ones or retry shortly.", headers=[("Retry-After", "1")])
 
 
-def problem_response(problem: Problem) -> bytes:
+def problem_response(problem: Problem, request_id: str) -> bytes:
     """A whole HTTP/1.1 response for ``problem``, written before (or instead of) any Request."""
-    request_id = uuid.uuid4().hex
     body = problem.body(request_id=request_id)
     lines = [
         f"HTTP/1.1 {problem.status} {HTTPStatus(problem.status).phrase}".encode(),
@@ -167,8 +166,9 @@ class LimitedChannel(HTTPChannel):
         self._refused = True
         self.clearLineBuffer()  # parse nothing more of what already arrived
         self._stop_deadline()
-        self.site.refused(problem)
-        self.transport.write(problem_response(problem))
+        request_id = uuid.uuid4().hex
+        self.site.refused(problem, request_id)
+        self.transport.write(problem_response(problem, request_id))
         self.transport.loseWriteConnection()
         self._deadline = self.callLater(self.limits.read_timeout, self.transport.abortConnection)
 
@@ -185,9 +185,9 @@ class Overloaded(Protocol):
         self._site = site
 
     def connectionMade(self) -> None:
-        problem = too_many_connections(self._site.limits)
-        self._site.refused(problem)
-        self.transport.write(problem_response(problem))
+        problem, request_id = too_many_connections(self._site.limits), uuid.uuid4().hex
+        self._site.refused(problem, request_id)
+        self.transport.write(problem_response(problem, request_id))
         self.transport.loseConnection()
 
 
@@ -210,9 +210,10 @@ class LimitedSite(Site):
         channel.limits = self.limits
         return channel
 
-    def refused(self, problem: Problem) -> None:
+    def refused(self, problem: Problem, request_id: str) -> None:
         """Called for each problem answered before a request was read whole."""
-        access_log.info("Refused {status} {problem}", status=problem.status, problem=problem.kind)
+        access_log.info("Refused {status} {problem} id={request_id}", status=problem.status, problem=problem.kind,
+                        request_id=request_id)
 
     def getResourceFor(self, request):
         request.responseHeaders.removeHeader(b"server")  # callers need not know which Twisted this is

@@ -262,9 +262,9 @@ class AmbassadorSite(LimitedSite):
             self._token.stop()
         super().stopFactory()
 
-    def refused(self, problem: Problem) -> None:
+    def refused(self, problem: Problem, request_id: str) -> None:
         self._unmatched.answered(problem.status, 0.0)
-        super().refused(problem)
+        super().refused(problem, request_id)
 
     def drain(self, grace_period: float) -> defer.Deferred:
         """Fires when no request is in flight, or after ``grace_period`` seconds, whichever is first."""

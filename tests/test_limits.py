@@ -60,7 +60,9 @@ async def test_oversized_or_malformed_requests_get_a_problem_and_nothing_goes_up
     assert_problem(status_seen, headers, body, status, kind)
     assert headers["connection"] == "close"
     assert fake_tmdb.requests == []
-    assert [(e["status"], e["problem"]) for e in refusals(log_events)] == [(status, kind)]
+    assert [(e["status"], e["problem"], e["request_id"]) for e in refusals(log_events)] == [
+        (status, kind, headers["x-request-id"])]
+    assert json.loads(body)["request_id"] == headers["x-request-id"]
     await still_serves(url, fake_tmdb)
 
 
