@@ -112,7 +112,10 @@ async def raw_exchange(url: str, data: bytes) -> tuple[int, dict[str, str], byte
 
 
 def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """The first final response in ``raw`` (after any 100 Continue)."""
     head, _, rest = raw.partition(b"\r\n\r\n")
+    if head.startswith(b"HTTP/1.1 100 "):
+        return parse_response(rest)
     status_line, *lines = head.decode("latin-1").split("\r\n")
     headers = {}
     for line in lines:
