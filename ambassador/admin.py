@@ -10,9 +10,10 @@ import json
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
 from .health import Readiness
+from .limits import LimitedSite
 from .metrics import Metrics
 from .problems import Problem
 from .web import MountNode, write_problem
@@ -59,8 +60,10 @@ class MetricsResource(_Leaf):
         return self._metrics.exposition()
 
 
-class AdminSite(Site):
-    # Probes hit these every few seconds: they stay out of the access log.
+class AdminSite(LimitedSite):
+    """Listens beyond loopback, so it keeps to the same inbound limits as the proxy.
+    Probes hit it every few seconds: it stays out of the access log."""
+
     noisy = False
 
     def log(self, request) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Mapping
 
 from .exchange import Answer, UpstreamResponse
 from .problems import Problem
@@ -14,12 +15,30 @@ PASSED_RESPONSE_HEADERS = frozenset(
     {"content-type", "content-language", "cache-control", "etag", "last-modified", "expires", "vary"}
 )
 
+#: Hop-by-hop headers (RFC 9110 section 7.6.1, and the older ones proxies still
+#: meet): they describe one connection and are never passed on, in either direction.
+HOP_BY_HOP_HEADERS = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+)
+
 _JSON_OPENERS = {ord("{"): ord("}"), ord("["): ord("]")}
 
 
+def hop_by_hop(headers: Mapping[str, str]) -> frozenset[str]:
+    """The hop-by-hop header names of a message (lower-case names): the standard ones and those
+    its ``Connection`` header names."""
+    named = headers.get("connection", "").lower().split(",")
+    return HOP_BY_HOP_HEADERS | {name.strip() for name in named if name.strip()}
+
+
 def forward(response: UpstreamResponse, header_names: frozenset[str] = PASSED_RESPONSE_HEADERS) -> Answer:
-    """The upstream status and body, unchanged, with only ``header_names`` (lower-case) passed on."""
-    headers = [(name, value) for name, value in response.headers.items() if name in header_names]
+    """The upstream status and body, unchanged, with only ``header_names`` (lower-case) passed on.
+
+    Hop-by-hop headers are never passed, even when an adapter names them (an
+    adapter opts in to ``set-cookie`` the same way: by naming it).
+    """
+    passed = header_names - hop_by_hop(response.headers)
+    headers = [(name, value) for name, value in response.headers.items() if name in passed]
     return Answer(response.status, headers, response.body)
 
 

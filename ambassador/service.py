@@ -14,9 +14,11 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from .admin import admin_site
+from .credentials import FileSecret
 from .discovery import PLUGIN_DIRS_VARIABLE, add_plugin_dirs, discover_adapters, plugin_dirs_from_environment
 from .health import Prober, Readiness
 from .interfaces import ConfigurationError
+from .limits import InboundLimits
 from .metrics import Metrics
 from .mounting import Mount, check_mount_names, describe_adapters, mounted, select_adapters
 from .resilience import POLICY_HELP, Guard, Policy, resolve_policies
@@ -24,6 +26,7 @@ from .upstream import Gateway, UpstreamClient
 from .web import AmbassadorSite, build_root, mount_table
 
 log = Logger(namespace="ambassador")
+DEFAULT_LIMITS = InboundLimits()
 
 
 def endpoint_description(port: str, *, bare_interface: str) -> str:
@@ -56,6 +59,16 @@ class Options(usage.Options):
          "Seconds between readiness probes of each adapter's upstream (adapters that name a cheap probe "
          "path, e.g. TMDB's /3/configuration); 0 turns probing off.", float],
         ["log-format", None, "text", "text (for people) or json (one JSON object per line, for log collectors)."],
+        ["max-connections", None, DEFAULT_LIMITS.max_connections,
+         "Inbound connections served at once; beyond this a new connection gets 503 and is closed.", int],
+        ["idle-timeout", None, DEFAULT_LIMITS.idle_timeout,
+         "Seconds an inbound connection may stay silent before it is closed.", float],
+        ["read-timeout", None, DEFAULT_LIMITS.read_timeout,
+         "Seconds a caller has from a request's first byte to its last before it gets 408 "
+         "(drops slowloris-style clients).", float],
+        ["require-token-file", None, None,
+         "Only serve callers that send 'Authorization: Bearer <token>' with the token in this file "
+         "(re-read when it changes). For deployments that must expose the proxy port beyond loopback."],
         ["grace-period", None, 25.0,
          "Seconds requests in flight may take to finish after SIGTERM before the process exits "
          "(keep it below the Pod's terminationGracePeriodSeconds).", float],
@@ -111,9 +124,19 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
-        for name in ("connect-timeout", "grace-period"):
+        for name in ("connect-timeout", "grace-period", "idle-timeout", "read-timeout"):
             if not self[name] > 0:
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
+        if self["max-connections"] < 1:
+            raise usage.UsageError("--max-connections must be at least 1")
+        self["limits"] = InboundLimits(max_connections=self["max-connections"], idle_timeout=self["idle-timeout"],
+                                       read_timeout=self["read-timeout"])
+        self["token"] = None
+        if self["require-token-file"] is not None:
+            self["token"] = FileSecret(self["require-token-file"])
+            if self["token"].current() is None:
+                raise usage.UsageError(f"--require-token-file: {self['require-token-file']} "
+                                       f"{self['token'].problem}; it must hold the token callers send")
         if self["probe-interval"] < 0:
             raise usage.UsageError("--probe-interval must be 0 (off) or a positive number of seconds")
         if self["log-format"] not in ("text", "json"):
@@ -178,7 +201,8 @@ class Listener(Service):
         if self._warn_if_exposed and host is not None and not ipaddress.ip_address(host.split("%")[0]).is_loopback:
             log.warn(
                 "Listening on {address}, which is not loopback: anyone who reaches this address can use "
-                "the ambassador's credentials. Bind 127.0.0.1 unless the pod's network is trusted.",
+                "the ambassador's credentials. Bind 127.0.0.1 unless the pod's network is trusted, "
+                "or make callers present a token (--require-token-file).",
                 address=where,
             )
 
@@ -247,6 +271,8 @@ def assemble(
     grace_period: float = 25.0,
     probe_interval: float = 0.0,
     forward_request_id=frozenset(),
+    limits: InboundLimits = InboundLimits(),
+    token: FileSecret | None = None,
     clock=None,
     rng=None,
 ) -> Ambassador:
@@ -266,7 +292,7 @@ def assemble(
     Upkeep(clock, adapters, client, prober).setServiceParent(service)
     routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in adapters for route in adapter.routes)
     log.info("Routes: {routes}", routes=routes or "none")
-    site = AmbassadorSite(build_root(adapters, gateway, metrics), clock, metrics)
+    site = AmbassadorSite(build_root(adapters, gateway, metrics), clock, metrics, limits=limits, token=token)
     proxy = Listener(reactor, endpoint, site, "proxy", warn_if_exposed=True, grace_period=grace_period)
     proxy.setServiceParent(service)
     admin = None
@@ -289,4 +315,6 @@ def makeService(options: Options) -> MultiService:
         grace_period=options["grace-period"],
         probe_interval=options["probe-interval"],
         forward_request_id=options["forward-request-id"],
+        limits=options["limits"],
+        token=options["token"],
     ).service

@@ -7,11 +7,14 @@ the call itself, and the mapping of network failures to problem answers.
 from __future__ import annotations
 
 import random
+from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urlencode
 
+import treq
 from attrs import evolve
 from OpenSSL.SSL import Error as TLSError
 from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -39,6 +42,8 @@ from .resilience import (
 )
 
 USER_AGENT = f"ambassador/{__version__}"
+#: The most an upstream answer may hold unless the adapter sets ``max_response_bytes``.
+DEFAULT_MAX_RESPONSE_BYTES = 10 * 1024 * 1024
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -66,9 +71,13 @@ class UpstreamClient:
         self._pool.maxPersistentPerHost = max_idle_per_host
         self._pool.cachedConnectionTimeout = idle_timeout
         self._pool._factory = _QuietClientFactory
-        self._http = HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=self._pool))
+        # A cookie jar that keeps nothing: an upstream's cookies must not follow one caller's request into
+        # every later one (treq would otherwise store them and send them back).
+        nothing = IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
+        self._http = HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=self._pool), cookiejar=nothing)
 
-    async def fetch(self, base_url: str, request: UpstreamRequest) -> UpstreamResponse:
+    async def fetch(self, base_url: str, request: UpstreamRequest, *,
+                    max_body: int = DEFAULT_MAX_RESPONSE_BYTES) -> UpstreamResponse:
         url = base_url + request.path
         if request.query:
             url += "?" + urlencode(request.query)
@@ -77,7 +86,7 @@ class UpstreamClient:
             headers.setRawHeaders(name, [value])
         # Never follow redirects: a Location may point elsewhere and we would send the credential.
         response = await self._http.request(request.method, url, headers=headers, allow_redirects=False)
-        body = await response.content()
+        body = await _read_body(response, max_body)
         return UpstreamResponse(
             status=response.code,
             headers={
@@ -89,6 +98,24 @@ class UpstreamClient:
 
     def close(self) -> defer.Deferred:
         return self._pool.closeCachedConnections()
+
+
+class ResponseTooLarge(Exception):
+    """The upstream answer was longer than its adapter's limit; the rest was not read."""
+
+
+async def _read_body(response, limit: int) -> bytes:
+    chunks, size = [], 0
+
+    def keep(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise ResponseTooLarge(limit)  # treq then drops the connection
+        chunks.append(data)
+
+    await treq.collect(response, keep)
+    return b"".join(chunks)
 
 
 class Gateway:
@@ -232,7 +259,8 @@ class Gateway:
         """One upstream call; network failures and its own timeout come back as Problems."""
         trace.attempts += 1
         started = self._clock.seconds()
-        call = defer.ensureDeferred(self._client.fetch(adapter.base_url, request))
+        limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
+        call = defer.ensureDeferred(self._client.fetch(adapter.base_url, request, max_body=limit))
         call.addTimeout(timeout, self._clock, onTimeoutCancel=_attempt_timed_out)
         call.addBoth(self._attempted, adapter, started, trace)
         call.addErrback(self._explain_failure, adapter, timeout)
@@ -246,6 +274,8 @@ class Gateway:
             outcome = "timeout"
         elif result.check(defer.CancelledError):
             outcome = "cancelled"
+        elif result.check(ResponseTooLarge):
+            outcome = "too-large"
         else:
             outcome = "unreachable"
         self._metrics.upstream_attempts.labels(adapter.name, outcome).inc()
@@ -272,6 +302,10 @@ class Gateway:
                           f"{where} did not answer completely within {timeout:g} s.")
         if failure.check(defer.CancelledError):
             return failure
+        if failure.check(ResponseTooLarge):
+            raise Problem(502, "upstream-too-large", "Upstream answer too large",
+                          f"{where} answered more than {failure.value.args[0]} bytes, "
+                          "the most the ambassador reads from it.")
         if _caused_by(failure.value, TLSError):
             reason = "the TLS handshake failed (certificate not trusted or wrong host)"
         elif failure.check(error.ConnectError, error.TimeoutError, error.DNSLookupError):

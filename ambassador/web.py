@@ -6,6 +6,7 @@ itself is problem+json; every request gets one structured access-log event.
 
 from __future__ import annotations
 
+import hmac
 import re
 import uuid
 from typing import Iterable
@@ -14,10 +15,13 @@ from urllib.parse import parse_qsl
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
+from .answers import hop_by_hop
+from .credentials import FileSecret
 from .exchange import Answer, InboundRequest, Route, Trace
 from .interfaces import ConfigurationError, IExternalAdapter
+from .limits import InboundLimits, LimitedSite
 from .metrics import Metrics, RouteMetrics
 from .problems import PROBLEM_CONTENT_TYPE, Problem, not_found
 from .upstream import Gateway
@@ -25,10 +29,17 @@ from .upstream import Gateway
 log = Logger(namespace="ambassador")
 access_log = Logger(namespace="ambassador.access")
 
-# A path segment an adapter may forward: no percent-encoding, slashes,
+# A path segment the ambassador accepts: no percent-encoding, slashes,
 # backslashes, control characters or anything else that could change the
 # meaning of the upstream path.
 _PLAIN_SEGMENT = re.compile(rb"[A-Za-z0-9_.,:~-]+\Z")
+# Query names and values (decoded) may not hold control characters.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Caller headers no adapter ever sees, so none can be forwarded upstream by mistake:
+# the caller's credentials and cookies, the ambassador's own token, and what
+# describes the hop between caller and ambassador (with Proxy-*, X-Forwarded-*
+# and the hop-by-hop headers).
+_CALLER_ONLY_HEADERS = frozenset({"authorization", "cookie", "host", "forwarded", "x-real-ip", "content-length"})
 # A caller's X-Request-ID is reused only if it cannot upset a log line or a header.
 _ACCEPTABLE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}\Z")
 
@@ -113,24 +124,21 @@ class RouteResource(Resource):
             raw.pop()  # one trailing slash means the same path
         if raw and not self.route.prefix:
             raise not_found()
-        for segment in raw:
-            if not _PLAIN_SEGMENT.match(segment) or segment in (b".", b".."):
-                raise Problem(
-                    400,
-                    "bad-path",
-                    "Path not forwarded",
-                    "Path segments may hold only letters, digits and _ . , : ~ - "
-                    "(no percent-encoding, empty segments, '.' or '..').",
-                )
         _, _, query = request.uri.partition(b"?")
         try:
             pairs = tuple(parse_qsl(query.decode("utf-8"), keep_blank_values=True, errors="strict"))
         except (UnicodeDecodeError, ValueError):
-            raise Problem(400, "bad-query", "Query not understood", "The query string is not valid UTF-8 form data.")
+            pairs = None
+        if pairs is None or any(_CONTROL.search(name + value) for name, value in pairs):
+            raise Problem(400, "bad-query", "Query not understood",
+                          "The query string is not valid UTF-8 form data without control characters.")
         headers = {
             name.decode("latin-1").lower(): values[0].decode("latin-1")
             for name, values in request.requestHeaders.getAllRawHeaders()
         }
+        hidden = _CALLER_ONLY_HEADERS | hop_by_hop(headers)
+        headers = {name: value for name, value in headers.items()
+                   if name not in hidden and not name.startswith(("proxy-", "x-forwarded-"))}
         return InboundRequest(
             method=method,
             route=self.route,
@@ -219,17 +227,48 @@ def _request_id(request) -> str:
     return uuid.uuid4().hex
 
 
-class AmbassadorSite(Site):
-    """A Site that gives every request an id and one structured, redacted access-log event."""
+def _path_problem(request) -> Problem | None:
+    """Why the request target may not be served, or None: origin-form (``/a/b?q``) with plain segments only."""
+    if not request.uri.startswith(b"/") or request.uri.startswith(b"//"):
+        return Problem(400, "bad-target", "Request target not served",
+                       "The ambassador serves paths such as /movies; it is not a forward proxy "
+                       "(no absolute URLs, CONNECT, '*' or '//').")
+    segments = request.path[1:].split(b"/")
+    if segments[-1] == b"":
+        segments.pop()  # one trailing slash means the same path
+    if any(not _PLAIN_SEGMENT.match(s) or s in (b".", b"..") for s in segments):
+        return Problem(400, "bad-path", "Path not forwarded",
+                       "Path segments may hold only letters, digits and _ . , : ~ - "
+                       "(no percent-encoding, empty segments, '.' or '..').")
+    return None
 
-    displayTracebacks = False
 
-    def __init__(self, resource, clock, metrics: Metrics, **kwargs) -> None:
-        super().__init__(resource, **kwargs)
+class AmbassadorSite(LimitedSite):
+    """The proxy Site: inbound limits, an optional caller token, and for every request an id
+    and one structured, redacted access-log event."""
+
+    def __init__(self, resource, clock, metrics: Metrics, *, limits: InboundLimits = InboundLimits(),
+                 token: FileSecret | None = None) -> None:
+        super().__init__(resource, limits=limits, reactor=clock)
         self._clock = clock
         self._unmatched = metrics.route("", "unmatched")
+        self._token = token
         self._in_flight: set = set()
         self._drained: defer.Deferred | None = None
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        if self._token is not None:
+            self._token.start(self._clock)
+
+    def stopFactory(self) -> None:
+        if self._token is not None:
+            self._token.stop()
+        super().stopFactory()
+
+    def refused(self, problem: Problem, request_id: str) -> None:
+        self._unmatched.answered(problem.status, 0.0)
+        super().refused(problem, request_id)
 
     def drain(self, grace_period: float) -> defer.Deferred:
         """Fires when no request is in flight, or after ``grace_period`` seconds, whichever is first."""
@@ -253,7 +292,20 @@ class AmbassadorSite(Site):
         request.ambassador_started = self._clock.seconds()
         request.ambassador_id = _request_id(request)
         request.setHeader(b"x-request-id", request.ambassador_id)
-        return super().getResourceFor(request)
+        resource = super().getResourceFor(request)  # only looks children up
+        problem = self._unauthorized(request) or _path_problem(request)
+        return resource if problem is None else ProblemResource(lambda: problem)
+
+    def _unauthorized(self, request) -> Problem | None:
+        if self._token is None:
+            return None
+        expected = self._token.current()
+        offered = request.getHeader(b"authorization") or b""
+        if expected is not None and hmac.compare_digest(offered, b"Bearer " + expected.encode()):
+            return None
+        return Problem(401, "unauthorized", "Token required",
+                       "This ambassador requires Authorization: Bearer <token>, with the token it was "
+                       "given in --require-token-file.", headers=[("WWW-Authenticate", "Bearer")])
 
     def log(self, request) -> None:
         route_resource = getattr(request, "ambassador_route", None)

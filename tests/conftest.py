@@ -6,7 +6,9 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 
 from ambassador.adapters.tmdb import TMDBPlugin
 from ambassador.testing import FakeTMDB, logged_events, serving
@@ -14,7 +16,7 @@ from ambassador.testing import start_ambassador as serve_adapters
 
 # Every secret a test hands the ambassador; none may ever show up in a log event.
 SECRETS = ("test-api-key", "test-read-token", "caller-own-key", "file-api-key", "rotated-api-key",
-           "test-weather-key")
+           "test-weather-key", "caller-token", "rotated-token")
 
 
 @pytest.fixture
@@ -47,7 +49,8 @@ async def start_ambassador():
 
     yield start
     for service in services:
-        await maybeDeferred(service.stopService)
+        if service.running:  # a test may have stopped it already
+            await maybeDeferred(service.stopService)
 
 
 def tmdb_env(fake, **settings):
@@ -63,3 +66,45 @@ async def get(url: str, *, method: str = "GET", headers=None):
 def header(response, name: str):
     values = response.headers.getRawHeaders(name)
     return values[0] if values else None
+
+
+class RawClient(Protocol):
+    """Sends bytes as they are (no HTTP client normalises them); ``closed`` fires with all it received."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason) -> None:
+        self.closed.callback(self.received)
+
+
+async def connect_raw(url: str) -> RawClient:
+    client = RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", int(url.rsplit(":", 1)[1])), client)
+    return client
+
+
+async def raw_exchange(url: str, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` over a new connection, read until the server closes; the first response's
+    (status, headers with lower-case names, body)."""
+    client = await connect_raw(url)
+    client.transport.write(data)
+    return parse_response(await client.closed)
+
+
+def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """The first final response in ``raw`` (after any 100 Continue)."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    if head.startswith(b"HTTP/1.1 100 "):
+        return parse_response(rest)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", len(rest)))
+    return int(status_line.split(" ")[1]), headers, rest[:length]

@@ -312,13 +312,19 @@ async def test_graceful_stop_gives_up_after_the_grace_period(fake_tmdb, start_am
     fake_tmdb.fault = "hang"
     in_flight = call(ambassador)
     await fake_tmdb.next_request()
-    stopped = ambassador.service.stopService()
-    await reactor_turns_until(lambda: len(clock.getDelayedCalls()) >= 2)
-    clock.advance(24.9)
-    assert not stopped.called
-    clock.advance(0.1)
-    await stopped
-    in_flight.cancel()
+    stopped = []
+    ambassador.proxy.stopService().addCallback(stopped.append)  # the listener: stop accepting, drain
+    await reactor_turns_until(lambda: waiting_for_drain(clock))
+    clock.advance(24.5)
+    assert not stopped
+    clock.advance(0.5)
+    assert stopped  # gave up on the request still in flight
+    fake_tmdb.release()
+    assert (await in_flight)[0].code == 200
+
+
+def waiting_for_drain(clock) -> bool:
+    return any(call.getTime() - clock.seconds() == 25 for call in clock.getDelayedCalls())
 
 
 def test_retry_after_values():

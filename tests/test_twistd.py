@@ -4,9 +4,10 @@ import json
 import signal
 
 import pytest_twisted
+from twisted.internet import defer
 
 from ambassador.testing import run_twistd, spawn_ambassador
-from conftest import SECRETS, get, tmdb_env
+from conftest import SECRETS, connect_raw, get, parse_response, raw_exchange, tmdb_env
 
 
 @pytest_twisted.ensureDeferred
@@ -42,7 +43,8 @@ async def test_help_documents_every_option_and_variable_without_values(tmp_path)
     output, code = await run_twistd("ambassador", "--help", env={"TMDB_API_KEY": "test-api-key"}, cwd=tmp_path)
     assert code == 0
     for word in ["--port", "--timeout", "--connect-timeout", "127.0.0.1", "unix:", "--list-adapters", "--adapter",
-                 "--mount", "NAME.ROUTE=/path", "--plugin-dir", "AMBASSADOR_PLUGIN_DIRS", "TMDB_API_KEY",
+                 "--mount", "NAME.ROUTE=/path", "--plugin-dir", "AMBASSADOR_PLUGIN_DIRS", "--max-connections",
+                 "--idle-timeout", "--read-timeout", "--require-token-file", "TMDB_API_KEY",
                  "TMDB_API_KEY_FILE", "TMDB_READ_ACCESS_TOKEN", "TMDB_READ_ACCESS_TOKEN_FILE", "API_KEY",
                  "TMDB_BASE_URL"]:
         assert word in output
@@ -59,6 +61,11 @@ async def test_bad_configuration_stops_startup_with_a_clear_message(tmp_path):
 
     output, code = await run_twistd("-n", "ambassador", "--timeout", "-1", env={}, cwd=tmp_path)
     assert code != 0 and "timeout must be a number of seconds" in output
+
+    output, code = await run_twistd("-n", "ambassador", "--require-token-file", str(tmp_path / "absent"), env={},
+                                    cwd=tmp_path)
+    assert code != 0 and f"--require-token-file: {tmp_path / 'absent'} cannot be read" in output
+    assert "Traceback" not in output
 
 
 @pytest_twisted.ensureDeferred
@@ -94,3 +101,59 @@ async def test_json_log_format_writes_one_json_object_per_line(fake_tmdb, tmp_pa
     assert (access["status"], access["upstream_status"], access["route"]) == (200, 200, "movies")
     for secret in SECRETS:
         assert secret not in process.output.decode()
+
+
+def memory_mib(pid: int, field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of a process, in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_stays_bounded_under_abuse(fake_tmdb, tmp_path):
+    process = spawn_ambassador("--port", "0", "--admin-port", "none", "--max-connections", "300",
+                               "--read-timeout", "2", env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"),
+                               cwd=tmp_path)
+    try:
+        url = f"http://127.0.0.1:{await process.listening}"
+        assert (await get(url + "/movies"))[0].code == 200
+        pid = process.transport.pid
+        baseline = memory_mib(pid, "VmRSS")
+
+        # Slowloris: as many connections as allowed, none finishing its headers; more are refused at once.
+        slow = [await connect_raw(url) for _ in range(300)]
+        for client in slow:
+            client.transport.write(b"GET /movies HTTP/1.1\r\nX-Slow: ")
+        refused = [parse_response(await (await connect_raw(url)).closed)[0] for _ in range(100)]
+        assert set(refused) == {503}
+        assert {parse_response(await client.closed)[0] for client in slow} == {408}  # after --read-timeout
+
+        after_slowloris = memory_mib(pid, "VmHWM")
+
+        # Megabytes of request line, headers and bodies, 50 connections at once.
+        request = b"GET /movies HTTP/1.1\r\n"
+        abuse = [b"GET /" + b"a" * 2**20 + b" HTTP/1.1\r\n\r\n",
+                 request + b"X-Long: " + b"a" * 2**20 + b"\r\n\r\n",
+                 request + b"X-Many: 1\r\n" * 100_000 + b"\r\n",
+                 request + b"Content-Length: 1000000000\r\n\r\n" + b"a" * 2**20,
+                 request + b"Transfer-Encoding: chunked\r\n\r\n" + (b"10000\r\n" + b"a" * 2**16 + b"\r\n") * 16]
+        answers = await defer.gatherResults([defer.ensureDeferred(raw_exchange(url, data)) for data in abuse * 10])
+        assert [status for status, _, _ in answers] == [414, 431, 431, 413, 413] * 10
+        after_requests = memory_mib(pid, "VmHWM")
+
+        # Four upstream answers of 30 MB at once: each is cut off at 10 MiB.
+        fake_tmdb.canned = (200, {"Content-Type": "application/json"}, b"[" + b" " * (30 * 2**20) + b"]")
+        answers = await defer.gatherResults([defer.ensureDeferred(get(url + "/tmdb/3/movie/550")) for _ in range(4)])
+        assert {response.code for response, _ in answers} == {502}
+        fake_tmdb.canned = None
+        assert (await get(url + "/movies"))[0].code == 200  # still serving
+        peak = memory_mib(pid, "VmHWM")
+
+        print(f"\nambassador memory (MiB): {baseline:.1f} after start; peak {after_slowloris:.1f} after slowloris, "
+              f"{after_requests:.1f} after oversized requests, {peak:.1f} after oversized upstream answers")
+        assert after_requests - baseline < 24  # connections and requests are bounded: a few MiB at most
+        assert peak - after_requests < 4 * 10 * 1.5 + 8  # four capped answers in flight
+        assert peak < 128  # the pod's memory limit (pod.yaml)
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+    assert await process.ended == (0, None)
