@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from .admin import admin_site
+from .configfile import CONFIG_HELP, adapters_from_file
 from .discovery import discover_adapters
 from .health import Prober, Readiness
 from .interfaces import ConfigurationError
@@ -48,6 +49,9 @@ class Options(usage.Options):
          "Seconds between readiness probes of each adapter's upstream (adapters that name a cheap probe "
          "path, e.g. TMDB's /3/configuration); 0 turns probing off.", float],
         ["log-format", None, "text", "text (for people) or json (one JSON object per line, for log collectors)."],
+        ["config", None, None,
+         "YAML file configuring the adapters to serve (several at once, generic http ones included; see "
+         "below). Without it every discovered adapter is configured from its environment variables."],
     ]
 
     def __init__(self) -> None:
@@ -65,7 +69,8 @@ class Options(usage.Options):
             lines.append(f"  {plugin.name}: {plugin.description}")
             for setting in plugin.settings:
                 lines.append(f"    {setting.name:30} {setting.help}")
-        return super().getUsage(width) + "\n".join(lines) + "\n"
+        lines += ["", CONFIG_HELP]
+        return super().getUsage(width) + "\n".join(lines)
 
     def postOptions(self) -> None:
         from twisted.internet import reactor
@@ -84,7 +89,10 @@ class Options(usage.Options):
         admin = self["admin-port"].strip()
         self["admin-endpoint"] = None if admin == "none" else endpoint_description(admin, bare_interface="0.0.0.0")
         try:
-            self["adapters"] = [plugin.configure(os.environ, reactor) for plugin in discover_adapters()]
+            if self["config"] is not None:  # the file says which adapters; their variables fill in the rest
+                self["adapters"] = adapters_from_file(self["config"], os.environ, discover_adapters(), reactor)
+            else:
+                self["adapters"] = [plugin.configure(os.environ, reactor) for plugin in discover_adapters()]
         except ConfigurationError as e:
             raise usage.UsageError(str(e))
         unknown = self["forward-request-id"] - {adapter.name for adapter in self["adapters"]}
@@ -147,7 +155,7 @@ class Upkeep(Service):
     def startService(self) -> None:
         super().startService()
         for adapter in self._adapters:
-            adapter.credential.start(self._reactor)
+            adapter.credential.start(self._reactor, self._client)
         if self._prober is not None:
             self._prober.start()
 

@@ -5,12 +5,17 @@ the ambassador without a network::
 
     fake = FakeTMDB(api_keys={"my-key"})
     port = serve(fake)            # http://127.0.0.1:<port>
+
+``FakeOAuth2TokenEndpoint`` and ``FakeAPI`` stand in for an OAuth2
+authorization server and for any API behind the generic ``http`` adapter.
 """
 
 from __future__ import annotations
 
+import base64
 import json
-from urllib.parse import parse_qsl
+from typing import Callable
+from urllib.parse import parse_qsl, unquote_plus
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
@@ -24,9 +29,28 @@ class RecordedRequest:
     path: str
     query: tuple[tuple[str, str], ...]
     headers: dict[str, str]
+    body: bytes = b""
 
     def param(self, name: str) -> str | None:
         return dict(self.query).get(name)
+
+
+def record(request) -> RecordedRequest:
+    """What a twisted.web request asked for."""
+    path, _, query = request.uri.partition(b"?")
+    return RecordedRequest(
+        method=request.method.decode(),
+        path=path.decode("latin-1"),
+        query=tuple(parse_qsl(query.decode("latin-1"), keep_blank_values=True)),
+        headers={k.decode().lower(): v[0].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()},
+        body=request.content.read(),
+    )
+
+
+def json_answer(request, status: int, document: dict) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader("Content-Type", "application/json")
+    return json.dumps(document).encode()
 
 
 class QuietSite(Site):
@@ -67,8 +91,25 @@ MOVIES = [
 ]
 
 
+class _Announcing:
+    """``next_request()`` for a fake that calls ``_announce`` with each request it records."""
+
+    _waiting: list[Deferred]
+
+    def next_request(self) -> Deferred:
+        """Fires with the next request this fake receives (to sequence a test without sleeping)."""
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _announce(self, recorded: RecordedRequest) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(recorded)
+
+
 @define
-class FakeTMDB(Resource):
+class FakeTMDB(_Announcing, Resource):
     """A TMDB v3 look-alike: discover, movie details, search, and TMDB's real error answers.
 
     It accepts ``api_key`` query parameters from ``api_keys`` and bearer
@@ -91,17 +132,9 @@ class FakeTMDB(Resource):
         Resource.__init__(self)
 
     def render(self, request):
-        path, _, query = request.uri.partition(b"?")
-        recorded = RecordedRequest(
-            method=request.method.decode(),
-            path=path.decode("latin-1"),
-            query=tuple(parse_qsl(query.decode("latin-1"), keep_blank_values=True)),
-            headers={k.decode().lower(): v[0].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()},
-        )
+        recorded = record(request)
         self.requests.append(recorded)
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(recorded)
+        self._announce(recorded)
         if self.fault == "hang":
             self.hanging.append(request)
             return NOT_DONE_YET
@@ -119,12 +152,6 @@ class FakeTMDB(Resource):
         if recorded.method not in ("GET", "HEAD"):
             return self._json(request, 405, _tmdb_error(3, "Method not allowed"))
         return self._route(request, recorded)
-
-    def next_request(self) -> Deferred:
-        """Fires with the next request this fake receives (to sequence a test without sleeping)."""
-        d = Deferred()
-        self._waiting.append(d)
-        return d
 
     def _authorized(self, recorded: RecordedRequest) -> bool:
         authorization = recorded.headers.get("authorization", "")
@@ -168,3 +195,104 @@ class FakeTMDB(Resource):
         if cache:
             request.setHeader("Cache-Control", "public, max-age=21600")
         return json.dumps(document).encode()
+
+
+@define
+class FakeOAuth2TokenEndpoint(_Announcing, Resource):
+    """An OAuth2 authorization server's token endpoint for the client credentials grant (RFC 6749 §4.4).
+
+    It knows the clients in ``clients`` (id → secret), taken as HTTP Basic
+    (form-encoded, RFC 6749 §2.3.1) or as ``client_id``/``client_secret`` form
+    fields, and issues ``<prefix>-1``, ``<prefix>-2`` … valid for
+    ``expires_in`` seconds (the fake does not expire them: ``revoke()`` does).
+    Every request is kept in ``requests`` (``next_request()`` waits for one). Set ``fault`` to ``"error"`` (500),
+    ``"reject"`` (401 ``invalid_client`` whatever is sent) or ``"hold"`` (answer
+    only when ``release()`` is called).
+    """
+
+    clients: dict[str, str] = field(factory=lambda: {"test-client": "test-client-secret"})
+    expires_in: int | None = 3600
+    prefix: str = "test-access-token"
+    requests: list[RecordedRequest] = field(factory=list)
+    issued: list[str] = field(factory=list)
+    revoked: set[str] = field(factory=set)
+    fault: str | None = None
+    _held: list = field(factory=list)
+    _waiting: list[Deferred] = field(factory=list)
+    isLeaf = True
+
+    def __attrs_post_init__(self) -> None:
+        Resource.__init__(self)
+
+    def valid(self, token: str) -> bool:
+        return token in self.issued and token not in self.revoked
+
+    def revoke(self) -> None:
+        self.revoked.update(self.issued)
+
+    def release(self) -> None:
+        held, self._held = self._held, []
+        for request, recorded in held:
+            if not request._disconnected:
+                request.write(self._answer(request, recorded))
+                request.finish()
+
+    def render(self, request):
+        recorded = record(request)
+        self.requests.append(recorded)
+        if self.fault == "hold":
+            self._held.append((request, recorded))
+            self._announce(recorded)
+            return NOT_DONE_YET
+        self._announce(recorded)
+        return self._answer(request, recorded)
+
+    def _answer(self, request, recorded: RecordedRequest) -> bytes:
+        form = dict(parse_qsl(recorded.body.decode("latin-1")))
+        if self.fault == "error":
+            return json_answer(request, 500, {"error": "server_error"})
+        if recorded.method != "POST" or form.get("grant_type") != "client_credentials":
+            return json_answer(request, 400, {"error": "unsupported_grant_type"})
+        client_id, secret = form.get("client_id"), form.get("client_secret")
+        authorization = recorded.headers.get("authorization", "")
+        if authorization.startswith("Basic "):
+            pair = base64.b64decode(authorization[len("Basic "):]).decode()
+            client_id, secret = (unquote_plus(part) for part in pair.split(":", 1))
+        if self.fault == "reject" or self.clients.get(client_id) != secret or secret is None:
+            request.setHeader("WWW-Authenticate", 'Basic realm="fake"')
+            return json_answer(request, 401, {"error": "invalid_client"})
+        token = f"{self.prefix}-{len(self.issued) + 1}"
+        self.issued.append(token)
+        document = {"access_token": token, "token_type": "Bearer"}
+        if self.expires_in is not None:
+            document["expires_in"] = self.expires_in
+        return json_answer(request, 200, document)
+
+
+@define
+class FakeAPI(Resource):
+    """Any JSON API: answers 200 with the method, path and body it was sent when ``accept(request)``
+    holds, else 401 (it never echoes headers or the query, which carry credentials).
+
+    Requests are kept in ``requests``. ``answers`` maps a path to a canned
+    ``(status, body)`` answered instead (once the credential is accepted).
+    """
+
+    accept: Callable[[RecordedRequest], bool]
+    requests: list[RecordedRequest] = field(factory=list)
+    answers: dict[str, tuple[int, dict]] = field(factory=dict)
+    isLeaf = True
+
+    def __attrs_post_init__(self) -> None:
+        Resource.__init__(self)
+
+    def render(self, request):
+        recorded = record(request)
+        self.requests.append(recorded)
+        if not self.accept(recorded):
+            request.setHeader("WWW-Authenticate", "Bearer")
+            return json_answer(request, 401, {"error": "unauthorized"})
+        if recorded.path in self.answers:
+            return json_answer(request, *self.answers[recorded.path])
+        return json_answer(request, 200, {"method": recorded.method, "path": recorded.path,
+                                          "body": recorded.body.decode("latin-1")})

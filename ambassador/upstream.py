@@ -63,7 +63,9 @@ class UpstreamClient:
         for name, value in request.headers.items():
             headers.setRawHeaders(name, [value])
         # Never follow redirects: a Location may point elsewhere and we would send the credential.
-        response = await self._http.request(request.method, url, headers=headers, allow_redirects=False)
+        response = await self._http.request(
+            request.method, url, headers=headers, data=request.body, allow_redirects=False
+        )
         body = await response.content()
         return UpstreamResponse(
             status=response.code,
@@ -105,33 +107,50 @@ class Gateway:
     def answer(self, adapter: IExternalAdapter, inbound: InboundRequest, trace: Trace) -> defer.Deferred:
         """A Deferred firing with the Answer, or failing with a Problem. Cancel it to abandon."""
         try:
-            request = adapter.credential.attach(adapter.upstream_request(inbound), adapter.name)
+            request = adapter.upstream_request(inbound)
         except Problem:
             return defer.fail()
         if inbound.request_id and adapter.name in self._forward_request_id:
             request = evolve(request, headers={**request.headers, "X-Request-ID": inbound.request_id})
-        call = self._attempt(adapter, request, trace)
+        call = self._authenticated(adapter, request, trace)
         call.addCallback(self._interpret, adapter, inbound)
         return call
 
     def probe(self, adapter: IExternalAdapter, path: str) -> defer.Deferred:
         """Ask the upstream for ``path``; fires with None when it answered well, else why not."""
-        try:
-            request = adapter.credential.attach(UpstreamRequest("GET", path), adapter.name)
-        except Problem as problem:
-            return defer.succeed(problem.detail)
-        call = self._attempt(adapter, request, Trace())
+        call = self._authenticated(adapter, UpstreamRequest("GET", path), Trace())
         call.addCallbacks(
             lambda response: None if response.status < 400 else f"{path} answered status {response.status}",
             lambda failure: failure.value.detail if failure.check(Problem) else failure.getErrorMessage(),
         )
         return call
 
+    # The credential: attached per attempt (it may first fetch an OAuth2 token, so it may be a
+    # Deferred); a 401 to a credential that can be refreshed is retried once with a fresh one.
+
+    def _authenticated(
+        self, adapter: IExternalAdapter, request: UpstreamRequest, trace: Trace, *, retry_rejected: bool = True
+    ) -> defer.Deferred:
+        """A Deferred firing with the UpstreamResponse to ``request`` sent with the adapter's credential."""
+        call = defer.maybeDeferred(adapter.credential.attach, request, adapter.name)
+        call.addCallback(lambda sent: self._attempt(adapter, sent, trace).addCallback(
+            self._unless_rejected, adapter, request, sent, trace, retry_rejected))
+        return call
+
+    def _unless_rejected(self, response: UpstreamResponse, adapter: IExternalAdapter, request: UpstreamRequest,
+                         sent: UpstreamRequest, trace: Trace, retry_rejected: bool):
+        if response.status == 401 and retry_rejected and adapter.credential.rejected(sent):
+            return self._authenticated(adapter, request, trace, retry_rejected=False)
+        return response
+
+    def _timeout(self, adapter: IExternalAdapter) -> float:
+        return getattr(adapter, "timeout", None) or self.timeout
+
     def _attempt(self, adapter: IExternalAdapter, request: UpstreamRequest, trace: Trace) -> defer.Deferred:
         trace.attempts += 1
         started = self._clock.seconds()
         call = defer.ensureDeferred(self._client.fetch(adapter.base_url, request))
-        call.addTimeout(self.timeout, self._clock, onTimeoutCancel=_deadline_passed)
+        call.addTimeout(self._timeout(adapter), self._clock, onTimeoutCancel=_deadline_passed)
         call.addBoth(self._attempted, adapter, started, trace)
         call.addErrback(self._explain_failure, adapter)
         return call
@@ -170,7 +189,7 @@ class Gateway:
                 504,
                 "upstream-timeout",
                 "Upstream timed out",
-                f"{where} did not answer completely within {self.timeout:g} s.",
+                f"{where} did not answer completely within {self._timeout(adapter):g} s.",
             )
         if failure.check(defer.CancelledError):
             return failure

@@ -10,11 +10,16 @@ from twisted.internet.defer import maybeDeferred
 from twisted.logger import formatEvent, globalLogPublisher
 
 from ambassador.adapters.tmdb import TMDBPlugin
+from ambassador.configfile import adapters_from_file
+from ambassador.discovery import discover_adapters
 from ambassador.service import assemble
 from ambassador.testing import FakeTMDB, serve
 
 # Every secret a test hands the ambassador; none may ever show up in a log event.
-SECRETS = ("test-api-key", "test-read-token", "caller-own-key", "file-api-key", "rotated-api-key")
+SECRETS = ("test-api-key", "test-read-token", "caller-own-key", "file-api-key", "rotated-api-key",
+           # credentials.py styles and OAuth2 (base64 of "reader:basic-password" too)
+           "query-secret", "header-secret", "bearer-secret", "rotated-bearer-secret", "basic-password",
+           "cmVhZGVyOmJhc2ljLXBhc3N3b3Jk", "test-client-secret", "test-access-token")
 
 
 @pytest.fixture
@@ -27,6 +32,27 @@ def fake_tmdb():
         if not request._disconnected:
             request.transport.abortConnection()
     port.stopListening()
+
+
+@pytest.fixture
+def serve_fake():
+    """``serve_fake(resource)`` serves a fake on loopback for this test and returns its base URL."""
+    ports = []
+
+    def start(resource) -> str:
+        ports.append(serve(resource))
+        return ports[-1].base_url
+
+    yield start
+    for port in ports:
+        port.stopListening()
+
+
+def adapters_from_yaml(tmp_path, text: str, environ=None) -> list:
+    """The adapters a config file with ``text`` configures."""
+    path = tmp_path / "ambassador.yaml"
+    path.write_text(text)
+    return adapters_from_file(str(path), environ or {}, discover_adapters(), reactor)
 
 
 @pytest.fixture(autouse=True)
@@ -46,12 +72,14 @@ def log_events():
 
 @pytest_twisted.async_yield_fixture
 async def start_ambassador():
-    """Start an ambassador serving the TMDB adapter configured from ``environ`` (keywords go to
-    ``assemble``); returns the Ambassador with ``url`` and ``admin_url`` added."""
+    """Start an ambassador serving the TMDB adapter configured from ``environ``, or ``adapters``
+    (other keywords go to ``assemble``); returns the Ambassador with ``url`` and ``admin_url`` added."""
     services = []
 
-    async def start(environ, *, plugin=TMDBPlugin(), **settings):
-        ambassador = assemble(reactor, [plugin.configure(environ, reactor)], endpoint="tcp:0:interface=127.0.0.1",
+    async def start(environ=None, *, plugin=TMDBPlugin(), adapters=None, **settings):
+        if adapters is None:
+            adapters = [plugin.configure(environ, reactor)]
+        ambassador = assemble(reactor, adapters, endpoint="tcp:0:interface=127.0.0.1",
                               admin_endpoint="tcp:0:interface=127.0.0.1", **settings)
         ambassador.service.privilegedStartService()
         ambassador.service.startService()
