@@ -22,13 +22,15 @@ class Twistd(protocol.ProcessProtocol):
     def __init__(self) -> None:
         self.output = b""
         self.listening = defer.Deferred()
+        self.admin_listening = defer.Deferred()
         self.ended = defer.Deferred()
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
-        found = re.search(rb"ambassador proxy listening on [\d.]+:(\d+)", self.output)
-        if found and not self.listening.called:
-            self.listening.callback(int(found.group(1)))
+        for label, listening in ((b"proxy", self.listening), (b"admin", self.admin_listening)):
+            found = re.search(rb"ambassador %s listening on [\d.]+:(\d+)" % label, self.output)
+            if found and not listening.called:
+                listening.callback(int(found.group(1)))
 
     errReceived = outReceived
 
