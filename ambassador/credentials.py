@@ -75,24 +75,17 @@ class EnvironmentSecret:
         return f"<EnvironmentSecret {self.variable}>"
 
 
-@define
-class PlainValue:
-    """A value that is not secret (a user name, a client id) written in the config file."""
-
-    key: str
-    value: str
-
-    def current(self) -> str | None:
-        return self.value or None
+class PlainValue(EnvironmentSecret):
+    """A value that is not secret (a user name, a client id) written in the config file at ``variable``."""
 
     def describe(self) -> str:
-        return f"config key {self.key}"
-
-    def files(self) -> tuple[FileSecret, ...]:
-        return ()
+        return f"config key {self.variable}"
 
     def hidden(self) -> tuple[str, ...]:
         return ()
+
+    def __repr__(self) -> str:
+        return f"<PlainValue {self.variable}>"
 
 
 @define(repr=False)

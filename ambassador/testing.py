@@ -91,10 +91,14 @@ MOVIES = [
 ]
 
 
-class _Announcing:
-    """``next_request()`` for a fake that calls ``_announce`` with each request it records."""
+class _Fake(Resource):
+    """What the fakes share: attrs-made, one leaf, ``next_request()`` fired by ``_announce``."""
 
     _waiting: list[Deferred]
+    isLeaf = True
+
+    def __attrs_post_init__(self) -> None:
+        Resource.__init__(self)
 
     def next_request(self) -> Deferred:
         """Fires with the next request this fake receives (to sequence a test without sleeping)."""
@@ -109,7 +113,7 @@ class _Announcing:
 
 
 @define
-class FakeTMDB(_Announcing, Resource):
+class FakeTMDB(_Fake):
     """A TMDB v3 look-alike: discover, movie details, search, and TMDB's real error answers.
 
     It accepts ``api_key`` query parameters from ``api_keys`` and bearer
@@ -126,11 +130,6 @@ class FakeTMDB(_Announcing, Resource):
     canned: tuple[int, dict[str, str], bytes] | None = None
     hanging: list = field(factory=list)
     _waiting: list[Deferred] = field(factory=list)
-    isLeaf = True
-
-    def __attrs_post_init__(self) -> None:
-        Resource.__init__(self)
-
     def render(self, request):
         recorded = record(request)
         self.requests.append(recorded)
@@ -198,7 +197,7 @@ class FakeTMDB(_Announcing, Resource):
 
 
 @define
-class FakeOAuth2TokenEndpoint(_Announcing, Resource):
+class FakeOAuth2TokenEndpoint(_Fake):
     """An OAuth2 authorization server's token endpoint for the client credentials grant (RFC 6749 §4.4).
 
     It knows the clients in ``clients`` (id → secret), taken as HTTP Basic
@@ -219,11 +218,6 @@ class FakeOAuth2TokenEndpoint(_Announcing, Resource):
     fault: str | None = None
     _held: list = field(factory=list)
     _waiting: list[Deferred] = field(factory=list)
-    isLeaf = True
-
-    def __attrs_post_init__(self) -> None:
-        Resource.__init__(self)
-
     def valid(self, token: str) -> bool:
         return token in self.issued and token not in self.revoked
 
@@ -270,25 +264,22 @@ class FakeOAuth2TokenEndpoint(_Announcing, Resource):
 
 
 @define
-class FakeAPI(Resource):
+class FakeAPI(_Fake):
     """Any JSON API: answers 200 with the method, path and body it was sent when ``accept(request)``
     holds, else 401 (it never echoes headers or the query, which carry credentials).
 
-    Requests are kept in ``requests``. ``answers`` maps a path to a canned
+    Requests are kept in ``requests`` (``next_request()`` waits for one). ``answers`` maps a path to a canned
     ``(status, body)`` answered instead (once the credential is accepted).
     """
 
     accept: Callable[[RecordedRequest], bool]
     requests: list[RecordedRequest] = field(factory=list)
     answers: dict[str, tuple[int, dict]] = field(factory=dict)
-    isLeaf = True
-
-    def __attrs_post_init__(self) -> None:
-        Resource.__init__(self)
-
+    _waiting: list[Deferred] = field(factory=list)
     def render(self, request):
         recorded = record(request)
         self.requests.append(recorded)
+        self._announce(recorded)
         if not self.accept(recorded):
             request.setHeader("WWW-Authenticate", "Bearer")
             return json_answer(request, 401, {"error": "unauthorized"})
