@@ -161,3 +161,17 @@ async def test_twistd_with_a_bad_file_stops_with_one_clear_line(tmp_path):
     output, code = await run_twistd("-n", "ambassador", "--config", str(tmp_path / "absent.yaml"), env={},
                                     cwd=tmp_path)
     assert code != 0 and "absent.yaml: cannot be read (No such file or directory)" in output
+
+
+def test_every_example_in_the_docs_is_a_valid_file(tmp_path):
+    import os
+    import re
+
+    top = os.path.join(os.path.dirname(__file__), "..")
+    docs = "".join(open(os.path.join(top, name), encoding="utf-8").read()
+                   for name in ("README.md", "docs/http-adapter.md"))
+    examples = [block for block in re.findall(r"```yaml\n(.*?)```", docs, re.S) if block.startswith("adapters:")]
+    assert len(examples) >= 5
+    for example in examples:
+        if "NAME:" not in example:  # the reference block is a template
+            assert adapters_from_yaml(tmp_path, example)
