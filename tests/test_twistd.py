@@ -80,7 +80,8 @@ async def test_help_documents_every_option_and_variable_without_values(tmp_path)
     assert code == 0
     for word in ["--port", "--timeout", "--connect-timeout", "127.0.0.1", "unix:", "TMDB_API_KEY",
                  "TMDB_API_KEY_FILE", "TMDB_READ_ACCESS_TOKEN", "TMDB_READ_ACCESS_TOKEN_FILE", "API_KEY",
-                 "TMDB_BASE_URL"]:
+                 "TMDB_BASE_URL", "--config", "base_url:", "paths:", "style: query | header | bearer | basic | oauth2",
+                 "token_url:", "client_auth:", "{file: /path}"]:
         assert word in output
     assert "test-api-key" not in output
 
