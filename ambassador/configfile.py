@@ -9,7 +9,7 @@ variable (``{env: VAR}``) or a file (``{file: /path}``, a mounted Secret).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 from attrs import frozen
@@ -31,12 +31,7 @@ from .credentials import (
     as_query_parameter,
 )
 from .interfaces import ConfigurationError, ICredential, IExternalAdapter
-
-#: Per-adapter policy sections: a key of an adapter's entry → a function taking its Section
-#: and returning the parsed policy, kept in the adapter's ``policies`` under the same key.
-#: Modules that execute a policy register its section here (resilience: retry, rate_limit,
-#: circuit_breaker; a cache: cache). A key nobody registered is an unknown key.
-POLICY_SECTIONS: dict[str, Callable[["Section"], object]] = {}
+from .resilience import Policy
 
 CONFIG_HELP = """\
 Config file (--config FILE, YAML; secrets only by reference, never written in it):
@@ -48,7 +43,8 @@ Config file (--config FILE, YAML; secrets only by reference, never written in it
       methods: [GET, HEAD]    http: methods forwarded
       paths: [/a, /b/c]       http: path prefixes forwarded below the mount (default: all)
       probe_path: /status     http: cheap GET for --probe-interval (default: not probed)
-      timeout: SECONDS        per adapter; default --timeout
+      timeout: SECONDS        per adapter (policy timeout); --timeout and --policy override it
+      policy: {KEY: VALUE}    per adapter: the --policy keys (retries, rate_limit …); --policy overrides
       credential:             http: required; plugin: replaces what its variables configure
         style: query | header | bearer | basic | oauth2
         secret: {env: VAR} | {file: /path}              query, header, bearer
@@ -149,11 +145,10 @@ def adapters_from_file(path: str, environ: Mapping[str, str], plugins: Iterable,
                           default="http")
         if kind != "http" and kind not in by_name:
             raise entry.error("type", f"http or an adapter plugin's name ({', '.join(by_name) or 'none found'})")
-        policies = {key: parse(entry.section(key)) for key, parse in POLICY_SECTIONS.items() if key in entry.data}
         if kind == "http":
-            adapters.append(_http_adapter(name, entry, environ, policies))
+            adapters.append(_http_adapter(name, entry, environ))
         else:
-            adapters.append(_plugin_adapter(name, entry, environ, by_name[kind].configure(environ, reactor), policies))
+            adapters.append(_plugin_adapter(name, entry, environ, by_name[kind].configure(environ, reactor)))
     mounts = [route.path.rstrip("/") for adapter in adapters for route in adapter.routes]
     for mount in mounts:
         if mounts.count(mount) > 1:
@@ -161,9 +156,8 @@ def adapters_from_file(path: str, environ: Mapping[str, str], plugins: Iterable,
     return adapters
 
 
-def _http_adapter(name: str, entry: Section, environ, policies: dict) -> HTTPAdapter:
-    entry.only(["type", "mount", "base_url", "methods", "paths", "probe_path", "timeout", "credential",
-                *POLICY_SECTIONS])
+def _http_adapter(name: str, entry: Section, environ) -> HTTPAdapter:
+    entry.only(["type", "mount", "base_url", "methods", "paths", "probe_path", "timeout", "policy", "credential"])
     mount = entry.text("mount", "a path like /weather", pattern=_MOUNT, required=True)
     if {".", ".."} & set(mount.split("/")):
         raise entry.error("mount", "a path like /weather")
@@ -183,10 +177,20 @@ def _http_adapter(name: str, entry: Section, environ, policies: dict) -> HTTPAda
         methods=tuple(dict.fromkeys(methods)) or ("GET", "HEAD"),
         paths=tuple(p.rstrip("/") for p in paths),
         secret_params=secret_params,
-        timeout=entry.seconds("timeout"),
         probe_path=entry.text("probe_path", "a path like /status", pattern=_PATH),
-        policies=policies,
+        policy_defaults=_policy(entry),
     )
+
+
+def _policy(entry: Section) -> tuple[tuple[str, str], ...]:
+    """The entry's ``timeout`` and ``policy:`` keys as Policy settings, checked now."""
+    section = entry.section("policy")
+    settings = {str(key): str(value) for key, value in (section.data if section else {}).items()}
+    timeout = entry.seconds("timeout")
+    if timeout is not None:
+        settings["timeout"] = str(timeout)
+    Policy().updated(settings, f"{entry.file}: {entry.where}.policy")
+    return tuple(settings.items())
 
 
 def _base_url(entry: Section, required: bool = False) -> tuple[str, str] | tuple[None, None]:
@@ -206,8 +210,7 @@ class _Configured:
     base_url: str
     credential: ICredential
     secret_params: frozenset[str]
-    timeout: float | None
-    policies: Mapping[str, object]
+    policy_defaults: tuple[tuple[str, str], ...]
 
     @property
     def routes(self):
@@ -224,8 +227,8 @@ class _Configured:
         return self.adapter.interpret(inbound, response)
 
 
-def _plugin_adapter(name: str, entry: Section, environ, adapter, policies: dict) -> _Configured:
-    entry.only(["type", "base_url", "timeout", "credential", *POLICY_SECTIONS])
+def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
+    entry.only(["type", "base_url", "timeout", "policy", "credential"])
     origin, base_path = _base_url(entry)
     if base_path:
         raise entry.error("base_url", f"a URL with no path for {adapter.name} (like https://host:port)")
@@ -239,8 +242,7 @@ def _plugin_adapter(name: str, entry: Section, environ, adapter, policies: dict)
         base_url=origin or adapter.base_url,
         credential=credential,
         secret_params=adapter.secret_params | secret_params,
-        timeout=entry.seconds("timeout") or getattr(adapter, "timeout", None),
-        policies=policies,
+        policy_defaults=tuple(getattr(adapter, "policy_defaults", None) or ()) + _policy(entry),
     )
 
 

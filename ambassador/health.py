@@ -13,6 +13,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .interfaces import IExternalAdapter
+from .resilience import OPEN, CircuitBreaker
 
 log = Logger(namespace="ambassador")
 
@@ -20,6 +21,7 @@ log = Logger(namespace="ambassador")
 @define
 class AdapterState:
     adapter: IExternalAdapter
+    breaker: CircuitBreaker | None = None
     credential_rejected: bool = False
     probe_failure: str | None = None
 
@@ -31,6 +33,8 @@ class AdapterState:
             reasons.append("credential missing: " + credential.missing_reason(self.adapter.name))
         elif self.credential_rejected:
             reasons.append("credential rejected by the upstream")
+        if self.breaker is not None and self.breaker.state == OPEN:
+            reasons.append("circuit open: recent upstream calls kept failing")
         if self.probe_failure:
             reasons.append("probe failed: " + self.probe_failure)
         return reasons
@@ -50,8 +54,8 @@ class Readiness:
         self._by_name = {state.adapter.name: state for state in self.adapters}
 
     @classmethod
-    def of(cls, adapters) -> "Readiness":
-        return cls([AdapterState(adapter) for adapter in adapters])
+    def of(cls, adapters, breakers: dict[str, CircuitBreaker | None]) -> "Readiness":
+        return cls([AdapterState(adapter, breakers.get(adapter.name)) for adapter in adapters])
 
     def __getitem__(self, name: str) -> AdapterState:
         return self._by_name[name]

@@ -48,10 +48,10 @@ class IExternalAdapter(Interface):
     credential = Attribute("The ICredential attached to every upstream request.")
     secret_params = Attribute("Lower-case query parameter names that carry credentials: removed from "
                               "what callers send and redacted in logs.")
+    policy_defaults = Attribute("Optional: (key, value) pairs of ambassador.resilience.Policy defaults "
+                                "that suit this service (e.g. its documented rate limit).")
     probe_path = Attribute("Optional: an upstream path that is cheap to GET and fails when the "
                            "credential is bad; used by --probe-interval. Absent or None: not probed.")
-    timeout = Attribute("Optional: seconds one upstream exchange may take for this adapter. "
-                        "Absent or None: --timeout.")
 
     def upstream_request(inbound):
         """

@@ -10,6 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .resilience import CLOSED, HALF_OPEN, OPEN
+
 # Latencies of a sidecar in front of an internet API: sub-millisecond cache
 # hits up to the 10 s default deadline.
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -35,6 +37,12 @@ class Metrics:
                                           ["adapter"], buckets=_BUCKETS, registry=r)
         self.retries = Counter("ambassador_upstream_retries", "Upstream attempts that were retries.",
                                ["adapter"], registry=r)
+        self.rate_limit_waits = Counter("ambassador_rate_limit_waits", "Requests that waited for the "
+                                        "client-side rate limit.", ["adapter"], registry=r)
+        self.rate_limit_rejections = Counter("ambassador_rate_limit_rejections", "Requests answered 429 "
+                                             "because the rate-limit queue was full.", ["adapter"], registry=r)
+        self.concurrency_rejections = Counter("ambassador_concurrency_rejections", "Requests answered 503 "
+                                              "because too many were in flight upstream.", ["adapter"], registry=r)
 
     def watch(self, readiness) -> None:
         """Report adapter state (credential, readiness) at scrape time, from ``readiness``."""
@@ -71,9 +79,16 @@ class _StateCollector:
                                       "Times a credential file changed and was re-read.", labels=["adapter"])
         ready = GaugeMetricFamily("ambassador_adapter_ready", "1 when the adapter is ready to serve.",
                                   labels=["adapter"])
+        circuit = GaugeMetricFamily("ambassador_circuit_state",
+                                    "Circuit breaker state: 0 closed, 1 open, 2 half-open.", labels=["adapter"])
         for state in self._readiness.adapters:
             credential = state.adapter.credential
             present.add_metric([state.adapter.name], 1.0 if credential.present() else 0.0)
             reloads.add_metric([state.adapter.name], credential.reloads())
             ready.add_metric([state.adapter.name], 0.0 if state.reasons() else 1.0)
-        yield from (present, reloads, ready)
+            if state.breaker is not None:
+                circuit.add_metric([state.adapter.name], _CIRCUIT_STATES[state.breaker.state])
+        yield from (present, reloads, ready, circuit)
+
+
+_CIRCUIT_STATES = {CLOSED: 0.0, OPEN: 1.0, HALF_OPEN: 2.0}

@@ -8,6 +8,7 @@ import signal
 
 from attrs import define
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -18,6 +19,7 @@ from .discovery import discover_adapters
 from .health import Prober, Readiness
 from .interfaces import ConfigurationError
 from .metrics import Metrics
+from .resilience import POLICY_HELP, Guard, Policy, resolve_policies
 from .upstream import Gateway, UpstreamClient
 from .web import AmbassadorSite, build_root
 
@@ -41,14 +43,17 @@ class Options(usage.Options):
         ["admin-port", None, "9901",
          "Where to serve /healthz, /readyz and /metrics: a bare number is TCP on all interfaces "
          "(the kubelet and Prometheus must reach it); an endpoint description; or 'none'."],
-        ["timeout", "t", 10.0,
-         "Seconds one upstream exchange (connect, send, whole answer) may take before the caller gets 504.",
-         float],
+        ["timeout", "t", None,
+         "Seconds one upstream exchange (every attempt, connect, send, whole answer) may take before the "
+         "caller gets 504; shorthand for --policy timeout=SECONDS. [default: 10.0]", float],
         ["connect-timeout", None, 3.0, "Seconds to wait for a connection to an outside service.", float],
         ["probe-interval", None, 0.0,
          "Seconds between readiness probes of each adapter's upstream (adapters that name a cheap probe "
          "path, e.g. TMDB's /3/configuration); 0 turns probing off.", float],
         ["log-format", None, "text", "text (for people) or json (one JSON object per line, for log collectors)."],
+        ["grace-period", None, 25.0,
+         "Seconds requests in flight may take to finish after SIGTERM before the process exits "
+         "(keep it below the Pod's terminationGracePeriodSeconds).", float],
         ["config", None, None,
          "YAML file configuring the adapters to serve (several at once, generic http ones included; see "
          "below). Without it every discovered adapter is configured from its environment variables."],
@@ -57,6 +62,12 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["forward-request-id"] = set()
+        self["policy"] = []
+
+    def opt_policy(self, entry: str) -> None:
+        """[ADAPTER.]KEY=VALUE: a resilience setting for every adapter, or for one (repeatable;
+        the keys are listed below)."""
+        self["policy"].append(entry)
 
     def opt_forward_request_id(self, adapter: str) -> None:
         """Send the request id upstream as X-Request-ID for this adapter (repeatable; off by default:
@@ -69,13 +80,15 @@ class Options(usage.Options):
             lines.append(f"  {plugin.name}: {plugin.description}")
             for setting in plugin.settings:
                 lines.append(f"    {setting.name:30} {setting.help}")
+        lines += ["", "Policy keys for --policy [ADAPTER.]KEY=VALUE (defaults in brackets):"]
+        lines += [f"  {key:18} {text}" for key, text in POLICY_HELP.items()]
         lines += ["", CONFIG_HELP]
         return super().getUsage(width) + "\n".join(lines)
 
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
-        for name in ("timeout", "connect-timeout"):
+        for name in ("connect-timeout", "grace-period"):
             if not self[name] > 0:
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
         if self["probe-interval"] < 0:
@@ -88,11 +101,13 @@ class Options(usage.Options):
         self["endpoint"] = endpoint_description(self["port"], bare_interface="127.0.0.1")
         admin = self["admin-port"].strip()
         self["admin-endpoint"] = None if admin == "none" else endpoint_description(admin, bare_interface="0.0.0.0")
+        timeout = [] if self["timeout"] is None else [f"timeout={self['timeout']}"]
         try:
             if self["config"] is not None:  # the file says which adapters; their variables fill in the rest
                 self["adapters"] = adapters_from_file(self["config"], os.environ, discover_adapters(), reactor)
             else:
                 self["adapters"] = [plugin.configure(os.environ, reactor) for plugin in discover_adapters()]
+            self["policies"] = resolve_policies(self["adapters"], timeout + self["policy"])
         except ConfigurationError as e:
             raise usage.UsageError(str(e))
         unknown = self["forward-request-id"] - {adapter.name for adapter in self["adapters"]}
@@ -103,8 +118,10 @@ class Options(usage.Options):
 class Listener(Service):
     """Listens on one endpoint description; announces where once the reactor runs."""
 
-    def __init__(self, reactor, endpoint: str, factory, label: str, *, warn_if_exposed: bool = False) -> None:
+    def __init__(self, reactor, endpoint: str, factory, label: str, *, warn_if_exposed: bool = False,
+                 grace_period: float = 0.0) -> None:
         self._reactor = reactor
+        self._grace_period = grace_period
         self._endpoint = endpoint
         self._factory = factory
         self._label = label
@@ -139,8 +156,13 @@ class Listener(Service):
         raise SystemExit(1)
 
     def stopService(self):
+        """Stop accepting, then give requests in flight up to the grace period to finish."""
         super().stopService()
-        return self.port.stopListening() if self.port is not None else None
+        stopped = defer.maybeDeferred(self.port.stopListening) if self.port is not None else defer.succeed(None)
+        drain = getattr(self._factory, "drain", None)
+        if drain is not None and self._grace_period > 0:
+            stopped.addCallback(lambda _: drain(self._grace_period))
+        return stopped
 
 
 class Upkeep(Service):
@@ -189,27 +211,29 @@ def assemble(
     *,
     endpoint: str,
     admin_endpoint: str | None,
-    timeout: float = 10.0,
+    policies: dict[str, Policy] | None = None,
     connect_timeout: float = 3.0,
+    grace_period: float = 25.0,
     probe_interval: float = 0.0,
     forward_request_id=frozenset(),
     clock=None,
 ) -> Ambassador:
     """Wire adapters, pipeline, proxy and admin listeners together. ``clock`` drives every timer."""
     clock = clock or reactor
+    policies = policies or resolve_policies(adapters, [])
+    guards = {adapter.name: Guard.of(policies[adapter.name], clock) for adapter in adapters}
     metrics = Metrics()
-    readiness = Readiness.of(adapters)
+    readiness = Readiness.of(adapters, {name: guard.breaker for name, guard in guards.items()})
     metrics.watch(readiness)
     client = UpstreamClient(reactor, connect_timeout=connect_timeout)
-    gateway = Gateway(client, clock, metrics, readiness, timeout=timeout,
-                      forward_request_id=frozenset(forward_request_id))
+    gateway = Gateway(client, clock, metrics, readiness, guards, forward_request_id=frozenset(forward_request_id))
     prober = Prober(readiness, gateway, clock, probe_interval) if probe_interval > 0 else None
     service = MultiService()
     Upkeep(clock, adapters, client, prober).setServiceParent(service)
     routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in adapters for route in adapter.routes)
     log.info("Routes: {routes}", routes=routes or "none")
     site = AmbassadorSite(build_root(adapters, gateway, metrics), clock, metrics)
-    proxy = Listener(reactor, endpoint, site, "proxy", warn_if_exposed=True)
+    proxy = Listener(reactor, endpoint, site, "proxy", warn_if_exposed=True, grace_period=grace_period)
     proxy.setServiceParent(service)
     admin = None
     if admin_endpoint is not None:
@@ -226,8 +250,9 @@ def makeService(options: Options) -> MultiService:
         options["adapters"],
         endpoint=options["endpoint"],
         admin_endpoint=options["admin-endpoint"],
-        timeout=options["timeout"],
+        policies=options["policies"],
         connect_timeout=options["connect-timeout"],
+        grace_period=options["grace-period"],
         probe_interval=options["probe-interval"],
         forward_request_id=options["forward-request-id"],
     ).service

@@ -6,6 +6,7 @@ the call itself, and the mapping of network failures to problem answers.
 
 from __future__ import annotations
 
+import random
 from urllib.parse import urlencode
 
 from attrs import evolve
@@ -13,17 +14,29 @@ from OpenSSL.SSL import Error as TLSError
 from treq.client import HTTPClient
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web._newclient import _WrapperException
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 
 from . import __version__
-from .exchange import InboundRequest, Trace, UpstreamRequest, UpstreamResponse
+from .exchange import Answer, InboundRequest, Trace, UpstreamRequest, UpstreamResponse
 from .health import Readiness
 from .interfaces import IExternalAdapter
 from .metrics import Metrics
 from .problems import Problem
+from .resilience import (
+    Guard,
+    Policy,
+    RateLimited,
+    circuit_open,
+    full_jitter_backoff,
+    rate_limited,
+    retry_after_seconds,
+    too_many_in_flight,
+    whole_seconds,
+)
 
 USER_AGENT = f"ambassador/{__version__}"
 
@@ -83,8 +96,10 @@ class UpstreamClient:
 class Gateway:
     """Runs one inbound request through an adapter and the upstream pipeline.
 
-    It records each upstream attempt in ``metrics`` and what it learns about
-    an adapter's credential in ``readiness``, and fills in the request's Trace.
+    Per adapter it enforces the resilience policy (``guards``): deadline,
+    circuit breaker, rate limit, in-flight cap, retries with backoff and
+    Retry-After. It records each attempt in ``metrics``, what it learns about
+    the credential in ``readiness``, and fills in the request's Trace.
     """
 
     def __init__(
@@ -93,16 +108,18 @@ class Gateway:
         clock: IReactorTime,
         metrics: Metrics,
         readiness: Readiness,
+        guards: dict[str, Guard],
         *,
-        timeout: float = 10.0,
         forward_request_id: frozenset[str] = frozenset(),
+        rng: random.Random | None = None,
     ) -> None:
         self._client = client
         self._clock = clock
         self._metrics = metrics
         self._readiness = readiness
-        self.timeout = timeout
+        self._guards = guards
         self._forward_request_id = forward_request_id
+        self._rng = rng or random.Random()
 
     def answer(self, adapter: IExternalAdapter, inbound: InboundRequest, trace: Trace) -> defer.Deferred:
         """A Deferred firing with the Answer, or failing with a Problem. Cancel it to abandon."""
@@ -112,54 +129,140 @@ class Gateway:
             return defer.fail()
         if inbound.request_id and adapter.name in self._forward_request_id:
             request = evolve(request, headers={**request.headers, "X-Request-ID": inbound.request_id})
-        call = self._authenticated(adapter, request, trace)
-        call.addCallback(self._interpret, adapter, inbound)
-        return call
+        return defer.ensureDeferred(self._exchange(adapter, self._guards[adapter.name], inbound, request, trace))
 
     def probe(self, adapter: IExternalAdapter, path: str) -> defer.Deferred:
         """Ask the upstream for ``path``; fires with None when it answered well, else why not."""
-        call = self._authenticated(adapter, UpstreamRequest("GET", path), Trace())
+
+        async def ask() -> UpstreamResponse:
+            request = await self._attach(adapter, UpstreamRequest("GET", path))
+            return await self._attempt(adapter, request, Trace(), self._guards[adapter.name].policy.timeout)
+
+        call = defer.ensureDeferred(ask())
         call.addCallbacks(
             lambda response: None if response.status < 400 else f"{path} answered status {response.status}",
             lambda failure: failure.value.detail if failure.check(Problem) else failure.getErrorMessage(),
         )
         return call
 
-    # The credential: attached per attempt (it may first fetch an OAuth2 token, so it may be a
-    # Deferred); a 401 to a credential that can be refreshed is retried once with a fresh one.
+    async def _exchange(self, adapter, guard: Guard, inbound: InboundRequest, request: UpstreamRequest,
+                        trace: Trace) -> Answer:
+        policy, breaker, name = guard.policy, guard.breaker, adapter.name
+        deadline = self._clock.seconds() + policy.timeout
+        retries_left = policy.retries if request.method in ("GET", "HEAD") else 0
+        refreshable = True
+        while True:
+            if breaker is not None and breaker.rejecting():
+                raise circuit_open(name, breaker.retry_after())
+            sent = await self._attach(adapter, request)
+            await self._take_rate_token(name, guard)
+            await self._take_slot(name, guard)
+            try:
+                # The deadline is kept by giving each attempt only what is left of it;
+                # the waits before an attempt are bounded by their own queue limits.
+                remaining = deadline - self._clock.seconds()
+                if remaining <= 0:
+                    raise _deadline_problem(adapter, policy)
+                if breaker is not None and not breaker.admit():
+                    raise circuit_open(name, breaker.retry_after())
+                try:
+                    outcome = await self._attempt(adapter, sent, trace,
+                                                  min(remaining, policy.attempt_timeout or remaining))
+                except Problem as problem:
+                    outcome = problem
+                except defer.CancelledError:
+                    if breaker is not None:
+                        breaker.abandoned()
+                    raise
+            finally:
+                guard.slots.release()
+            if refreshable and self._refreshed(adapter, sent, outcome):
+                refreshable = False
+                continue
+            status = outcome.status if isinstance(outcome, UpstreamResponse) else None
+            if breaker is not None:
+                (breaker.failed if status is None or status in _FAILED_STATUSES else breaker.succeeded)()
+            if status == 429 and guard.bucket is not None:
+                asked = retry_after_seconds(outcome.headers.get("retry-after"), self._clock.seconds())
+                if asked:  # nobody here sends before the upstream is willing again
+                    guard.bucket.hold_until(self._clock.seconds() + asked)
+            wait = self._retry_wait(outcome, guard, retries_left)
+            if wait is None:
+                break
+            if self._clock.seconds() + wait >= deadline:
+                if status in (429, 503):  # the caller may retry later: say when
+                    return self._interpret(_with_retry_after(outcome, wait), adapter, inbound)
+                break
+            retries_left -= 1
+            self._metrics.retries.labels(name).inc()
+            await deferLater(self._clock, wait)
+        if isinstance(outcome, Problem):
+            raise outcome
+        return self._interpret(outcome, adapter, inbound)
 
-    def _authenticated(
-        self, adapter: IExternalAdapter, request: UpstreamRequest, trace: Trace, *, retry_rejected: bool = True
-    ) -> defer.Deferred:
-        """A Deferred firing with the UpstreamResponse to ``request`` sent with the adapter's credential."""
-        call = defer.maybeDeferred(adapter.credential.attach, request, adapter.name)
-        call.addCallback(lambda sent: self._attempt(adapter, sent, trace).addCallback(
-            self._unless_rejected, adapter, request, sent, trace, retry_rejected))
-        return call
+    # The credential is attached to each attempt. It may first fetch a token (OAuth2), so
+    # attaching may wait; a 401 to a credential that can be refreshed is sent once more with a
+    # fresh one, apart from (and before) the retry policy.
 
-    def _unless_rejected(self, response: UpstreamResponse, adapter: IExternalAdapter, request: UpstreamRequest,
-                         sent: UpstreamRequest, trace: Trace, retry_rejected: bool):
-        if response.status == 401 and retry_rejected and adapter.credential.rejected(sent):
-            return self._authenticated(adapter, request, trace, retry_rejected=False)
-        return response
+    def _attach(self, adapter: IExternalAdapter, request: UpstreamRequest) -> defer.Deferred:
+        return defer.maybeDeferred(adapter.credential.attach, request, adapter.name)
 
-    def _timeout(self, adapter: IExternalAdapter) -> float:
-        return getattr(adapter, "timeout", None) or self.timeout
+    @staticmethod
+    def _refreshed(adapter: IExternalAdapter, sent: UpstreamRequest, outcome) -> bool:
+        return (isinstance(outcome, UpstreamResponse) and outcome.status == 401
+                and adapter.credential.rejected(sent))
 
-    def _attempt(self, adapter: IExternalAdapter, request: UpstreamRequest, trace: Trace) -> defer.Deferred:
+    def _retry_wait(self, outcome, guard: Guard, retries_left: int) -> float | None:
+        """Seconds to wait before retrying ``outcome``, or None when it must not be retried."""
+        if retries_left <= 0:
+            return None
+        policy = guard.policy
+        backoff = full_jitter_backoff(policy, policy.retries - retries_left, self._rng)
+        if isinstance(outcome, Problem):
+            return backoff if outcome.kind in ("upstream-unreachable", "upstream-timeout") else None
+        if outcome.status in (429, 503):
+            asked = retry_after_seconds(outcome.headers.get("retry-after"), self._clock.seconds())
+            if asked is None:
+                return backoff
+            return asked if asked <= policy.retry_after_cap else None
+        return backoff if outcome.status in (502, 504) else None
+
+    async def _take_rate_token(self, name: str, guard: Guard) -> None:
+        if guard.bucket is None:
+            return
+        try:
+            waited = await guard.bucket.acquire()
+        except RateLimited as limited:
+            self._metrics.rate_limit_rejections.labels(name).inc()
+            raise rate_limited(name, guard.policy, limited.retry_after)
+        if waited:
+            self._metrics.rate_limit_waits.labels(name).inc()
+
+    async def _take_slot(self, name: str, guard: Guard) -> None:
+        slot = guard.slots.acquire()
+        slot.addTimeout(guard.policy.in_flight_queue, self._clock)
+        try:
+            await slot
+        except error.TimeoutError:
+            self._metrics.concurrency_rejections.labels(name).inc()
+            raise too_many_in_flight(name, guard.policy)
+
+    async def _attempt(self, adapter: IExternalAdapter, request: UpstreamRequest, trace: Trace,
+                       timeout: float) -> UpstreamResponse:
+        """One upstream call; network failures and its own timeout come back as Problems."""
         trace.attempts += 1
         started = self._clock.seconds()
         call = defer.ensureDeferred(self._client.fetch(adapter.base_url, request))
-        call.addTimeout(self._timeout(adapter), self._clock, onTimeoutCancel=_deadline_passed)
+        call.addTimeout(timeout, self._clock, onTimeoutCancel=_attempt_timed_out)
         call.addBoth(self._attempted, adapter, started, trace)
-        call.addErrback(self._explain_failure, adapter)
-        return call
+        call.addErrback(self._explain_failure, adapter, timeout)
+        return await call
 
     def _attempted(self, result, adapter: IExternalAdapter, started: float, trace: Trace):
         if isinstance(result, UpstreamResponse):
             trace.upstream_status = result.status
             outcome = f"{result.status // 100}xx"
-        elif result.check(DeadlinePassed):
+        elif result.check(AttemptTimedOut):
             outcome = "timeout"
         elif result.check(defer.CancelledError):
             outcome = "cancelled"
@@ -181,16 +284,12 @@ class Gateway:
             state.credential_rejected = False  # the upstream took the credential
         return answer
 
-    def _explain_failure(self, failure, adapter: IExternalAdapter):
+    def _explain_failure(self, failure, adapter: IExternalAdapter, timeout: float):
         failure.trap(Exception)
         where = f"the {adapter.name} service ({_host(adapter.base_url)})"
-        if failure.check(DeadlinePassed):
-            raise Problem(
-                504,
-                "upstream-timeout",
-                "Upstream timed out",
-                f"{where} did not answer completely within {self._timeout(adapter):g} s.",
-            )
+        if failure.check(AttemptTimedOut):
+            raise Problem(504, "upstream-timeout", "Upstream timed out",
+                          f"{where} did not answer completely within {timeout:g} s.")
         if failure.check(defer.CancelledError):
             return failure
         if _caused_by(failure.value, TLSError):
@@ -204,12 +303,30 @@ class Gateway:
         raise Problem(502, "upstream-unreachable", "Upstream unreachable", f"Calling {where}: {reason}.")
 
 
-class DeadlinePassed(Exception):
-    """The whole upstream exchange took longer than the gateway's timeout."""
+# Upstream answers that count as failures for the circuit breaker.
+_FAILED_STATUSES = frozenset({500, 502, 503, 504})
 
 
-def _deadline_passed(result, timeout):
-    return Failure(DeadlinePassed())
+def _with_retry_after(response: UpstreamResponse, seconds: float) -> UpstreamResponse:
+    return evolve(response, headers={**response.headers, "retry-after": whole_seconds(seconds)})
+
+
+class AttemptTimedOut(Exception):
+    """One upstream attempt took longer than its timeout."""
+
+
+def _attempt_timed_out(result, timeout):
+    return Failure(AttemptTimedOut())
+
+
+def _deadline_problem(adapter: IExternalAdapter, policy: Policy) -> Problem:
+    return Problem(
+        504,
+        "upstream-timeout",
+        "Upstream timed out",
+        f"The {adapter.name} service ({_host(adapter.base_url)}) did not answer completely within the "
+        f"{policy.timeout:g} s deadline (all attempts included).",
+    )
 
 
 def _host(base_url: str) -> str:

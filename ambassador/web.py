@@ -225,8 +225,28 @@ class AmbassadorSite(Site):
         super().__init__(resource, **kwargs)
         self._clock = clock
         self._unmatched = metrics.route("", "unmatched")
+        self._in_flight: set = set()
+        self._drained: defer.Deferred | None = None
+
+    def drain(self, grace_period: float) -> defer.Deferred:
+        """Fires when no request is in flight, or after ``grace_period`` seconds, whichever is first."""
+        log.info("Draining {count} requests in flight (up to {grace} s)", count=len(self._in_flight),
+                 grace=grace_period)
+        self._drained = defer.Deferred()
+        self._drained.addTimeout(grace_period, self._clock)
+        self._drained.addErrback(lambda _: log.warn("Grace period over with {count} requests unfinished",
+                                                    count=len(self._in_flight)))
+        self._check_drained(None)
+        return self._drained
+
+    def _check_drained(self, request) -> None:
+        self._in_flight.discard(request)
+        if not self._in_flight and self._drained is not None and not self._drained.called:
+            self._drained.callback(None)
 
     def getResourceFor(self, request):
+        self._in_flight.add(request)
+        request.notifyFinish().addBoth(lambda _: self._check_drained(request))
         request.ambassador_started = self._clock.seconds()
         request.ambassador_id = _request_id(request)
         request.setHeader(b"x-request-id", request.ambassador_id)

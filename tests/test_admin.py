@@ -7,6 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
 from ambassador.credentials import FILE_POLL_INTERVAL
+from ambassador.resilience import Policy
 from conftest import SECRETS, get, header, tmdb_env
 
 KEY = {"TMDB_API_KEY": "test-api-key"}
@@ -91,7 +92,7 @@ async def test_probe_finds_a_bad_credential_before_any_caller_does(fake_tmdb, st
 
 @pytest_twisted.ensureDeferred
 async def test_metrics_after_a_known_sequence(fake_tmdb, start_ambassador):
-    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), policies={"tmdb": Policy(retries=0)})
     url = ambassador.url
     await get(url + "/movies?api_key=caller-own-key")
     await get(url + "/movies")
@@ -114,6 +115,7 @@ async def test_metrics_after_a_known_sequence(fake_tmdb, start_ambassador):
     assert value("ambassador_upstream_attempts_total", adapter="tmdb", outcome="2xx") == 2
     assert value("ambassador_upstream_attempts_total", adapter="tmdb", outcome="4xx") == 1
     assert value("ambassador_upstream_attempts_total", adapter="tmdb", outcome="unreachable") == 1
+    assert value("ambassador_upstream_retries_total", adapter="tmdb") == 0
     assert value("ambassador_upstream_duration_seconds_count", adapter="tmdb") == 4
     assert value("ambassador_requests_in_flight", adapter="tmdb") == 0
     assert value("ambassador_credential_present", adapter="tmdb") == 1

@@ -97,12 +97,13 @@ async def test_a_plugin_credential_from_the_file_replaces_its_variables(fake_tmd
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_per_adapter_timeout_overrides_the_default(fake_tmdb, start_ambassador, tmp_path):
+async def test_a_per_adapter_timeout_and_policy_override_the_defaults(fake_tmdb, start_ambassador, tmp_path):
     text = (f"adapters:\n  slow:\n    mount: /slow\n    base_url: {fake_tmdb.base_url}\n    timeout: 2.5\n"
+            "    policy: {retries: 0}\n"
             "    credential: {style: query, secret: {env: KEY}}\n")
     clock = Clock()
     adapters = adapters_from_yaml(tmp_path, text, {"KEY": "test-api-key"})
-    ambassador = await start_ambassador(adapters=adapters, clock=clock, timeout=30)
+    ambassador = await start_ambassador(adapters=adapters, clock=clock)
     fake_tmdb.fault = "hang"
     arrived = fake_tmdb.next_request()
     answer = ensureDeferred(get(ambassador.url + "/slow/3/movie/550"))
@@ -130,6 +131,8 @@ async def test_a_per_adapter_timeout_overrides_the_default(fake_tmdb, start_amba
      "    credential: {style: bearer, secret: {env: K}}", "adapters.w.methods: expected a list of methods"),
     ("adapters:\n  w:\n    mount: /w\n    base_url: https://x.example\n    retries: 3\n"
      "    credential: {style: bearer, secret: {env: K}}", "adapters.w.retries: expected no such key here"),
+    ("adapters:\n  w:\n    mount: /w\n    base_url: https://x.example\n    policy: {retires: 3}\n"
+     "    credential: {style: bearer, secret: {env: K}}", "adapters.w.policy: unknown policy key 'retires'"),
     ("adapters:\n  w:\n    type: soap\n", "adapters.w.type: expected http or an adapter plugin's name (tmdb)"),
     ("adapters:\n  tmdb:\n    type: tmdb\n    mount: /films\n", "adapters.tmdb.mount: expected no such key"),
     ("adapters:\n  a:\n    mount: /w\n    base_url: https://x.example\n    credential: {style: bearer, secret: {env: K}}\n"

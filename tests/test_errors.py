@@ -7,10 +7,13 @@ import pytest_twisted
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 
+from ambassador.resilience import Policy
 from ambassador.testing import serve
 from conftest import get, header, tmdb_env
 
 KEY = {"TMDB_API_KEY": "test-api-key"}
+# These tests are about how one answer is mapped; retries are tested in test_resilience.py.
+NO_RETRIES = {"tmdb": Policy(retries=0)}
 
 
 def problem(response, body, status, kind):
@@ -46,7 +49,7 @@ async def test_refused_connection_is_502(start_ambassador, fake_tmdb):
     closed = serve(fake_tmdb)
     base_url = closed.base_url
     await closed.stopListening()
-    ambassador = await start_ambassador({"TMDB_BASE_URL": base_url, **KEY})
+    ambassador = await start_ambassador({"TMDB_BASE_URL": base_url, **KEY}, policies=NO_RETRIES)
     url = ambassador.url
     document = problem(*await get(url + "/movies"), 502, "upstream-unreachable")
     assert "connection refused" in document["detail"]
@@ -54,7 +57,7 @@ async def test_refused_connection_is_502(start_ambassador, fake_tmdb):
 
 @pytest_twisted.ensureDeferred
 async def test_connection_reset_is_502_and_serving_goes_on(fake_tmdb, start_ambassador):
-    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), policies=NO_RETRIES)
     url = ambassador.url
     fake_tmdb.fault = "reset"
     problem(*await get(url + "/movies"), 502, "upstream-unreachable")
@@ -66,7 +69,7 @@ async def test_connection_reset_is_502_and_serving_goes_on(fake_tmdb, start_amba
 @pytest_twisted.ensureDeferred
 async def test_upstream_timeout_is_504(fake_tmdb, start_ambassador):
     clock = Clock()
-    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), clock=clock, timeout=10)
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), clock=clock)
     url = ambassador.url
     fake_tmdb.fault = "hang"
     arrived = fake_tmdb.next_request()
@@ -125,7 +128,7 @@ async def test_answers_tmdb_never_sends_are_502(fake_tmdb, start_ambassador, can
 )
 @pytest_twisted.ensureDeferred
 async def test_outside_failures_map_to_gateway_statuses(fake_tmdb, start_ambassador, status, expected, kind):
-    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), policies=NO_RETRIES)
     url = ambassador.url
     body = json.dumps({"status_code": 25, "status_message": "Your request count (41) is over the allowed limit of (40)."})
     fake_tmdb.canned = (status, {"Content-Type": "application/json", "Retry-After": "3"}, body.encode())

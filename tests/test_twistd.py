@@ -95,7 +95,7 @@ async def test_bad_configuration_stops_startup_with_a_clear_message(tmp_path):
     assert "Traceback" not in output
 
     output, code = await run_twistd("-n", "ambassador", "--timeout", "-1", env={}, cwd=tmp_path)
-    assert code != 0 and "--timeout must be a positive number" in output
+    assert code != 0 and "timeout must be a number of seconds" in output
 
 
 @pytest_twisted.ensureDeferred

@@ -8,9 +8,7 @@ checked every path segment.
 
 from __future__ import annotations
 
-from typing import Mapping
-
-from attrs import field, frozen
+from attrs import frozen
 from zope.interface import implementer
 
 from ..answers import forward, outside_failure
@@ -34,10 +32,9 @@ class HTTPAdapter:
     methods: tuple[str, ...] = ("GET", "HEAD")
     paths: tuple[str, ...] = ()  # allowed path prefixes below the base path, no trailing slash; () allows all
     secret_params: frozenset[str] = frozenset()
-    timeout: float | None = None
     probe_path: str | None = None
-    #: Per-adapter policy sections of the config file (retry, rate_limit …), parsed; see configfile.
-    policies: Mapping[str, object] = field(factory=dict)
+    #: (key, value) pairs of ambassador.resilience.Policy from the config file (timeout, retries …).
+    policy_defaults: tuple[tuple[str, str], ...] = ()
 
     @property
     def routes(self) -> tuple[Route, ...]:

@@ -1,0 +1,293 @@
+"""Policies that keep the outside world's trouble away from the caller.
+
+Per adapter: a deadline for the whole exchange, retries with exponential
+backoff and full jitter, Retry-After honoured, a client-side rate limit
+(token bucket), a circuit breaker and a cap on requests in flight. Every
+wait is scheduled on an injected clock, so tests drive it with ``Clock``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from email.utils import parsedate_to_datetime
+from typing import Callable
+
+from attrs import define, field, fields, frozen
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+
+from .interfaces import ConfigurationError
+from .problems import Problem
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise ValueError
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError
+    return value
+
+
+def _optional_rate(text: str) -> float | None:
+    return None if text in ("none", "off", "0") else _seconds(text)
+
+
+@frozen
+class Policy:
+    """Resilience settings for one adapter; ``describe()`` lists them for --help."""
+
+    timeout: float = 10.0  # whole exchange: every attempt and wait, whole body read
+    attempt_timeout: float | None = None  # one attempt; None: whatever is left of the deadline
+    retries: int = 2
+    backoff_base: float = 0.1
+    backoff_cap: float = 2.0
+    retry_after_cap: float = 5.0
+    rate_limit: float | None = None  # requests per second sent upstream; None: unlimited
+    rate_burst: int | None = None  # default: the rate, rounded up
+    rate_queue: float = 1.0  # longest a request waits for the rate limit before 429
+    breaker_failures: int = 5  # consecutive failures that open the circuit; 0: no breaker
+    breaker_open: float = 10.0
+    breaker_open_max: float = 60.0
+    max_in_flight: int = 100
+    in_flight_queue: float = 0.5  # longest a request waits for a free slot before 503
+
+    def updated(self, settings: dict[str, str], where: str) -> "Policy":
+        """A copy with ``settings`` (key → text) applied; bad keys or values name ``where``."""
+        parsers = {a.name: _PARSERS[a.name] for a in fields(Policy)}
+        changes = {}
+        for key, text in settings.items():
+            if key not in parsers:
+                raise ConfigurationError(f"{where}: unknown policy key {key!r}; known: {', '.join(parsers)}")
+            try:
+                changes[key] = parsers[key](str(text).strip())
+            except ValueError:
+                raise ConfigurationError(f"{where}: {key} must be {_EXPECTED[key]}, not {text!r}")
+        policy = Policy(**{**{a.name: getattr(self, a.name) for a in fields(Policy)}, **changes})
+        if policy.timeout <= 0:
+            raise ConfigurationError(f"{where}: timeout must be more than 0")
+        return policy
+
+    @property
+    def burst(self) -> int:
+        return self.rate_burst or max(1, math.ceil(self.rate_limit or 1))
+
+
+_PARSERS: dict[str, Callable[[str], object]] = {
+    "timeout": _seconds, "attempt_timeout": lambda t: None if t == "none" else _seconds(t),
+    "retries": _count, "backoff_base": _seconds, "backoff_cap": _seconds, "retry_after_cap": _seconds,
+    "rate_limit": _optional_rate, "rate_burst": _count, "rate_queue": _seconds,
+    "breaker_failures": _count, "breaker_open": _seconds, "breaker_open_max": _seconds,
+    "max_in_flight": lambda t: max(1, _count(t)), "in_flight_queue": _seconds,
+}
+_EXPECTED = {name: "a number of seconds" for name in _PARSERS} | {
+    "retries": "a whole number", "rate_burst": "a whole number", "breaker_failures": "a whole number",
+    "max_in_flight": "a whole number", "attempt_timeout": "a number of seconds or 'none'",
+    "rate_limit": "requests per second or 'none'",
+}
+POLICY_HELP = {
+    "timeout": "seconds for the whole exchange, all attempts included (10)",
+    "attempt_timeout": "seconds for one attempt, or none: what is left of the deadline (none)",
+    "retries": "retries after the first attempt, GET/HEAD only (2)",
+    "backoff_base": "first backoff ceiling in seconds; full jitter, doubling (0.1)",
+    "backoff_cap": "largest backoff in seconds (2)",
+    "retry_after_cap": "longest Retry-After honoured, seconds (5)",
+    "rate_limit": "requests per second sent upstream, or none (TMDB: 40)",
+    "rate_burst": "token bucket size (default: the rate)",
+    "rate_queue": "seconds a request may wait for the rate limit before 429 (1)",
+    "breaker_failures": "consecutive failures that open the circuit, 0 for none (5)",
+    "breaker_open": "seconds the circuit stays open on the first trip (10)",
+    "breaker_open_max": "longest open interval, doubling on repeated trips (60)",
+    "max_in_flight": "upstream requests in flight at once (100)",
+    "in_flight_queue": "seconds a request may wait for a free slot before 503 (0.5)",
+}
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta-seconds or HTTP-date), None if unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def full_jitter_backoff(policy: Policy, retry: int, rng: random.Random) -> float:
+    """Seconds before retry number ``retry`` (0-based): uniform in [0, min(cap, base·2^retry)]."""
+    return rng.uniform(0, min(policy.backoff_cap, policy.backoff_base * 2**retry))
+
+
+class RateLimited(Exception):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+@define
+class TokenBucket:
+    """A token bucket kept as a theoretical arrival time (GCRA): exact, O(1), no timer ticking.
+
+    ``acquire`` fires when the request may be sent; a request that would wait
+    longer than ``max_wait`` fails at once with RateLimited.
+    """
+
+    clock: IReactorTime
+    rate: float
+    burst: int
+    max_wait: float
+    _tat: float = field(default=0.0, init=False)
+
+    def acquire(self) -> defer.Deferred:
+        now = self.clock.seconds()
+        interval = 1.0 / self.rate
+        tat = max(self._tat, now)
+        wait = tat - (self.burst - 1) * interval - now
+        if wait > self.max_wait + 1e-9:
+            return defer.fail(RateLimited(wait))
+        self._tat = tat + interval
+        if wait <= 0:
+            return defer.succeed(0.0)
+        return deferLater(self.clock, wait, lambda: wait)
+
+    def hold_until(self, until: float) -> None:
+        """Send nothing before ``until`` (the upstream asked us to wait), then resume at the rate."""
+        self._tat = max(self._tat, until + (self.burst - 1) / self.rate)
+
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+
+
+@define
+class CircuitBreaker:
+    """Opens after ``failures`` consecutive upstream failures; while open, nothing is sent.
+
+    After the open interval one probe request goes through: success closes
+    the circuit, failure opens it again for twice as long (up to ``open_max``).
+    """
+
+    clock: IReactorTime
+    failures: int
+    open_for: float
+    open_max: float
+    state: str = CLOSED
+    _consecutive: int = field(default=0, init=False)
+    _trips: int = field(default=0, init=False)
+    _opened_until: float = field(default=0.0, init=False)
+    _probing: bool = field(default=False, init=False)
+
+    def rejecting(self) -> bool:
+        """Would a request be turned away now? (Does not use up the half-open probe.)"""
+        if self.state == OPEN:
+            return self.clock.seconds() < self._opened_until
+        return self.state == HALF_OPEN and self._probing
+
+    def admit(self) -> bool:
+        """May a request go upstream now? (Half-open lets exactly one through.)"""
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN and self.clock.seconds() >= self._opened_until:
+            self.state = HALF_OPEN
+        if self.state == HALF_OPEN and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def abandoned(self) -> None:
+        """The admitted probe never finished (the caller left): let the next request probe."""
+        self._probing = False
+
+    def retry_after(self) -> float:
+        return max(1.0, self._opened_until - self.clock.seconds())
+
+    def succeeded(self) -> None:
+        self.state, self._consecutive, self._trips, self._probing = CLOSED, 0, 0, False
+
+    def failed(self) -> None:
+        self._consecutive += 1
+        if self.state == HALF_OPEN or (self.failures and self._consecutive >= self.failures):
+            self._trips += 1
+            self.state, self._probing = OPEN, False
+            self._opened_until = self.clock.seconds() + min(self.open_max, self.open_for * 2 ** (self._trips - 1))
+
+
+@define
+class Guard:
+    """One adapter's policy and the live state that enforces it."""
+
+    policy: Policy
+    breaker: CircuitBreaker | None
+    bucket: TokenBucket | None
+    slots: defer.DeferredSemaphore
+
+    @classmethod
+    def of(cls, policy: Policy, clock: IReactorTime) -> "Guard":
+        breaker = None
+        if policy.breaker_failures:
+            breaker = CircuitBreaker(clock, policy.breaker_failures, policy.breaker_open, policy.breaker_open_max)
+        bucket = None
+        if policy.rate_limit:
+            bucket = TokenBucket(clock, policy.rate_limit, policy.burst, policy.rate_queue)
+        return cls(policy, breaker, bucket, defer.DeferredSemaphore(policy.max_in_flight))
+
+
+def whole_seconds(seconds: float) -> str:
+    """A Retry-After value: whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
+def circuit_open(adapter: str, retry_after: float) -> Problem:
+    return Problem(503, "circuit-open", "Circuit open",
+                   f"Recent calls to the {adapter} service kept failing, so the ambassador is not calling it "
+                   "for a while (circuit breaker); retry later.",
+                   headers=[("Retry-After", whole_seconds(retry_after))])
+
+
+def rate_limited(adapter: str, policy: Policy, retry_after: float) -> Problem:
+    return Problem(429, "rate-limited", "Rate limit reached",
+                   f"The ambassador sends at most {policy.rate_limit:g} requests per second to the {adapter} "
+                   f"service and this request would have waited more than {policy.rate_queue:g} s; retry later.",
+                   headers=[("Retry-After", whole_seconds(retry_after))])
+
+
+def too_many_in_flight(adapter: str, policy: Policy) -> Problem:
+    return Problem(503, "concurrency-limit", "Too many requests in flight",
+                   f"{policy.max_in_flight} requests to the {adapter} service are already in flight and no slot "
+                   f"freed within {policy.in_flight_queue:g} s; retry shortly.",
+                   headers=[("Retry-After", "1")])
+
+
+def resolve_policies(adapters, entries: list[str], *, source: str = "--policy") -> dict[str, Policy]:
+    """Each adapter's Policy: its own defaults, then ``KEY=VALUE`` entries for every adapter,
+    then ``ADAPTER.KEY=VALUE`` entries for that one (later entries win)."""
+    names = {adapter.name for adapter in adapters}
+    everyone: dict[str, str] = {}
+    one: dict[str, dict[str, str]] = {name: {} for name in names}
+    for entry in entries:
+        target, _, value = entry.partition("=")
+        adapter, dot, key = target.strip().rpartition(".")
+        if not _ or not key:
+            raise ConfigurationError(f"{source} {entry!r}: expected KEY=VALUE or ADAPTER.KEY=VALUE")
+        if dot and adapter not in names:
+            raise ConfigurationError(f"{source} {entry!r}: no adapter named {adapter!r}")
+        (one[adapter] if dot else everyone)[key] = value
+    policies = {}
+    for adapter in adapters:
+        defaults = getattr(adapter, "policy_defaults", None) or {}
+        policies[adapter.name] = (
+            Policy()
+            .updated(dict(defaults), f"{adapter.name} defaults")
+            .updated(everyone, source)
+            .updated(one[adapter.name], source)
+        )
+    return policies
