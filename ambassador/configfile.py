@@ -73,7 +73,8 @@ class Section:
     data: Mapping[str, Any]
 
     def error(self, key: str, expected: str) -> ConfigurationError:
-        return ConfigurationError(f"{self.file}: {self.where}.{key}: expected {expected}")
+        where = f"{self.where}.{key}" if self.where else key
+        return ConfigurationError(f"{self.file}: {where}: expected {expected}")
 
     def only(self, keys: Iterable[str]) -> None:
         allowed = sorted(set(keys))

@@ -203,8 +203,6 @@ def as_bearer_token() -> Injector:
     return as_header("Authorization", "Bearer ")
 
 
-
-
 @define(repr=False)
 class BasicPair:
     """``user:password`` encoded for ``Authorization: Basic`` (RFC 7617), each part from its own source."""
@@ -247,7 +245,8 @@ class _Sourced:
         return tuple(f for source in self._sources() for f in source.files())
 
     def present(self) -> bool:
-        return all(source.current() is not None for source in self._sources()) and bool(self._sources())
+        sources = self._sources()
+        return bool(sources) and all(source.current() is not None for source in sources)
 
     def reloads(self) -> int:
         return sum(f.reloads for f in self._files())
@@ -313,6 +312,7 @@ class Credential(_Sourced):
 REFRESH_SHARE = 0.1
 REFRESH_MARGIN = 30.0
 _OAUTH_ERROR_CODE = frozenset("abcdefghijklmnopqrstuvwxyz_")
+_as_bearer = as_bearer_token()
 
 
 @implementer(ICredential)
@@ -335,8 +335,7 @@ class OAuth2ClientCredentials(_Sourced):
     audience: str = ""
     client_auth: str = "basic"
     timeout: float = 10.0
-    problem: str | None = field(default=None, init=False)
-    token_requests: int = field(default=0, init=False)
+    problem: str | None = field(default=None, init=False)  # why the last token request failed
     _clock: IReactorTime | None = field(default=None, init=False)
     _client: object = field(default=None, init=False)
     _token: str | None = field(default=None, init=False)
@@ -360,12 +359,12 @@ class OAuth2ClientCredentials(_Sourced):
         if not self.present():
             raise self._missing(adapter)
         if self._token is not None and self._clock.seconds() < self._fresh_until:
-            return self._with_token(request, self._token)
+            return _as_bearer(request, self._token)
         waiter = defer.Deferred()
         self._waiting.append(waiter)
         if len(self._waiting) == 1:  # the first one asks; the others wait for its answer
             defer.ensureDeferred(self._request_token(adapter)).addBoth(self._hand_out)
-        return waiter.addCallback(lambda token: self._with_token(request, token))
+        return waiter.addCallback(lambda token: _as_bearer(request, token))
 
     def rejected(self, sent: UpstreamRequest) -> bool:
         """The upstream answered 401: forget the token it was sent, so the retry gets a new one."""
@@ -384,10 +383,6 @@ class OAuth2ClientCredentials(_Sourced):
 
     def redact(self, text: str) -> str:
         return super().redact(text.replace(self._token, "[REDACTED]") if self._token else text)
-
-    @staticmethod
-    def _with_token(request: UpstreamRequest, token: str) -> UpstreamRequest:
-        return as_bearer_token()(request, token)
 
     def _hand_out(self, result) -> None:
         waiting, self._waiting = self._waiting, []
@@ -409,7 +404,6 @@ class OAuth2ClientCredentials(_Sourced):
             form += [("client_id", client_id), ("client_secret", secret)]
         url = urlsplit(self.token_url)
         request = UpstreamRequest("POST", url.path or "/", headers=headers, body=urlencode(form).encode())
-        self.token_requests += 1
         call = defer.ensureDeferred(self._client.fetch(f"{url.scheme}://{url.netloc}", request))
         call.addTimeout(self.timeout, self._clock, onTimeoutCancel=lambda result, timeout: Failure(defer.TimeoutError()))
         asked = self._clock.seconds()
@@ -422,8 +416,8 @@ class OAuth2ClientCredentials(_Sourced):
         token, lifetime = self._read_token(adapter, response)
         self._token, self.problem = token, None
         self._fresh_until = asked + lifetime - min(REFRESH_MARGIN, lifetime * REFRESH_SHARE)
-        log.info("New OAuth2 access token for {adapter} from {host}, valid {lifetime} s",
-                 adapter=adapter, host=self._host(), lifetime=lifetime)
+        log.info("New OAuth2 access token for {adapter} from {host} (expires_in {expires_in})",
+                 adapter=adapter, host=self._host(), expires_in=None if math.isinf(lifetime) else lifetime)
         return token
 
     def _read_token(self, adapter: str, response: UpstreamResponse) -> tuple[str, float]:
@@ -440,13 +434,11 @@ class OAuth2ClientCredentials(_Sourced):
             raise self._failed(adapter, 502, "token-request-rejected",
                                f"refused the token request with status {response.status}{said}; check the "
                                "client id, client secret, scope and audience the ambassador was given")
-        token, token_type, lifetime = document.get("access_token"), document.get("token_type", "Bearer"), \
-            document.get("expires_in")
-        if not isinstance(token, str) or not token or not isinstance(token_type, str) \
-                or token_type.lower() != "bearer":
+        token, token_type = document.get("access_token"), document.get("token_type", "Bearer")
+        if not (isinstance(token, str) and token and isinstance(token_type, str) and token_type.lower() == "bearer"):
             raise self._failed(adapter, 502, "token-endpoint-failed", "answered without a Bearer access_token")
         try:
-            lifetime = math.inf if lifetime is None else float(lifetime)
+            lifetime = float(document.get("expires_in", math.inf))
         except (TypeError, ValueError):
             lifetime = -1.0
         if not lifetime > 0:

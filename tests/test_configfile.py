@@ -115,7 +115,7 @@ async def test_a_per_adapter_timeout_and_policy_override_the_defaults(fake_tmdb,
 
 @pytest.mark.parametrize("text, message", [
     ("adapters: [a, b]", "adapters: expected a mapping of adapter names to their settings"),
-    ("adaptors: {}", ".adaptors: expected no such key here; the keys are adapters"),
+    ("adaptors: {}", "ambassador.yaml: adaptors: expected no such key here; the keys are adapters"),
     ("adapters:\n  w:\n    base_url: https://x.example\n    credential: {style: bearer, secret: {env: K}}",
      "adapters.w.mount: expected a path like /weather (required)"),
     ("adapters:\n  w:\n    mount: /w/../x\n    base_url: https://x.example\n", "adapters.w.mount: expected a path"),
