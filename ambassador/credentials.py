@@ -3,20 +3,32 @@
 A secret is read from an environment variable once, or from a file (a
 mounted Kubernetes Secret) that is polled so a rotation takes effect without
 a restart. Secret values never appear in a repr, a log event or a Problem.
+
+Every credential provides ``ambassador.interfaces.ICredential``: ``Credential``
+attaches a secret as it is (query parameter, header, Bearer, Basic);
+``OAuth2ClientCredentials`` first exchanges a client id and secret for an
+access token (RFC 6749 §4.4), so its ``attach`` may return a Deferred.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import math
 import os
 from typing import Callable, Protocol
+from urllib.parse import quote_plus, urlencode, urlsplit
 
 from attrs import define, evolve, field
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from .exchange import UpstreamRequest, without_params
-from .interfaces import ConfigurationError
+from .exchange import UpstreamRequest, UpstreamResponse, without_params
+from .interfaces import ConfigurationError, ICredential
 from .problems import Problem
 
 log = Logger()
@@ -33,6 +45,12 @@ class SecretSource(Protocol):
     def describe(self) -> str:
         """Where the value comes from, for messages (never the value)."""
 
+    def files(self) -> tuple[FileSecret, ...]:
+        """The files behind the value, which are polled while serving."""
+
+    def hidden(self) -> tuple[str, ...]:
+        """The values (current ones) that must never be shown."""
+
 
 @define(repr=False)
 class EnvironmentSecret:
@@ -47,8 +65,27 @@ class EnvironmentSecret:
     def describe(self) -> str:
         return f"environment variable {self.variable}"
 
+    def files(self) -> tuple[FileSecret, ...]:
+        return ()
+
+    def hidden(self) -> tuple[str, ...]:
+        return (self.value,) if self.value else ()
+
     def __repr__(self) -> str:
         return f"<EnvironmentSecret {self.variable}>"
+
+
+class PlainValue(EnvironmentSecret):
+    """A value that is not secret (a user name, a client id) written in the config file at ``variable``."""
+
+    def describe(self) -> str:
+        return f"config key {self.variable}"
+
+    def hidden(self) -> tuple[str, ...]:
+        return ()
+
+    def __repr__(self) -> str:
+        return f"<PlainValue {self.variable}>"
 
 
 @define(repr=False)
@@ -74,6 +111,12 @@ class FileSecret:
 
     def describe(self) -> str:
         return f"file {self.path}"
+
+    def files(self) -> tuple[FileSecret, ...]:
+        return (self,)
+
+    def hidden(self) -> tuple[str, ...]:
+        return (self._value,) if self._value else ()
 
     def __repr__(self) -> str:
         return f"<FileSecret {self.path}>"
@@ -161,7 +204,83 @@ def as_bearer_token() -> Injector:
 
 
 @define(repr=False)
-class Credential:
+class BasicPair:
+    """``user:password`` encoded for ``Authorization: Basic`` (RFC 7617), each part from its own source."""
+
+    user: SecretSource
+    password: SecretSource
+
+    def current(self) -> str | None:
+        user, password = self.user.current(), self.password.current()
+        if user is None or password is None:
+            return None
+        return base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+    def describe(self) -> str:
+        return f"user from {self.user.describe()}, password from {self.password.describe()}"
+
+    def files(self) -> tuple[FileSecret, ...]:
+        return self.user.files() + self.password.files()
+
+    def hidden(self) -> tuple[str, ...]:
+        encoded = self.current()
+        return self.password.hidden() + ((encoded,) if encoded else ())
+
+    def __repr__(self) -> str:
+        return f"<BasicPair {self.describe()}>"
+
+
+def as_basic() -> Injector:
+    """Send a ``BasicPair``'s value as ``Authorization: Basic``."""
+    return as_header("Authorization", "Basic ")
+
+
+class _Sourced:
+    """What every credential does with its secret sources: poll, report, redact."""
+
+    def _sources(self) -> tuple[SecretSource, ...]:
+        raise NotImplementedError
+
+    def _files(self) -> tuple[FileSecret, ...]:
+        return tuple(f for source in self._sources() for f in source.files())
+
+    def present(self) -> bool:
+        sources = self._sources()
+        return bool(sources) and all(source.current() is not None for source in sources)
+
+    def reloads(self) -> int:
+        return sum(f.reloads for f in self._files())
+
+    def warning(self) -> str | None:
+        """Trouble with a source that does not stop serving (a file gone, the last value kept)."""
+        for f in self._files():
+            if f.problem and f.current() is not None:
+                return f"{f.describe()} {f.problem}; using the last good value"
+        return None
+
+    def redact(self, text: str) -> str:
+        """``text`` with every current secret replaced, for error text from elsewhere."""
+        for source in self._sources():
+            for value in source.hidden():
+                text = text.replace(value, "[REDACTED]")
+        return text
+
+    def start(self, clock: IReactorTime, client=None) -> None:
+        for f in self._files():
+            f.start(clock)
+
+    def stop(self) -> None:
+        for f in self._files():
+            f.stop()
+
+    def _missing(self, adapter: str) -> Problem:
+        return Problem(503, "credential-missing", "No credential configured",
+                       f"The ambassador has {self.missing_reason(adapter)}")
+
+
+@implementer(ICredential)
+@define(repr=False)
+class Credential(_Sourced):
     """A secret source plus the way it is attached; ``missing_hint`` says what to set."""
 
     source: SecretSource | None
@@ -171,42 +290,164 @@ class Credential:
     def __repr__(self) -> str:
         return f"<Credential from {self.source.describe() if self.source else 'nowhere'}>"
 
+    def _sources(self) -> tuple[SecretSource, ...]:
+        return (self.source,) if self.source is not None else ()
+
     def attach(self, request: UpstreamRequest, adapter: str) -> UpstreamRequest:
         secret = self.source.current() if self.source is not None else None
         if secret is None:
-            raise Problem(
-                503,
-                "credential-missing",
-                "No credential configured",
-                f"The ambassador has {self.missing_reason(adapter)}",
-            )
+            raise self._missing(adapter)
         return self.inject(request, secret)
 
-    def present(self) -> bool:
-        return self.source is not None and self.source.current() is not None
-
-    def reloads(self) -> int:
-        return self.source.reloads if isinstance(self.source, FileSecret) else 0
-
-    def warning(self) -> str | None:
-        """Trouble with the source that does not stop serving (a file gone, the last value kept)."""
-        if isinstance(self.source, FileSecret) and self.source.problem and self.present():
-            return f"{self.source.describe()} {self.source.problem}; using the last good value"
-        return None
+    def rejected(self, sent: UpstreamRequest) -> bool:
+        return False  # a fixed secret is not made better by asking again
 
     def missing_reason(self, adapter: str) -> str:
         where = f" ({self.source.describe()} has no value)" if self.source else ""
         return f"no credential for {adapter}{where}. {self.missing_hint}"
 
+
+#: An access token is used until this share of its lifetime (``expires_in``)
+#: is left, at most REFRESH_MARGIN seconds: the token must not expire on its way.
+REFRESH_SHARE = 0.1
+REFRESH_MARGIN = 30.0
+_OAUTH_ERROR_CODE = frozenset("abcdefghijklmnopqrstuvwxyz_")
+_as_bearer = as_bearer_token()
+
+
+@implementer(ICredential)
+@define(repr=False)
+class OAuth2ClientCredentials(_Sourced):
+    """An OAuth2 access token from the client credentials grant (RFC 6749 §4.4), sent as Bearer.
+
+    The token is cached until shortly before ``expires_in`` (on the clock
+    given to ``start``); requests that need a new one while it is being
+    fetched wait for that one token request. ``client_auth`` is ``basic``
+    (HTTP Basic with the form-encoded id and secret, RFC 6749 §2.3.1) or
+    ``form`` (``client_id`` and ``client_secret`` in the request body).
+    """
+
+    token_url: str
+    client_id: SecretSource
+    client_secret: SecretSource
+    missing_hint: str
+    scope: str = ""
+    audience: str = ""
+    client_auth: str = "basic"
+    timeout: float = 10.0
+    problem: str | None = field(default=None, init=False)  # why the last token request failed
+    _clock: IReactorTime | None = field(default=None, init=False)
+    _client: object = field(default=None, init=False)
+    _token: str | None = field(default=None, init=False)
+    _fresh_until: float = field(default=0.0, init=False)
+    _waiting: list[defer.Deferred] = field(factory=list, init=False)
+
+    def __repr__(self) -> str:
+        return f"<OAuth2ClientCredentials {self._host()} client from {self.client_id.describe()}>"
+
+    def _sources(self) -> tuple[SecretSource, ...]:
+        return (self.client_id, self.client_secret)
+
+    def _host(self) -> str:
+        return urlsplit(self.token_url).netloc
+
+    def start(self, clock: IReactorTime, client=None) -> None:
+        super().start(clock)
+        self._clock, self._client = clock, client
+
+    def attach(self, request: UpstreamRequest, adapter: str):
+        if not self.present():
+            raise self._missing(adapter)
+        if self._token is not None and self._clock.seconds() < self._fresh_until:
+            return _as_bearer(request, self._token)
+        waiter = defer.Deferred()
+        self._waiting.append(waiter)
+        if len(self._waiting) == 1:  # the first one asks; the others wait for its answer
+            defer.ensureDeferred(self._request_token(adapter)).addBoth(self._hand_out)
+        return waiter.addCallback(lambda token: _as_bearer(request, token))
+
+    def rejected(self, sent: UpstreamRequest) -> bool:
+        """The upstream answered 401: forget the token it was sent, so the retry gets a new one."""
+        if self._token is not None and sent.headers.get("Authorization") == f"Bearer {self._token}":
+            self._token = None
+        return True
+
+    def missing_reason(self, adapter: str) -> str:
+        empty = [s.describe() for s in self._sources() if s.current() is None]
+        return f"no OAuth2 client credentials for {adapter} ({', '.join(empty)} has no value). {self.missing_hint}"
+
+    def warning(self) -> str | None:
+        if self.problem:
+            return f"the last token request failed: {self.problem}"
+        return super().warning()
+
     def redact(self, text: str) -> str:
-        """``text`` with the current secret replaced, for error text from elsewhere."""
-        secret = self.source.current() if self.source is not None else None
-        return text.replace(secret, "[REDACTED]") if secret else text
+        return super().redact(text.replace(self._token, "[REDACTED]") if self._token else text)
 
-    def start(self, clock: IReactorTime) -> None:
-        if isinstance(self.source, FileSecret):
-            self.source.start(clock)
+    def _hand_out(self, result) -> None:
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:  # a waiter its caller cancelled ignores this
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
 
-    def stop(self) -> None:
-        if isinstance(self.source, FileSecret):
-            self.source.stop()
+    async def _request_token(self, adapter: str) -> str:
+        client_id, secret = self.client_id.current(), self.client_secret.current()
+        form = [("grant_type", "client_credentials")]
+        form += [(name, value) for name, value in (("scope", self.scope), ("audience", self.audience)) if value]
+        headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+        if self.client_auth == "basic":
+            pair = f"{quote_plus(client_id)}:{quote_plus(secret)}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+        else:
+            form += [("client_id", client_id), ("client_secret", secret)]
+        url = urlsplit(self.token_url)
+        request = UpstreamRequest("POST", url.path or "/", headers=headers, body=urlencode(form).encode())
+        call = defer.ensureDeferred(self._client.fetch(f"{url.scheme}://{url.netloc}", request))
+        call.addTimeout(self.timeout, self._clock, onTimeoutCancel=lambda result, timeout: Failure(defer.TimeoutError()))
+        asked = self._clock.seconds()
+        try:
+            response = await call
+        except defer.TimeoutError:
+            raise self._failed(adapter, 502, "token-endpoint-failed", f"did not answer within {self.timeout:g} s")
+        except Exception as e:  # refused, reset, TLS, DNS: the kind is enough, the text may hold the URL
+            raise self._failed(adapter, 502, "token-endpoint-failed", f"could not be reached ({type(e).__name__})")
+        token, lifetime = self._read_token(adapter, response)
+        self._token, self.problem = token, None
+        self._fresh_until = asked + lifetime - min(REFRESH_MARGIN, lifetime * REFRESH_SHARE)
+        log.info("New OAuth2 access token for {adapter} from {host} (expires_in {expires_in})",
+                 adapter=adapter, host=self._host(), expires_in=None if math.isinf(lifetime) else lifetime)
+        return token
+
+    def _read_token(self, adapter: str, response: UpstreamResponse) -> tuple[str, float]:
+        try:
+            document = json.loads(response.body)
+        except (ValueError, UnicodeDecodeError):
+            document = None
+        document = document if isinstance(document, dict) else {}
+        if response.status == 429 or response.status >= 500:
+            raise self._failed(adapter, 503, "token-endpoint-unavailable", f"answered status {response.status}")
+        if response.status != 200:
+            code = document.get("error")
+            said = f" (error {code})" if isinstance(code, str) and set(code) <= _OAUTH_ERROR_CODE else ""
+            raise self._failed(adapter, 502, "token-request-rejected",
+                               f"refused the token request with status {response.status}{said}; check the "
+                               "client id, client secret, scope and audience the ambassador was given")
+        token, token_type = document.get("access_token"), document.get("token_type", "Bearer")
+        if not (isinstance(token, str) and token and isinstance(token_type, str) and token_type.lower() == "bearer"):
+            raise self._failed(adapter, 502, "token-endpoint-failed", "answered without a Bearer access_token")
+        try:
+            lifetime = float(document.get("expires_in", math.inf))
+        except (TypeError, ValueError):
+            lifetime = -1.0
+        if not lifetime > 0:
+            raise self._failed(adapter, 502, "token-endpoint-failed", "answered an expires_in that is not a "
+                               "positive number")
+        return token, lifetime
+
+    def _failed(self, adapter: str, status: int, kind: str, what: str) -> Problem:
+        self.problem = f"the token endpoint ({self._host()}) {what}"
+        log.warn("No OAuth2 access token for {adapter}: {problem}", adapter=adapter, problem=self.problem)
+        return Problem(status, kind, "No access token",
+                       f"The ambassador could not get an OAuth2 access token for {adapter}: {self.problem}.")

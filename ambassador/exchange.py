@@ -39,6 +39,7 @@ class InboundRequest:
     query: Query
     headers: Mapping[str, str] = field(factory=dict)
     request_id: str = ""
+    body: bytes = b""
 
 
 @frozen
@@ -49,6 +50,7 @@ class UpstreamRequest:
     path: str
     query: Query = ()
     headers: Mapping[str, str] = field(factory=dict)
+    body: bytes | None = None
 
 
 @frozen

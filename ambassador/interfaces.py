@@ -48,7 +48,7 @@ class IExternalAdapter(Interface):
     name = Attribute("The plugin's name.")
     routes = Attribute("Sequence of ambassador.exchange.Route it serves.")
     base_url = Attribute("Scheme, host and port of the outside service, e.g. 'https://api.themoviedb.org'.")
-    credential = Attribute("The ambassador.credentials.Credential attached to every upstream request.")
+    credential = Attribute("The ICredential attached to every upstream request.")
     secret_params = Attribute("Lower-case query parameter names that carry credentials: removed from "
                               "what callers send and redacted in logs.")
     policy_defaults = Attribute("Optional: (key, value) pairs of ambassador.resilience.Policy defaults "
@@ -72,6 +72,43 @@ class IExternalAdapter(Interface):
         Raise ambassador.problems.Problem when the outside answer means the
         ambassador or the outside world failed (rejected credential, garbage).
         """
+
+
+class ICredential(Interface):
+    """Where an adapter's secret comes from and how it is attached (ambassador.credentials)."""
+
+    def attach(request, adapter):
+        """
+        The UpstreamRequest with the credential attached, or a Deferred firing with it (a
+        credential that must first fetch a token). Raise (or fail with) a Problem when there is none.
+        """
+
+    def rejected(sent):
+        """
+        The upstream answered 401 to C{sent}. Return True when attaching again would send a
+        fresher credential (an OAuth2 token); the gateway then retries the request once.
+        """
+
+    def present():
+        """True when there is a credential to send (readiness, metrics)."""
+
+    def missing_reason(adapter):
+        """Why there is none and what to set, for a problem detail and readiness; never a value."""
+
+    def warning():
+        """Trouble that does not stop serving (a Secret file gone, its last value kept), or None."""
+
+    def reloads():
+        """How often a credential file changed and was re-read."""
+
+    def redact(text):
+        """C{text} with every secret value replaced by [REDACTED]."""
+
+    def start(clock, client):
+        """Begin upkeep: poll secret files on C{clock}; C{client} (UpstreamClient) fetches tokens."""
+
+    def stop():
+        """End upkeep."""
 
 
 class ConfigurationError(Exception):

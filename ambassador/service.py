@@ -16,6 +16,7 @@ from twisted.python import usage
 from .admin import admin_site
 from .credentials import FileSecret
 from .discovery import PLUGIN_DIRS_VARIABLE, add_plugin_dirs, discover_adapters, plugin_dirs_from_environment
+from .configfile import CONFIG_HELP, adapters_from_file
 from .health import Prober, Readiness
 from .interfaces import ConfigurationError
 from .limits import InboundLimits
@@ -72,6 +73,9 @@ class Options(usage.Options):
         ["grace-period", None, 25.0,
          "Seconds requests in flight may take to finish after SIGTERM before the process exits "
          "(keep it below the Pod's terminationGracePeriodSeconds).", float],
+        ["config", None, None,
+         "YAML file configuring the adapters to serve (several at once, generic http ones included; see "
+         "below). Without it every discovered adapter is configured from its environment variables."],
     ]
 
     def __init__(self) -> None:
@@ -119,7 +123,8 @@ class Options(usage.Options):
                 lines.append(f"    {setting.name:30} {setting.help}")
         lines += ["", "Policy keys for --policy [ADAPTER.]KEY=VALUE (defaults in brackets):"]
         lines += [f"  {key:18} {text}" for key, text in POLICY_HELP.items()]
-        return super().getUsage(width) + "\n".join(lines) + "\n"
+        lines += ["", CONFIG_HELP]
+        return super().getUsage(width) + "\n".join(lines)
 
     def postOptions(self) -> None:
         from twisted.internet import reactor
@@ -151,12 +156,19 @@ class Options(usage.Options):
         try:
             add_plugin_dirs(plugin_dirs_from_environment(os.environ))
             discovery = discover_adapters()
-            plugins = select_adapters(discovery, self["adapter"])
-            check_mount_names(self["mount"], [plugin.name for plugin in plugins])
+            if self["config"] is None:
+                plugins = select_adapters(discovery, self["adapter"])
+                check_mount_names(self["mount"], [plugin.name for plugin in plugins])
             if self["list-adapters"]:
                 print(describe_adapters(discovery, self["mount"], os.environ), end="")
                 raise SystemExit(0)
-            self["adapters"] = [mounted(plugin.configure(os.environ, reactor), self["mount"]) for plugin in plugins]
+            if self["config"] is None:
+                configured = [plugin.configure(os.environ, reactor) for plugin in plugins]
+            else:  # the file says which adapters; their variables fill in the rest
+                configured = adapters_from_file(self["config"], os.environ, discovery.adapters, reactor)
+                configured = [a for a in configured if not self["adapter"] or a.name in self["adapter"]]
+                check_mount_names(self["mount"], [adapter.name for adapter in configured])
+            self["adapters"] = [mounted(adapter, self["mount"]) for adapter in configured]
             mount_table(self["adapters"])
             self["policies"] = resolve_policies(self["adapters"], timeout + self["policy"])
         except ConfigurationError as e:
@@ -232,7 +244,7 @@ class Upkeep(Service):
     def startService(self) -> None:
         super().startService()
         for adapter in self._adapters:
-            adapter.credential.start(self._reactor)
+            adapter.credential.start(self._reactor, self._client)
         if self._prober is not None:
             self._prober.start()
 

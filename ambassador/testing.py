@@ -8,17 +8,21 @@ adapter against the ambassador without a network::
     ambassador = start_ambassador([TMDBPlugin().configure({"TMDB_BASE_URL": port.base_url, ...}, reactor)])
     # ... requests to ambassador.url ...
     await ambassador.service.stopService()
+
+``FakeOAuth2TokenEndpoint`` and ``FakeAPI`` stand in for an OAuth2
+authorization server and for any API behind the generic ``http`` adapter.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import sys
 from contextlib import contextmanager
-from typing import Iterable, Iterator
-from urllib.parse import parse_qsl
+from typing import Callable, Iterable, Iterator
+from urllib.parse import parse_qsl, unquote_plus
 
 from attrs import define, field, frozen
 from twisted.internet import defer, protocol
@@ -37,9 +41,28 @@ class RecordedRequest:
     path: str
     query: tuple[tuple[str, str], ...]
     headers: dict[str, str]
+    body: bytes = b""
 
     def param(self, name: str) -> str | None:
         return dict(self.query).get(name)
+
+
+def record(request) -> RecordedRequest:
+    """What a twisted.web request asked for."""
+    path, _, query = request.uri.partition(b"?")
+    return RecordedRequest(
+        method=request.method.decode(),
+        path=path.decode("latin-1"),
+        query=tuple(parse_qsl(query.decode("latin-1"), keep_blank_values=True)),
+        headers={k.decode().lower(): v[0].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()},
+        body=request.content.read(),
+    )
+
+
+def json_answer(request, status: int, document: dict) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader("Content-Type", "application/json")
+    return json.dumps(document).encode()
 
 
 class QuietSite(Site):
@@ -110,25 +133,28 @@ BASE_ENV = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
 
 
 class TwistdProcess(protocol.ProcessProtocol):
-    """A child ``twistd``: collects all output; ``listening`` fires with the port the ambassador
-    announces, ``ended`` with ``(exit code, signal)``."""
+    """A child ``twistd``: collects all output; ``listening`` and ``admin_listening`` fire with the
+    ports the ambassador announces, ``ended`` with ``(exit code, signal)``."""
 
     def __init__(self) -> None:
         self.output = b""
         self.listening = defer.Deferred()
+        self.admin_listening = defer.Deferred()
         self.ended = defer.Deferred()
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
-        found = re.search(rb"ambassador proxy listening on [\d.]+:(\d+)", self.output)
-        if found and not self.listening.called:
-            self.listening.callback(int(found.group(1)))
+        for label, listening in ((b"proxy", self.listening), (b"admin", self.admin_listening)):
+            found = re.search(rb"ambassador %s listening on [\d.]+:(\d+)" % label, self.output)
+            if found and not listening.called:
+                listening.callback(int(found.group(1)))
 
     errReceived = outReceived
 
     def processEnded(self, reason) -> None:
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(self.output.decode()))
+        for listening in (self.listening, self.admin_listening):
+            if not listening.called:
+                listening.errback(RuntimeError(self.output.decode()))
         self.ended.callback((reason.value.exitCode, reason.value.signal))
 
 
@@ -180,13 +206,10 @@ class FakeService(Resource):
         Resource.__init__(self)
 
     def record(self, request) -> RecordedRequest:
-        path, _, query = request.uri.partition(b"?")
-        recorded = RecordedRequest(
-            method=request.method.decode(),
-            path=path.decode("latin-1"),
-            query=tuple(parse_qsl(query.decode("latin-1"), keep_blank_values=True)),
-            headers={k.decode().lower(): v[0].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()},
-        )
+        """Keep what ``request`` asked for, and fire ``next_request()`` waiters."""
+        return self.keep(record(request))
+
+    def keep(self, recorded: RecordedRequest) -> RecordedRequest:
         self.requests.append(recorded)
         waiting, self._waiting = self._waiting, []
         for d in waiting:
@@ -291,3 +314,91 @@ class FakeTMDB(FakeService):
         if cache:
             request.setHeader("Cache-Control", "public, max-age=21600")
         return json.dumps(document).encode()
+
+
+@define
+class FakeOAuth2TokenEndpoint(FakeService):
+    """An OAuth2 authorization server's token endpoint for the client credentials grant (RFC 6749 §4.4).
+
+    It knows the clients in ``clients`` (id → secret), taken as HTTP Basic
+    (form-encoded, RFC 6749 §2.3.1) or as ``client_id``/``client_secret`` form
+    fields, and issues ``<prefix>-1``, ``<prefix>-2`` … valid for
+    ``expires_in`` seconds (the fake does not expire them: ``revoke()`` does).
+    Every request is kept in ``requests`` (``next_request()`` waits for one). Set ``fault`` to ``"error"`` (500),
+    ``"reject"`` (401 ``invalid_client`` whatever is sent) or ``"hold"`` (answer
+    only when ``release()`` is called).
+    """
+
+    clients: dict[str, str] = field(factory=lambda: {"test-client": "test-client-secret"})
+    expires_in: int | None = 3600
+    prefix: str = "test-access-token"
+    issued: list[str] = field(factory=list)
+    revoked: set[str] = field(factory=set)
+    fault: str | None = None
+    _held: list = field(factory=list)
+
+    def valid(self, token: str) -> bool:
+        return token in self.issued and token not in self.revoked
+
+    def revoke(self) -> None:
+        self.revoked.update(self.issued)
+
+    def release(self) -> None:
+        held, self._held = self._held, []
+        for request, recorded in held:
+            if not request._disconnected:
+                request.write(self._answer(request, recorded))
+                request.finish()
+
+    def render(self, request):
+        recorded = record(request)
+        if self.fault == "hold":  # held before waiters hear of it, so they can release it
+            self._held.append((request, recorded))
+            self.keep(recorded)
+            return NOT_DONE_YET
+        self.keep(recorded)
+        return self._answer(request, recorded)
+
+    def _answer(self, request, recorded: RecordedRequest) -> bytes:
+        form = dict(parse_qsl(recorded.body.decode("latin-1")))
+        if self.fault == "error":
+            return json_answer(request, 500, {"error": "server_error"})
+        if recorded.method != "POST" or form.get("grant_type") != "client_credentials":
+            return json_answer(request, 400, {"error": "unsupported_grant_type"})
+        client_id, secret = form.get("client_id"), form.get("client_secret")
+        authorization = recorded.headers.get("authorization", "")
+        if authorization.startswith("Basic "):
+            pair = base64.b64decode(authorization[len("Basic "):]).decode()
+            client_id, secret = (unquote_plus(part) for part in pair.split(":", 1))
+        if self.fault == "reject" or self.clients.get(client_id) != secret or secret is None:
+            request.setHeader("WWW-Authenticate", 'Basic realm="fake"')
+            return json_answer(request, 401, {"error": "invalid_client"})
+        token = f"{self.prefix}-{len(self.issued) + 1}"
+        self.issued.append(token)
+        document = {"access_token": token, "token_type": "Bearer"}
+        if self.expires_in is not None:
+            document["expires_in"] = self.expires_in
+        return json_answer(request, 200, document)
+
+
+@define
+class FakeAPI(FakeService):
+    """Any JSON API: answers 200 with the method, path and body it was sent when ``accept(request)``
+    holds, else 401 (it never echoes headers or the query, which carry credentials).
+
+    Requests are kept in ``requests`` (``next_request()`` waits for one). ``answers`` maps a path to a canned
+    ``(status, body)`` answered instead (once the credential is accepted).
+    """
+
+    accept: Callable[[RecordedRequest], bool] = field(kw_only=True)
+    answers: dict[str, tuple[int, dict]] = field(factory=dict)
+
+    def render(self, request):
+        recorded = self.record(request)
+        if not self.accept(recorded):
+            request.setHeader("WWW-Authenticate", "Bearer")
+            return json_answer(request, 401, {"error": "unauthorized"})
+        if recorded.path in self.answers:
+            return json_answer(request, *self.answers[recorded.path])
+        return json_answer(request, 200, {"method": recorded.method, "path": recorded.path,
+                                          "body": recorded.body.decode("latin-1")})

@@ -85,7 +85,9 @@ class UpstreamClient:
         for name, value in request.headers.items():
             headers.setRawHeaders(name, [value])
         # Never follow redirects: a Location may point elsewhere and we would send the credential.
-        response = await self._http.request(request.method, url, headers=headers, allow_redirects=False)
+        response = await self._http.request(
+            request.method, url, headers=headers, data=request.body, allow_redirects=False
+        )
         body = await _read_body(response, max_body)
         return UpstreamResponse(
             status=response.code,
@@ -149,7 +151,7 @@ class Gateway:
     def answer(self, adapter: IExternalAdapter, inbound: InboundRequest, trace: Trace) -> defer.Deferred:
         """A Deferred firing with the Answer, or failing with a Problem. Cancel it to abandon."""
         try:
-            request = adapter.credential.attach(adapter.upstream_request(inbound), adapter.name)
+            request = adapter.upstream_request(inbound)
         except Problem:
             return defer.fail()
         if inbound.request_id and adapter.name in self._forward_request_id:
@@ -158,11 +160,12 @@ class Gateway:
 
     def probe(self, adapter: IExternalAdapter, path: str) -> defer.Deferred:
         """Ask the upstream for ``path``; fires with None when it answered well, else why not."""
-        try:
-            request = adapter.credential.attach(UpstreamRequest("GET", path), adapter.name)
-        except Problem as problem:
-            return defer.succeed(problem.detail)
-        call = defer.ensureDeferred(self._attempt(adapter, request, Trace(), self._guards[adapter.name].policy.timeout))
+
+        async def ask() -> UpstreamResponse:
+            request = await self._attach(adapter, UpstreamRequest("GET", path))
+            return await self._attempt(adapter, request, Trace(), self._guards[adapter.name].policy.timeout)
+
+        call = defer.ensureDeferred(ask())
         call.addCallbacks(
             lambda response: None if response.status < 400 else f"{path} answered status {response.status}",
             lambda failure: failure.value.detail if failure.check(Problem) else failure.getErrorMessage(),
@@ -174,9 +177,11 @@ class Gateway:
         policy, breaker, name = guard.policy, guard.breaker, adapter.name
         deadline = self._clock.seconds() + policy.timeout
         retries_left = policy.retries if request.method in ("GET", "HEAD") else 0
+        refreshable = True
         while True:
             if breaker is not None and breaker.rejecting():
                 raise circuit_open(name, breaker.retry_after())
+            sent = await self._attach(adapter, request)
             await self._take_rate_token(name, guard)
             await self._take_slot(name, guard)
             try:
@@ -188,7 +193,7 @@ class Gateway:
                 if breaker is not None and not breaker.admit():
                     raise circuit_open(name, breaker.retry_after())
                 try:
-                    outcome = await self._attempt(adapter, request, trace,
+                    outcome = await self._attempt(adapter, sent, trace,
                                                   min(remaining, policy.attempt_timeout or remaining))
                 except Problem as problem:
                     outcome = problem
@@ -198,6 +203,9 @@ class Gateway:
                     raise
             finally:
                 guard.slots.release()
+            if refreshable and self._refreshed(adapter, sent, outcome):
+                refreshable = False
+                continue
             status = outcome.status if isinstance(outcome, UpstreamResponse) else None
             if breaker is not None:
                 (breaker.failed if status is None or status in _FAILED_STATUSES else breaker.succeeded)()
@@ -218,6 +226,18 @@ class Gateway:
         if isinstance(outcome, Problem):
             raise outcome
         return self._interpret(outcome, adapter, inbound)
+
+    # The credential is attached to each attempt. It may first fetch a token (OAuth2), so
+    # attaching may wait; a 401 to a credential that can be refreshed is sent once more with a
+    # fresh one, apart from (and before) the retry policy.
+
+    def _attach(self, adapter: IExternalAdapter, request: UpstreamRequest) -> defer.Deferred:
+        return defer.maybeDeferred(adapter.credential.attach, request, adapter.name)
+
+    @staticmethod
+    def _refreshed(adapter: IExternalAdapter, sent: UpstreamRequest, outcome) -> bool:
+        return (isinstance(outcome, UpstreamResponse) and outcome.status == 401
+                and adapter.credential.rejected(sent))
 
     def _retry_wait(self, outcome, guard: Guard, retries_left: int) -> float | None:
         """Seconds to wait before retrying ``outcome``, or None when it must not be retried."""

@@ -146,6 +146,7 @@ class RouteResource(Resource):
             query=pairs,
             headers=headers,
             request_id=request.ambassador_id,
+            body=request.content.read(),
         )
 
     def _write_answer(self, answer: Answer, request) -> None:

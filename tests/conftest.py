@@ -11,12 +11,17 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
 from ambassador.adapters.tmdb import TMDBPlugin
-from ambassador.testing import FakeTMDB, logged_events, serving
+from ambassador.configfile import adapters_from_file
+from ambassador.discovery import discover_adapters
+from ambassador.testing import FakeTMDB, logged_events, serve, serving
 from ambassador.testing import start_ambassador as serve_adapters
 
 # Every secret a test hands the ambassador; none may ever show up in a log event.
 SECRETS = ("test-api-key", "test-read-token", "caller-own-key", "file-api-key", "rotated-api-key",
-           "test-weather-key", "caller-token", "rotated-token")
+           "test-weather-key", "caller-token", "rotated-token",
+           # credentials.py styles and OAuth2 (base64 of "reader:basic-password" too)
+           "query-secret", "header-secret", "bearer-secret", "rotated-bearer-secret", "basic-password",
+           "cmVhZGVyOmJhc2ljLXBhc3N3b3Jk", "test-client-secret", "test-access-token")
 
 
 @pytest.fixture
@@ -28,6 +33,27 @@ def fake_tmdb():
                 request.transport.abortConnection()
 
 
+@pytest.fixture
+def serve_fake():
+    """``serve_fake(resource)`` serves a fake on loopback for this test and returns its base URL."""
+    ports = []
+
+    def start(resource) -> str:
+        ports.append(serve(resource))
+        return ports[-1].base_url
+
+    yield start
+    for port in ports:
+        port.stopListening()
+
+
+def adapters_from_yaml(tmp_path, text: str, environ=None) -> list:
+    """The adapters a config file with ``text`` configures."""
+    path = tmp_path / "ambassador.yaml"
+    path.write_text(text)
+    return adapters_from_file(str(path), environ or {}, discover_adapters().adapters, reactor)
+
+
 @pytest.fixture(autouse=True)
 def log_events():
     """Every log event emitted during the test; afterwards, checks none holds a secret."""
@@ -37,13 +63,15 @@ def log_events():
 
 @pytest_twisted.async_yield_fixture
 async def start_ambassador():
-    """Start an ambassador serving the TMDB adapter configured from ``environ`` (keywords go to
-    ``assemble``); returns the Ambassador with ``url`` and ``admin_url`` added."""
+    """Start an ambassador serving the TMDB adapter configured from ``environ``, or ``adapters``
+    (other keywords go to ``assemble``); returns the Ambassador with ``url`` and ``admin_url`` added."""
     services = []
 
-    async def start(environ, *, plugin=TMDBPlugin(), **settings):
+    async def start(environ=None, *, plugin=TMDBPlugin(), adapters=None, **settings):
         settings.setdefault("grace_period", 0)  # teardown must not wait on a test's Clock
-        ambassador = serve_adapters([plugin.configure(environ, reactor)], **settings)
+        if adapters is None:
+            adapters = [plugin.configure(environ, reactor)]
+        ambassador = serve_adapters(adapters, **settings)
         services.append(ambassador.service)
         return ambassador
 

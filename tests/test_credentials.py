@@ -86,3 +86,24 @@ def test_secrets_do_not_show_in_reprs(tmp_path):
     credential = Credential(FileSecret(str(tmp_path / "key")), as_query_parameter("api_key"), "hint")
     literal = secret_from_environment({"TMDB_API_KEY": "test-api-key"}, "TMDB_API_KEY")
     assert "file-api-key" not in repr(credential) and "test-api-key" not in repr(literal)
+
+
+def test_basic_password_from_a_secret_volume_rotates_and_is_redacted(tmp_path):
+    from ambassador.credentials import BasicPair, PlainValue, as_basic
+
+    kubelet_secret_volume(tmp_path, {"password": "basic-password"}, "..2026_11_26_09_00_00.1")
+    credential = Credential(BasicPair(PlainValue("username", "reader"), FileSecret(str(tmp_path / "password"))),
+                            as_basic(), "hint")
+    clock = Clock()
+    credential.start(clock, None)
+    sent = credential.attach(UpstreamRequest("GET", "/x"), "test")
+    assert sent.headers == {"Authorization": "Basic cmVhZGVyOmJhc2ljLXBhc3N3b3Jk"}  # reader:basic-password
+    assert credential.redact("x cmVhZGVyOmJhc2ljLXBhc3N3b3Jk basic-password reader") == "x [REDACTED] [REDACTED] reader"
+    kubelet_secret_volume(tmp_path, {"password": "rotated"}, "..2026_11_26_09_05_00.2")
+    clock.advance(FILE_POLL_INTERVAL)
+    assert credential.attach(UpstreamRequest("GET", "/x"), "test").headers["Authorization"] == "Basic cmVhZGVyOnJvdGF0ZWQ="
+    assert credential.reloads() == 1
+    os.unlink(tmp_path / "..data")
+    clock.advance(FILE_POLL_INTERVAL)
+    assert credential.present() and "last good value" in credential.warning()
+    credential.stop()

@@ -46,7 +46,8 @@ async def test_help_documents_every_option_and_variable_without_values(tmp_path)
                  "--mount", "NAME.ROUTE=/path", "--plugin-dir", "AMBASSADOR_PLUGIN_DIRS", "--max-connections",
                  "--idle-timeout", "--read-timeout", "--require-token-file", "TMDB_API_KEY",
                  "TMDB_API_KEY_FILE", "TMDB_READ_ACCESS_TOKEN", "TMDB_READ_ACCESS_TOKEN_FILE", "API_KEY",
-                 "TMDB_BASE_URL"]:
+                 "TMDB_BASE_URL", "--config", "base_url:", "paths:", "style: query | header | bearer | basic | oauth2",
+                 "token_url:", "client_auth:", "{file: /path}"]:
         assert word in output
     assert "test-api-key" not in output
 
