@@ -48,6 +48,9 @@ class Metrics:
         """Report adapter state (credential, readiness) at scrape time, from ``readiness``."""
         self.registry.register(_StateCollector(readiness))
 
+    def upstream(self, adapter: str) -> "UpstreamMetrics":
+        return UpstreamMetrics(self, adapter)
+
     def route(self, adapter: str, route: str) -> "RouteMetrics":
         return RouteMetrics(self, adapter, route)
 
@@ -65,6 +68,20 @@ class RouteMetrics:
 
     def answered(self, status: int, seconds: float) -> None:
         self._by_class.get(f"{status // 100}xx", self._by_class["5xx"]).inc()
+        self._seconds.observe(seconds)
+
+
+class UpstreamMetrics:
+    """The label children one adapter's upstream attempts update, bound once."""
+
+    OUTCOMES = STATUS_CLASSES + ("timeout", "cancelled", "too-large", "unreachable")
+
+    def __init__(self, metrics: Metrics, adapter: str) -> None:
+        self._attempts = {o: metrics.upstream_attempts.labels(adapter, o) for o in self.OUTCOMES}
+        self._seconds = metrics.upstream_seconds.labels(adapter)
+
+    def attempted(self, outcome: str, seconds: float) -> None:
+        self._attempts[outcome].inc()
         self._seconds.observe(seconds)
 
 

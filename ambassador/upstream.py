@@ -27,7 +27,7 @@ from . import __version__
 from .exchange import Answer, InboundRequest, Trace, UpstreamRequest, UpstreamResponse
 from .health import Readiness
 from .interfaces import IExternalAdapter
-from .metrics import Metrics
+from .metrics import Metrics, UpstreamMetrics
 from .problems import Problem
 from .resilience import (
     Guard,
@@ -143,6 +143,7 @@ class Gateway:
         self._client = client
         self._clock = clock
         self._metrics = metrics
+        self._upstream_metrics: dict[str, UpstreamMetrics] = {}  # label children bound once per adapter
         self._readiness = readiness
         self._guards = guards
         self._forward_request_id = forward_request_id
@@ -298,8 +299,10 @@ class Gateway:
             outcome = "too-large"
         else:
             outcome = "unreachable"
-        self._metrics.upstream_attempts.labels(adapter.name, outcome).inc()
-        self._metrics.upstream_seconds.labels(adapter.name).observe(self._clock.seconds() - started)
+        observed = self._upstream_metrics.get(adapter.name)
+        if observed is None:
+            observed = self._upstream_metrics[adapter.name] = self._metrics.upstream(adapter.name)
+        observed.attempted(outcome, self._clock.seconds() - started)
         return result
 
     def _interpret(self, response: UpstreamResponse, adapter: IExternalAdapter, inbound: InboundRequest):

@@ -4,7 +4,6 @@ line) is searched for every secret it was given."""
 
 import os
 import signal
-import sys
 
 import pytest_twisted
 import treq
