@@ -16,6 +16,8 @@ from .resilience import CLOSED, HALF_OPEN, OPEN
 # hits up to the 10 s default deadline.
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+CACHE_OUTCOMES = ("hit", "miss", "refreshed", "revalidated", "stale-while-revalidate", "stale-if-error",
+                  "collapsed", "bypass")
 
 
 class Metrics:
@@ -43,6 +45,18 @@ class Metrics:
                                              "because the rate-limit queue was full.", ["adapter"], registry=r)
         self.concurrency_rejections = Counter("ambassador_concurrency_rejections", "Requests answered 503 "
                                               "because too many were in flight upstream.", ["adapter"], registry=r)
+
+        self.cache_answers = Counter("ambassador_cache_answers", "GET/HEAD answers by what the response cache "
+                                     "did: hit, miss, refreshed, revalidated, stale-while-revalidate, "
+                                     "stale-if-error, collapsed, bypass.", ["adapter", "outcome"], registry=r)
+
+    def cache_answers_of(self, adapter: str) -> dict:
+        """The cache-answer label children of one adapter, by outcome."""
+        return {o: self.cache_answers.labels(adapter, o) for o in CACHE_OUTCOMES}
+
+    def watch_cache(self, store) -> None:
+        """Report the cache's size at scrape time (stores that keep count: the in-memory one)."""
+        self.registry.register(_CacheCollector(store))
 
     def watch(self, readiness) -> None:
         """Report adapter state (credential, readiness) at scrape time, from ``readiness``."""
@@ -106,6 +120,22 @@ class _StateCollector:
             if state.breaker is not None:
                 circuit.add_metric([state.adapter.name], _CIRCUIT_STATES[state.breaker.state])
         yield from (present, reloads, ready, circuit)
+
+
+class _CacheCollector:
+    def __init__(self, store) -> None:
+        self._store = store
+
+    def collect(self):
+        store = self._store
+        yield GaugeMetricFamily("ambassador_cache_bytes", "Bytes the in-memory response cache holds.",
+                                value=store.bytes)
+        yield GaugeMetricFamily("ambassador_cache_max_bytes", "The in-memory response cache's bound.",
+                                value=store.max_bytes)
+        yield GaugeMetricFamily("ambassador_cache_entries", "Answers the in-memory response cache holds.",
+                                value=len(store))
+        yield CounterMetricFamily("ambassador_cache_evictions", "Entries evicted to stay within the bound.",
+                                  value=store.evictions)
 
 
 _CIRCUIT_STATES = {CLOSED: 0.0, OPEN: 1.0, HALF_OPEN: 2.0}

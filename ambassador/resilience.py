@@ -36,13 +36,20 @@ def _count(text: str) -> int:
     return value
 
 
+def _switch(text: str) -> bool:
+    lowered = text.lower()
+    if lowered not in ("on", "off", "true", "false", "yes", "no"):
+        raise ValueError
+    return lowered in ("on", "true", "yes")
+
+
 def _optional_rate(text: str) -> float | None:
     return None if text in ("none", "off", "0") else _seconds(text)
 
 
 @frozen
 class Policy:
-    """Resilience settings for one adapter; ``describe()`` lists them for --help."""
+    """Resilience and cache settings for one adapter; ``POLICY_HELP`` describes them for --help."""
 
     timeout: float = 10.0  # whole exchange: every attempt and wait, whole body read
     attempt_timeout: float | None = None  # one attempt; None: whatever is left of the deadline
@@ -58,6 +65,12 @@ class Policy:
     breaker_open_max: float = 60.0
     max_in_flight: int = 100
     in_flight_queue: float = 0.5  # longest a request waits for a free slot before 503
+    # The response cache (ambassador.cache), per adapter.
+    cache: bool = True
+    cache_ttl: float | None = None  # overrides the upstream's freshness; None: the upstream decides
+    cache_default_ttl: float = 0.0  # freshness of answers that state none; 0: not stored
+    stale_while_revalidate: float = 0.0  # floors under the upstream's own RFC 5861 windows
+    stale_if_error: float = 0.0
 
     def updated(self, settings: dict[str, str], where: str) -> "Policy":
         """A copy with ``settings`` (key → text) applied; bad keys or values name ``where``."""
@@ -86,11 +99,14 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "rate_limit": _optional_rate, "rate_burst": _count, "rate_queue": _seconds,
     "breaker_failures": _count, "breaker_open": _seconds, "breaker_open_max": _seconds,
     "max_in_flight": lambda t: max(1, _count(t)), "in_flight_queue": _seconds,
+    "cache": _switch, "cache_ttl": lambda t: None if t == "none" else _seconds(t), "cache_default_ttl": _seconds,
+    "stale_while_revalidate": _seconds, "stale_if_error": _seconds,
 }
 _EXPECTED = {name: "a number of seconds" for name in _PARSERS} | {
     "retries": "a whole number", "rate_burst": "a whole number", "breaker_failures": "a whole number",
     "max_in_flight": "a whole number", "attempt_timeout": "a number of seconds or 'none'",
-    "rate_limit": "requests per second or 'none'",
+    "rate_limit": "requests per second or 'none'", "cache": "on or off",
+    "cache_ttl": "a number of seconds or 'none'",
 }
 POLICY_HELP = {
     "timeout": "seconds for the whole exchange, all attempts included (10)",
@@ -107,6 +123,11 @@ POLICY_HELP = {
     "breaker_open_max": "longest open interval, doubling on repeated trips (60)",
     "max_in_flight": "upstream requests in flight at once (100)",
     "in_flight_queue": "seconds a request may wait for a free slot before 503 (0.5)",
+    "cache": "cache this adapter's answers: on or off (on; --no-cache turns the cache off for all)",
+    "cache_ttl": "seconds every cacheable answer stays fresh, whatever the upstream says, or none (none)",
+    "cache_default_ttl": "seconds an answer with no Cache-Control or Expires stays fresh; 0: not stored (0)",
+    "stale_while_revalidate": "seconds a stale answer may be served while it is refreshed, at least (0)",
+    "stale_if_error": "seconds a stale answer may be served while the upstream fails, at least (0; TMDB: 300)",
 }
 
 

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from .admin import admin_site
+from .cache import DEFAULT_CACHE_BYTES, MemoryStore, ResponseCache, parse_size
 from .credentials import FileSecret
 from .discovery import PLUGIN_DIRS_VARIABLE, add_plugin_dirs, discover_adapters, plugin_dirs_from_environment
 from .configfile import CONFIG_HELP, adapters_from_file
@@ -41,6 +42,7 @@ def endpoint_description(port: str, *, bare_interface: str) -> str:
 class Options(usage.Options):
     synopsis = "[options]"
     optFlags = [
+        ["no-cache", None, "Turn the response cache off for every adapter (per adapter: --policy ADAPTER.cache=off)."],
         ["list-adapters", None,
          "Print every discovered adapter (name, paths, description, the environment variables it reads "
          "and whether each is set, never its value) and exit."],
@@ -73,6 +75,9 @@ class Options(usage.Options):
         ["grace-period", None, 25.0,
          "Seconds requests in flight may take to finish after SIGTERM before the process exits "
          "(keep it below the Pod's terminationGracePeriodSeconds).", float],
+        ["cache-size", None, "64MiB",
+         "Most bytes the in-memory response cache holds (e.g. 64MiB, 512KiB, 1000000); least recently used "
+         "answers are evicted first, and an answer larger than an eighth of this is never stored."],
         ["config", None, None,
          "YAML file configuring the adapters to serve (several at once, generic http ones included; see "
          "below). Without it every discovered adapter is configured from its environment variables."],
@@ -142,6 +147,10 @@ class Options(usage.Options):
             if self["token"].current() is None:
                 raise usage.UsageError(f"--require-token-file: {self['require-token-file']} "
                                        f"{self['token'].problem}; it must hold the token callers send")
+        try:
+            self["cache-bytes"] = None if self["no-cache"] else parse_size(self["cache-size"])
+        except ValueError:
+            raise usage.UsageError(f"--cache-size must be a number of bytes such as 64MiB, not {self['cache-size']!r}")
         if self["probe-interval"] < 0:
             raise usage.UsageError("--probe-interval must be 0 (off) or a positive number of seconds")
         if self["log-format"] not in ("text", "json"):
@@ -270,6 +279,7 @@ class Ambassador:
     admin: Listener | None
     metrics: Metrics
     readiness: Readiness
+    cache: ResponseCache | None
 
 
 def assemble(
@@ -285,11 +295,12 @@ def assemble(
     forward_request_id=frozenset(),
     limits: InboundLimits = InboundLimits(),
     token: FileSecret | None = None,
+    cache_bytes: int | None = DEFAULT_CACHE_BYTES,
     clock=None,
     rng=None,
 ) -> Ambassador:
     """Wire adapters, pipeline, proxy and admin listeners together. ``clock`` drives every timer,
-    ``rng`` (a random.Random) the retry jitter."""
+    ``rng`` (a random.Random) the retry jitter; ``cache_bytes`` None turns the response cache off."""
     clock = clock or reactor
     policies = policies or resolve_policies(adapters, [])
     guards = {adapter.name: Guard.of(policies[adapter.name], clock) for adapter in adapters}
@@ -297,8 +308,13 @@ def assemble(
     readiness = Readiness.of(adapters, {name: guard.breaker for name, guard in guards.items()})
     metrics.watch(readiness)
     client = UpstreamClient(reactor, connect_timeout=connect_timeout)
+    cache = None
+    if cache_bytes is not None:
+        store = MemoryStore(cache_bytes)
+        metrics.watch_cache(store)
+        cache = ResponseCache(store, clock)
     gateway = Gateway(client, clock, metrics, readiness, guards, forward_request_id=frozenset(forward_request_id),
-                      rng=rng)
+                      rng=rng, cache=cache)
     prober = Prober(readiness, gateway, clock, probe_interval) if probe_interval > 0 else None
     service = MultiService()
     Upkeep(clock, adapters, client, prober).setServiceParent(service)
@@ -311,7 +327,7 @@ def assemble(
     if admin_endpoint is not None:
         admin = Listener(reactor, admin_endpoint, admin_site(readiness, metrics), "admin")
         admin.setServiceParent(service)
-    return Ambassador(service, proxy, admin, metrics, readiness)
+    return Ambassador(service, proxy, admin, metrics, readiness, cache)
 
 
 def makeService(options: Options) -> MultiService:
@@ -329,4 +345,5 @@ def makeService(options: Options) -> MultiService:
         forward_request_id=options["forward-request-id"],
         limits=options["limits"],
         token=options["token"],
+        cache_bytes=options["cache-bytes"],
     ).service

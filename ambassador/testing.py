@@ -16,6 +16,7 @@ authorization server and for any API behind the generic ``http`` adapter.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -234,10 +235,14 @@ class FakeTMDB(FakeService):
     ``canned`` to ``(status, headers, body)`` to answer that once the
     credential has been checked. ``script`` is a list of such faults or
     canned answers used up one per request, before ``fault`` and ``canned``.
+
+    Like TMDB, its data pages say ``Cache-Control: public, max-age=<max_age>``
+    and carry an ETag; a request whose ``If-None-Match`` holds it gets 304.
     """
 
     api_keys: set[str] = field(factory=lambda: {"test-api-key"})
     tokens: set[str] = field(factory=lambda: {"test-read-token"})
+    max_age: int = 21600
     fault: str | None = None
     canned: tuple[int, dict[str, str], bytes] | None = None
     script: list = field(factory=list)
@@ -307,13 +312,19 @@ class FakeTMDB(FakeService):
         return self._json(request, 200, document, cache=True)
 
     def _json(self, request, status: int, document: dict, cache: bool = False) -> bytes:
+        body = json.dumps(document).encode()
         request.setResponseCode(status)
         request.setHeader("Content-Type", "application/json;charset=utf-8")
         request.setHeader("Set-Cookie", "tmdb.session=abc; Path=/")
         request.setHeader("Server", "openresty")
         if cache:
-            request.setHeader("Cache-Control", "public, max-age=21600")
-        return json.dumps(document).encode()
+            etag = '"%s"' % hashlib.sha256(body).hexdigest()[:16]
+            request.setHeader("Cache-Control", f"public, max-age={self.max_age}")
+            request.setHeader("ETag", etag)
+            if request.getHeader("if-none-match") == etag:
+                request.setResponseCode(304)
+                return b""
+        return body
 
 
 @define

@@ -24,6 +24,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 
 from . import __version__
+from .cache import CACHE_NAME, CallerWish, ResponseCache, Served, cache_key
 from .exchange import Answer, InboundRequest, Trace, UpstreamRequest, UpstreamResponse
 from .health import Readiness
 from .interfaces import IExternalAdapter
@@ -123,6 +124,7 @@ async def _read_body(response, limit: int) -> bytes:
 class Gateway:
     """Runs one inbound request through an adapter and the upstream pipeline.
 
+    GET and HEAD go through the response ``cache`` first, when there is one.
     Per adapter it enforces the resilience policy (``guards``): deadline,
     circuit breaker, rate limit, in-flight cap, retries with backoff and
     Retry-After. It records each attempt in ``metrics``, what it learns about
@@ -139,6 +141,7 @@ class Gateway:
         *,
         forward_request_id: frozenset[str] = frozenset(),
         rng: random.Random | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._client = client
         self._clock = clock
@@ -148,6 +151,8 @@ class Gateway:
         self._guards = guards
         self._forward_request_id = forward_request_id
         self._rng = rng or random.Random()
+        self._cache = cache
+        self._cache_metrics: dict[str, dict] = {}  # label children bound once per adapter
 
     def answer(self, adapter: IExternalAdapter, inbound: InboundRequest, trace: Trace) -> defer.Deferred:
         """A Deferred firing with the Answer, or failing with a Problem. Cancel it to abandon."""
@@ -157,7 +162,38 @@ class Gateway:
             return defer.fail()
         if inbound.request_id and adapter.name in self._forward_request_id:
             request = evolve(request, headers={**request.headers, "X-Request-ID": inbound.request_id})
-        return defer.ensureDeferred(self._exchange(adapter, self._guards[adapter.name], inbound, request, trace))
+        guard = self._guards[adapter.name]
+        if self._cache is None or not guard.policy.cache or request.method not in ("GET", "HEAD") or request.body:
+            return defer.ensureDeferred(self._answer_uncached(adapter, guard, inbound, request, trace))
+        wish = CallerWish.of(inbound.headers)
+        if wish.bypass:
+            answered = defer.ensureDeferred(self._answer_uncached(adapter, guard, inbound, request, trace))
+            return answered.addCallback(_bypassed, trace)
+
+        def fetch(conditional: dict[str, str]) -> defer.Deferred:
+            sent = evolve(request, headers={**request.headers, **conditional}) if conditional else request
+            return defer.ensureDeferred(self._exchange(adapter, guard, sent, trace))
+
+        served = self._cache.serve(cache_key(adapter.name, inbound.route.name, request), guard.policy,
+                                   request.headers, wish, fetch,
+                                   lambda response: self._interpret(response, adapter, inbound))
+        if isinstance(served, defer.Deferred):
+            return served.addCallback(self._served, adapter.name, trace)
+        return defer.succeed(self._served(served, adapter.name, trace))
+
+    def _served(self, served: Served, adapter: str, trace: Trace) -> Answer:
+        trace.cache = served.outcome
+        if trace.upstream_status is None:
+            trace.upstream_status = served.upstream_status
+        counted = self._cache_metrics.get(adapter)
+        if counted is None:
+            counted = self._cache_metrics[adapter] = self._metrics.cache_answers_of(adapter)
+        counted[served.outcome].inc()
+        return Answer(served.answer.status, served.headers(), served.answer.body)
+
+    async def _answer_uncached(self, adapter, guard: Guard, inbound: InboundRequest, request: UpstreamRequest,
+                               trace: Trace) -> Answer:
+        return self._interpret(await self._exchange(adapter, guard, request, trace), adapter, inbound)
 
     def probe(self, adapter: IExternalAdapter, path: str) -> defer.Deferred:
         """Ask the upstream for ``path``; fires with None when it answered well, else why not."""
@@ -173,8 +209,8 @@ class Gateway:
         )
         return call
 
-    async def _exchange(self, adapter, guard: Guard, inbound: InboundRequest, request: UpstreamRequest,
-                        trace: Trace) -> Answer:
+    async def _exchange(self, adapter, guard: Guard, request: UpstreamRequest, trace: Trace) -> UpstreamResponse:
+        """The upstream's answer to ``request`` after the policy's retries; a Problem when there is none."""
         policy, breaker, name = guard.policy, guard.breaker, adapter.name
         deadline = self._clock.seconds() + policy.timeout
         retries_left = policy.retries if request.method in ("GET", "HEAD") else 0
@@ -219,14 +255,14 @@ class Gateway:
                 break
             if self._clock.seconds() + wait >= deadline:
                 if status in (429, 503):  # the caller may retry later: say when
-                    return self._interpret(_with_retry_after(outcome, wait), adapter, inbound)
+                    return _with_retry_after(outcome, wait)
                 break
             retries_left -= 1
             self._metrics.retries.labels(name).inc()
             await deferLater(self._clock, wait)
         if isinstance(outcome, Problem):
             raise outcome
-        return self._interpret(outcome, adapter, inbound)
+        return outcome
 
     # The credential is attached to each attempt. It may first fetch a token (OAuth2), so
     # attaching may wait; a 401 to a credential that can be refreshed is sent once more with a
@@ -342,6 +378,11 @@ class Gateway:
 
 # Upstream answers that count as failures for the circuit breaker.
 _FAILED_STATUSES = frozenset({500, 502, 503, 504})
+
+
+def _bypassed(answer: Answer, trace: Trace) -> Answer:
+    trace.cache = "bypass"
+    return evolve(answer, headers=[*answer.headers, ("Cache-Status", f"{CACHE_NAME}; fwd=bypass")])
 
 
 def _with_retry_after(response: UpstreamResponse, seconds: float) -> UpstreamResponse:

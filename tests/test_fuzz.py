@@ -71,7 +71,8 @@ async def exchange(url: str, fake, data: bytes) -> None:
 async def ambassador(fake_tmdb, start_ambassador):
     """One ambassador for all examples of a test; afterwards it must still serve."""
     # Short timeouts: a fuzzed Content-Length can leave the ambassador waiting for a body (it answers 408).
-    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY=KEY),
+    # No cache: every example's upstream request is what is checked.
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY=KEY), cache_bytes=None,
                                         limits=InboundLimits(read_timeout=0.5, idle_timeout=0.5))
     yield ambassador
     await still_serves(ambassador.url, fake_tmdb)

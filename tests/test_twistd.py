@@ -24,7 +24,7 @@ async def test_readme_command_serves_and_never_logs_the_key(fake_tmdb, tmp_path)
         response, _ = await get(url + "/tmdb/3/movie/1")
         assert response.code == 404
         fake_tmdb.fault = "reset"
-        response, _ = await get(url + "/movies")
+        response, _ = await get(url + "/movies?page=2")  # not cached yet
         assert response.code == 502
         assert fake_tmdb.requests[0].param("api_key") == "test-api-key"
     finally:

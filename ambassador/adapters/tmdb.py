@@ -42,8 +42,10 @@ class TMDBAdapter:
     routes: tuple[Route, ...] = ROUTES
     secret_params: frozenset[str] = _SECRET_PARAMS
     probe_path: str = "/3/configuration"  # small, and answers 401 when the credential is bad
-    # TMDB answers 429 (status_code 25) above roughly 40 requests per second.
-    policy_defaults: tuple[tuple[str, str], ...] = (("rate_limit", "40"), ("rate_burst", "40"))
+    # TMDB answers 429 (status_code 25) above roughly 40 requests per second. Its data changes
+    # slowly: a five-minute-old answer serves a caller better than an outage does.
+    policy_defaults: tuple[tuple[str, str], ...] = (("rate_limit", "40"), ("rate_burst", "40"),
+                                                    ("stale_if_error", "300"))
 
     def upstream_request(self, inbound: InboundRequest) -> UpstreamRequest:
         if inbound.route.name == MOVIES.name:

@@ -1,0 +1,422 @@
+"""The response cache: fresh answers without an upstream call, one upstream call for many
+callers, and stale answers while the outside service fails.
+
+Freshness follows RFC 9111 as a shared cache (``s-maxage``, ``max-age``, ``Expires``;
+``no-store`` and ``private`` are never stored), staleness RFC 5861
+(``stale-while-revalidate``, ``stale-if-error``), and every answer says what
+the cache did in a ``Cache-Status`` header (RFC 9211).
+
+What is stored is the adapter's interpreted Answer, keyed by adapter, route,
+method, upstream path and query (parameters sorted): never the credential,
+which is attached to each upstream attempt after the key is made.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from email.utils import parsedate_to_datetime
+from typing import Callable, Mapping
+from urllib.parse import urlencode
+
+from attrs import define, evolve, frozen
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .exchange import Answer, UpstreamRequest, UpstreamResponse
+from .problems import Problem
+
+log = Logger(namespace="ambassador")
+
+CACHE_NAME = "ambassador"
+#: Statuses stored when the upstream says how long they stay fresh (RFC 9110's heuristically
+#: cacheable statuses, less 206, 308, 405, 414 and 501, which a read API does not answer usefully).
+CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 404, 410})
+#: Answers that let a stale entry be served instead, within its stale-if-error window (RFC 5861's
+#: 500, 502, 503, 504, and 429: a rate-limited upstream is as unavailable as a failing one).
+STALE_IF_ERROR_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: How long an entry that can be revalidated is kept after it goes stale: a 304 is cheaper than a body.
+REVALIDATION_KEEP = 3600.0
+DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+#: The largest single entry, as a fraction of the whole cache.
+ENTRY_SHARE = 8
+_ENTRY_OVERHEAD = 256  # bytes of bookkeeping per entry, beyond its body and headers
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]i?)?b?\Z", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "k": 1000, "ki": 1024, "m": 1000**2, "mi": 1024**2, "g": 1000**3, "gi": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``64MiB``, ``512kB``, ``1000000``; ValueError for anything else or less than 1 KiB."""
+    match = _SIZE.match(text.strip())
+    if match is None:
+        raise ValueError(text)
+    unit = match.group(2).lower() if match.group(2) else None
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size < 1024:
+        raise ValueError(text)
+    return size
+
+
+def cache_key(adapter: str, route: str, request: UpstreamRequest) -> str:
+    """The key of ``request``: parameter order is irrelevant, repeated parameters keep their order."""
+    query = urlencode(sorted(request.query, key=lambda pair: pair[0]))
+    return f"{adapter}\n{route}\n{request.method}\n{request.path}\n{query}"
+
+
+def directives(value: str | None) -> dict[str, str | None]:
+    """A Cache-Control value as {directive (lower case): argument or None}."""
+    found: dict[str, str | None] = {}
+    for part in (value or "").split(","):
+        name, _, argument = part.partition("=")
+        name = name.strip().lower()
+        if name:
+            found.setdefault(name, argument.strip().strip('"') if argument else None)
+    return found
+
+
+def _seconds(argument: str | None) -> float | None:
+    try:
+        value = int(argument)  # delta-seconds are whole numbers
+    except (TypeError, ValueError):
+        return None
+    return float(max(value, 0))
+
+
+def _http_date(value: str | None) -> float | None:
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+@frozen
+class CallerWish:
+    """What the caller's own Cache-Control asks of the cache."""
+
+    bypass: bool = False  # no-store: neither use nor fill the cache
+    revalidate: bool = False  # no-cache, max-age=0: do not answer from the cache without asking upstream
+
+    @classmethod
+    def of(cls, headers: Mapping[str, str]) -> "CallerWish":
+        wish = directives(headers.get("cache-control"))
+        if not wish and "no-cache" in headers.get("pragma", "").lower():
+            return cls(revalidate=True)  # HTTP/1.0 callers
+        return cls(bypass="no-store" in wish,
+                   revalidate="no-cache" in wish or _seconds(wish.get("max-age", "1")) == 0)
+
+
+@define
+class Entry:
+    """One stored answer and what is known about its freshness."""
+
+    answer: Answer
+    stored_at: float  # clock time the upstream answered
+    initial_age: float  # its age then (the upstream's Age header)
+    lifetime: float  # seconds it is fresh for, counted from age 0
+    while_revalidate: float  # seconds past lifetime it may be served while it is revalidated
+    if_error: float  # seconds past lifetime it may be served while the upstream fails
+    etag: str | None = None
+    last_modified: str | None = None
+    vary: tuple[tuple[str, str], ...] = ()  # the request headers the answer varies on, and their values
+
+    def age(self, now: float) -> float:
+        return self.initial_age + max(0.0, now - self.stored_at)
+
+    def ttl(self, now: float) -> float:
+        """Seconds of freshness left; negative once stale."""
+        return self.lifetime - self.age(now)
+
+    def retention(self) -> float:
+        """Seconds after it was stored that the entry can still be of use."""
+        keep = max(self.while_revalidate, self.if_error, REVALIDATION_KEEP if self.validators() else 0.0)
+        return max(0.0, self.lifetime - self.initial_age + keep)
+
+    def validators(self) -> dict[str, str]:
+        """Headers that ask the upstream whether this answer is still current."""
+        found = {}
+        if self.etag:
+            found["If-None-Match"] = self.etag
+        if self.last_modified:
+            found["If-Modified-Since"] = self.last_modified
+        return found
+
+    def matches(self, request_headers: Mapping[str, str]) -> bool:
+        return all(request_headers.get(name, "") == value for name, value in self.vary)
+
+    @property
+    def size(self) -> int:
+        headers = sum(len(name) + len(value) for name, value in self.answer.headers)
+        return len(self.answer.body) + headers + _ENTRY_OVERHEAD
+
+
+def _vary(response: UpstreamResponse, request_headers: Mapping[str, str]) -> tuple | None:
+    """The varied-on request headers and values, or None when the answer varies on everything."""
+    names = [n.strip().lower() for n in response.headers.get("vary", "").split(",") if n.strip()]
+    if "*" in names:
+        return None
+    lowered = {name.lower(): value for name, value in request_headers.items()}
+    return tuple((name, lowered.get(name, "")) for name in names)
+
+
+def entry_for(response: UpstreamResponse, answer: Answer, request_headers: Mapping[str, str], policy,
+              now: float) -> Entry | None:
+    """What to store for ``answer`` (interpreted from ``response``), or None when it must not be stored.
+
+    ``policy`` gives the per-adapter cache settings: ``cache_ttl`` overrides the
+    upstream's freshness, ``cache_default_ttl`` applies when the upstream gives
+    none, and the ``stale_*`` windows are floors under the upstream's own.
+    """
+    headers = response.headers
+    if response.status not in CACHEABLE_STATUSES or answer.status not in CACHEABLE_STATUSES:
+        return None
+    control = directives(headers.get("cache-control"))
+    if "no-store" in control or "private" in control:
+        return None
+    if any(name.lower() == "set-cookie" for name, _ in answer.headers):
+        return None  # one caller's cookie must not reach the next (adapters drop it unless they opt in)
+    vary = _vary(response, request_headers)
+    if vary is None:
+        return None
+    etag, last_modified = headers.get("etag"), headers.get("last-modified")
+    lifetime = _lifetime(control, headers, now)
+    if policy.cache_ttl is not None:
+        lifetime = policy.cache_ttl
+    elif "no-cache" in control:
+        lifetime = 0.0  # stored, but revalidated before each use
+    elif lifetime is None:
+        lifetime = policy.cache_default_ttl
+    if lifetime <= 0 and not (etag or last_modified):
+        return None
+    if {"must-revalidate", "proxy-revalidate", "no-cache"} & control.keys():
+        while_revalidate = if_error = 0.0  # the upstream forbids serving it stale
+    else:
+        while_revalidate = max(_seconds(control.get("stale-while-revalidate")) or 0.0, policy.stale_while_revalidate)
+        if_error = max(_seconds(control.get("stale-if-error")) or 0.0, policy.stale_if_error)
+    return Entry(answer, now, _seconds(headers.get("age")) or 0.0, lifetime, while_revalidate, if_error,
+                 etag, last_modified, vary)
+
+
+def _lifetime(control: dict, headers: Mapping[str, str], now: float) -> float | None:
+    for name in ("s-maxage", "max-age"):  # s-maxage is for shared caches like this one
+        if name in control:
+            return _seconds(control[name]) or 0.0
+    if "expires" in headers:
+        expires = _http_date(headers["expires"])
+        if expires is None:
+            return 0.0  # an invalid Expires means already expired (RFC 9111 section 5.3)
+        date = _http_date(headers.get("date")) or now
+        return max(0.0, expires - date)
+    return None
+
+
+# What a 304 may update in the stored answer (RFC 9111 section 4.3.4, for the headers adapters pass on).
+_REFRESHED_HEADERS = frozenset({"cache-control", "expires", "etag", "last-modified"})
+
+
+def revalidated(entry: Entry, response: UpstreamResponse, request_headers, policy, now: float) -> Entry:
+    """``entry`` refreshed by a 304: the stored answer with the freshness the 304 carries."""
+    headers = [(name, response.headers.get(name.lower(), value) if name.lower() in _REFRESHED_HEADERS else value)
+               for name, value in entry.answer.headers]
+    answer = evolve(entry.answer, headers=headers)
+    basis = UpstreamResponse(answer.status, {**{n.lower(): v for n, v in headers}, **response.headers}, answer.body)
+    fresh = entry_for(basis, answer, request_headers, policy, now)
+    return fresh or evolve(entry, answer=answer, stored_at=now, initial_age=0.0)
+
+
+@frozen
+class Served:
+    """An answer and what the cache did to produce it."""
+
+    answer: Answer
+    status: str  # the Cache-Status parameters after the cache's name
+    outcome: str  # one word for the access log and metrics
+    age: float | None = None  # set when the answer came from the cache
+    upstream_status: int | None = None
+
+    def collapsed(self) -> "Served":
+        return evolve(self, status=self.status + "; collapsed", outcome="collapsed")
+
+    def headers(self) -> list[tuple[str, str]]:
+        extra = [("Cache-Status", f"{CACHE_NAME}; {self.status}")]
+        if self.age is not None:
+            extra.append(("Age", str(int(self.age))))
+        return [*self.answer.headers, *extra]
+
+
+def _hit(entry: Entry, now: float, detail: str = "") -> Served:
+    ttl = int(entry.ttl(now))
+    return Served(entry.answer, f"hit; ttl={ttl}" + (f"; detail={detail}" if detail else ""),
+                  detail or "hit", entry.age(now))
+
+
+class MemoryStore:
+    """Entries in this process, least recently used evicted first, within ``max_bytes`` in all."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_bytes // ENTRY_SHARE
+        self.bytes = 0
+        self.evictions = 0
+        self._entries: OrderedDict[str, tuple[Entry, float]] = OrderedDict()  # key → entry, useful until
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str, now: float) -> Entry | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        if found[1] < now:
+            self._remove(key)
+            return None
+        self._entries.move_to_end(key)
+        return found[0]
+
+    def put(self, key: str, entry: Entry, now: float) -> bool:
+        size = entry.size
+        self._remove(key)
+        if size > self.max_entry_bytes:
+            return False
+        while self.bytes + size > self.max_bytes:
+            self._remove(next(iter(self._entries)))
+            self.evictions += 1
+        self._entries[key] = (entry, entry.stored_at + entry.retention())
+        self.bytes += size
+        return True
+
+    def _remove(self, key: str) -> None:
+        found = self._entries.pop(key, None)
+        if found is not None:
+            self.bytes -= found[0].size
+
+
+class _Flight:
+    """One upstream fetch in progress for a key, and the callers waiting for it."""
+
+    def __init__(self, background: bool) -> None:
+        self.call: defer.Deferred | None = None
+        self.waiters: list[tuple[defer.Deferred, bool]] = []  # (waiter, joined a fetch already in flight)
+        self.background = background
+
+
+Fetch = Callable[[dict[str, str]], defer.Deferred]  # extra request headers → UpstreamResponse, or a Problem
+Interpret = Callable[[UpstreamResponse], Answer]  # may raise a Problem
+
+
+class ResponseCache:
+    """Answers from ``store`` when it can, fetches (once per key at a time) when it must."""
+
+    def __init__(self, store, clock: IReactorTime) -> None:
+        self.store = store
+        self._clock = clock
+        self._flights: dict[str, _Flight] = {}
+
+    def serve(self, key: str, policy, request_headers: Mapping[str, str], wish: CallerWish,
+              fetch: Fetch, interpret: Interpret) -> Served | defer.Deferred:
+        """A Served at once (a fresh hit), or a Deferred firing with one or failing with a Problem."""
+        found = self.store.get(key, self._clock.seconds())
+        if isinstance(found, defer.Deferred):  # a shared store answers later
+            return found.addCallback(self._decide, key, policy, request_headers, wish, fetch, interpret)
+        return self._decide(found, key, policy, request_headers, wish, fetch, interpret)
+
+    def _decide(self, entry: Entry | None, key, policy, request_headers, wish: CallerWish, fetch: Fetch,
+                interpret: Interpret) -> Served | defer.Deferred:
+        now = self._clock.seconds()
+        if entry is not None and not entry.matches(request_headers):
+            entry, reason = None, "vary-miss"
+        else:
+            reason = "request" if wish.revalidate else ("stale" if entry is not None else "miss")
+        if entry is not None and not wish.revalidate:
+            ttl = entry.ttl(now)
+            if ttl > 0:
+                return _hit(entry, now)
+            if -ttl <= entry.while_revalidate:
+                if key not in self._flights:
+                    flight = self._flights[key] = _Flight(background=True)
+                    self._launch(flight, key, entry, "stale", policy, request_headers, fetch, interpret)
+                return _hit(entry, now, "stale-while-revalidate")
+        flight = self._flights.get(key)
+        if flight is not None:
+            return self._wait(flight)
+        flight = self._flights[key] = _Flight(background=False)
+        waiter = self._wait(flight)  # before launching: the fetch may fail at once
+        self._launch(flight, key, entry, reason, policy, request_headers, fetch, interpret)
+        return waiter
+
+    def _launch(self, flight: _Flight, key, entry, reason, policy, request_headers, fetch, interpret) -> None:
+        flight.call = defer.ensureDeferred(
+            self._fetch(key, entry, reason, policy, request_headers, fetch, interpret))
+        flight.call.addBoth(self._landed, key, flight)
+
+    def _wait(self, flight: _Flight) -> defer.Deferred:
+        waiter = defer.Deferred(lambda d: self._left(flight, d))
+        flight.waiters.append((waiter, bool(flight.waiters) or flight.background))
+        return waiter
+
+    def _left(self, flight: _Flight, waiter: defer.Deferred) -> None:
+        flight.waiters = [(w, c) for w, c in flight.waiters if w is not waiter]
+        if not flight.waiters and not flight.background and flight.call is not None:
+            flight.call.cancel()  # nobody wants the answer any more
+
+    def _landed(self, result, key: str, flight: _Flight) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        for waiter, collapsed in flight.waiters:
+            if not isinstance(result, Served):
+                waiter.errback(result)
+            else:
+                waiter.callback(result.collapsed() if collapsed else result)
+        if flight.background and isinstance(result, Failure) and not flight.waiters:
+            log.warn("Background revalidation failed: {error}", error=result.getErrorMessage())
+
+    async def _fetch(self, key, entry: Entry | None, reason: str, policy, request_headers, fetch: Fetch,
+                     interpret: Interpret) -> Served:
+        conditional = entry.validators() if entry is not None else {}
+        fwd, upstream = f"fwd={reason}", None
+        try:
+            response = await fetch(conditional)
+            upstream, now = response.status, self._clock.seconds()
+            if upstream == 304 and conditional:
+                refreshed = revalidated(entry, response, request_headers, policy, now)
+                self.store.put(key, refreshed, now)
+                return Served(refreshed.answer, f"{fwd}; fwd-status=304", "revalidated", refreshed.age(now), 304)
+            answer = interpret(response)
+        except Problem as problem:
+            now = self._clock.seconds()
+            if entry is None or problem.status not in STALE_IF_ERROR_STATUSES or -entry.ttl(now) > entry.if_error:
+                raise
+            status = fwd + (f"; fwd-status={upstream}" if upstream else "")
+            return Served(entry.answer, f"{status}; ttl={int(entry.ttl(now))}; detail=stale-if-error",
+                          "stale-if-error", entry.age(now), upstream)
+        stored = entry_for(response, answer, request_headers, policy, now)
+        kept = stored is not None and self.store.put(key, stored, now)
+        return Served(answer, f"{fwd}; fwd-status={upstream}" + ("; stored" if kept else ""),
+                      "miss" if entry is None else "refreshed", None, upstream)
+
+
+def encode_entry(entry: Entry) -> bytes:
+    """An entry as bytes for a shared store: one JSON line of metadata, then the body."""
+    meta = {
+        "status": entry.answer.status, "headers": entry.answer.headers, "stored_at": entry.stored_at,
+        "initial_age": entry.initial_age, "lifetime": entry.lifetime, "swr": entry.while_revalidate,
+        "sie": entry.if_error, "etag": entry.etag, "last_modified": entry.last_modified, "vary": entry.vary,
+    }
+    return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + entry.answer.body
+
+
+def decode_entry(data: bytes) -> Entry | None:
+    """The entry ``encode_entry`` wrote, or None when ``data`` is not one."""
+    meta_line, newline, body = data.partition(b"\n")
+    try:
+        meta = json.loads(meta_line) if newline else None
+        answer = Answer(int(meta["status"]), [(str(n), str(v)) for n, v in meta["headers"]], body)
+        return Entry(answer, float(meta["stored_at"]), float(meta["initial_age"]), float(meta["lifetime"]),
+                     float(meta["swr"]), float(meta["sie"]), meta["etag"], meta["last_modified"],
+                     tuple((str(n), str(v)) for n, v in meta["vary"]))
+    except (ValueError, TypeError, KeyError):
+        return None
