@@ -260,21 +260,17 @@ class FakeTMDB(FakeService):
         if not self._authorized(recorded):
             return self._json(request, 401, INVALID_KEY)
         if step is not None:
-            status, headers, body = step
-            request.setResponseCode(status)
-            for name, value in headers.items():
-                request.setHeader(name, value)
-            return body
+            return _canned(request, step)
         if recorded.method not in ("GET", "HEAD"):
             return self._json(request, 405, _tmdb_error(3, "Method not allowed"))
         return self._route(request, recorded)
 
     def release(self) -> None:
-        """Answer every hanging request as if nothing had been wrong."""
+        """Answer every hanging request as if nothing had been wrong (with ``canned`` when set)."""
         hanging, self.hanging = self.hanging, []
         for request in hanging:
             if not request._disconnected:
-                request.write(self._json(request, 200, MOVIES[0]))
+                request.write(_canned(request, self.canned) if self.canned else self._json(request, 200, MOVIES[0]))
                 request.finish()
 
     def _authorized(self, recorded: RecordedRequest) -> bool:
@@ -325,6 +321,14 @@ class FakeTMDB(FakeService):
                 request.setResponseCode(304)
                 return b""
         return body
+
+
+def _canned(request, answer: tuple[int, dict[str, str], bytes]) -> bytes:
+    status, headers, body = answer
+    request.setResponseCode(status)
+    for name, value in headers.items():
+        request.setHeader(name, value)
+    return body
 
 
 @define

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import pytest_twisted
 import treq
@@ -9,6 +11,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock, deferLater
 
 from ambassador.adapters.tmdb import TMDBPlugin
 from ambassador.configfile import adapters_from_file
@@ -22,6 +25,13 @@ SECRETS = ("test-api-key", "test-read-token", "caller-own-key", "file-api-key", 
            # credentials.py styles and OAuth2 (base64 of "reader:basic-password" too)
            "query-secret", "header-secret", "bearer-secret", "rotated-bearer-secret", "basic-password",
            "cmVhZGVyOmJhc2ljLXBhc3N3b3Jk", "test-client-secret", "test-access-token")
+
+
+@pytest.fixture
+def clock():
+    clock = Clock()
+    clock.advance(1_800_000_000)  # a realistic epoch, for HTTP dates (Retry-After, Expires)
+    return clock
 
 
 @pytest.fixture
@@ -89,6 +99,16 @@ async def get(url: str, *, method: str = "GET", headers=None):
     """One request over a fresh connection; returns (response, body bytes)."""
     response = await treq.request(method, url, headers=headers, persistent=False)
     return response, await response.content()
+
+
+async def reactor_turns_until(condition, give_up_after=10.0):
+    """Let the reactor run (no time passes on a test's Clock) until ``condition()`` holds:
+    loopback I/O in flight gets done. Gives up after ``give_up_after`` real seconds."""
+    give_up = time.monotonic() + give_up_after
+    while not condition():
+        if time.monotonic() > give_up:
+            raise AssertionError("condition never held")
+        await deferLater(reactor, 0, lambda: None)
 
 
 def header(response, name: str):

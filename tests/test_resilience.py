@@ -6,7 +6,6 @@ Each test counts the upstream attempts: no retry storms.
 
 import json
 import random
-import time
 from email.utils import formatdate
 
 import pytest
@@ -18,7 +17,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
 from ambassador.resilience import Policy, RateLimited, TokenBucket, retry_after_seconds
-from conftest import get, header, tmdb_env
+from conftest import get, header, reactor_turns_until, tmdb_env
 
 KEY = {"TMDB_API_KEY": "test-api-key"}
 JSON = {"Content-Type": "application/json"}
@@ -33,23 +32,6 @@ class Ceiling(random.Random):
 
 def answer(status, **headers):
     return (status, {**JSON, **headers}, json.dumps({"status_code": 0, "status_message": "x"}).encode())
-
-
-async def reactor_turns_until(condition, give_up_after=10.0):
-    """Let the reactor run (no time passes on the test's Clock) until ``condition()`` holds:
-    loopback I/O in flight gets done. Gives up after ``give_up_after`` real seconds."""
-    give_up = time.monotonic() + give_up_after
-    while not condition():
-        if time.monotonic() > give_up:
-            raise AssertionError("condition never held")
-        await deferLater(reactor, 0, lambda: None)
-
-
-@pytest.fixture
-def clock():
-    clock = Clock()
-    clock.advance(1_800_000_000)  # a realistic epoch, for HTTP-date Retry-After values
-    return clock
 
 
 async def start(start_ambassador, fake, clock, **policy):
