@@ -16,7 +16,7 @@ from twisted.internet.task import Clock, deferLater
 from ambassador.adapters.tmdb import TMDBPlugin
 from ambassador.configfile import adapters_from_file
 from ambassador.discovery import discover_adapters
-from ambassador.testing import FakeTMDB, logged_events, serve, serving
+from ambassador.testing import FakeTMDB, RedisServer, logged_events, serve, serving
 from ambassador.testing import start_ambassador as serve_adapters
 
 # Every secret a test hands the ambassador; none may ever show up in a log event.
@@ -24,7 +24,9 @@ SECRETS = ("test-api-key", "test-read-token", "caller-own-key", "file-api-key", 
            "test-weather-key", "caller-token", "rotated-token",
            # credentials.py styles and OAuth2 (base64 of "reader:basic-password" too)
            "query-secret", "header-secret", "bearer-secret", "rotated-bearer-secret", "basic-password",
-           "cmVhZGVyOmJhc2ljLXBhc3N3b3Jk", "test-client-secret", "test-access-token")
+           "cmVhZGVyOmJhc2ljLXBhc3N3b3Jk", "test-client-secret", "test-access-token",
+           # the Redis cache's passwords (redisstore.py)
+           "test-redis-password", "wrong-redis-password", "alice-redis-password")
 
 
 @pytest.fixture
@@ -89,6 +91,30 @@ async def start_ambassador():
     for service in services:
         if service.running:  # a test may have stopped it already
             await maybeDeferred(service.stopService)
+
+
+@pytest_twisted.async_yield_fixture
+async def start_redis(tmp_path):
+    """``await start_redis(password=..., users=...)`` runs a real redis-server (see ``RedisServer``)
+    on a free loopback port for this test; each is stopped afterwards."""
+    servers = []
+
+    async def start(**options) -> RedisServer:
+        directory = tmp_path / f"redis-{len(servers)}"
+        directory.mkdir()
+        servers.append(RedisServer(directory, **options))
+        await servers[-1].start()
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def redis_server(start_redis):
+    """A real redis-server without a password, for this test."""
+    yield await start_redis()
 
 
 def tmdb_env(fake, **settings):
