@@ -13,6 +13,7 @@ which is attached to each upstream attempt after the key is made.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import OrderedDict
@@ -28,6 +29,7 @@ from twisted.python.failure import Failure
 
 from .exchange import Answer, UpstreamRequest, UpstreamResponse
 from .problems import Problem
+from .redisstore import StoreUnavailable
 
 log = Logger(namespace="ambassador")
 
@@ -397,6 +399,46 @@ class ResponseCache:
         kept = stored is not None and self.store.put(key, stored, now)
         return Served(answer, f"{fwd}; fwd-status={upstream}" + ("; stored" if kept else ""),
                       "miss" if entry is None else "refreshed", None, upstream)
+
+
+class SharedStore:
+    """Entries in Redis (``ambassador.redisstore.RedisStore``), shared by every replica.
+
+    A Redis that cannot be asked is a miss on lookup and a skipped write: the
+    store logs its own reachability, the request goes to the upstream.
+    Redis keys are a hash of the cache key, under a versioned prefix.
+    """
+
+    PREFIX = b"ambassador:cache:v1:"
+
+    def __init__(self, redis, max_entry_bytes: int) -> None:
+        self.redis = redis
+        self.max_entry_bytes = max_entry_bytes
+
+    def get(self, key: str, now: float) -> defer.Deferred:
+        return self.redis.get(self._redis_key(key)).addCallbacks(self._found, _unavailable)
+
+    def put(self, key: str, entry: Entry, now: float) -> bool:
+        ttl = entry.stored_at + entry.retention() - now
+        if ttl <= 0 or entry.size > self.max_entry_bytes:
+            return False
+        self.redis.set(self._redis_key(key), encode_entry(entry), ttl).addErrback(_unavailable)
+        return True
+
+    @staticmethod
+    def _found(data: bytes | None) -> Entry | None:
+        entry = decode_entry(data) if data is not None else None
+        if data is not None and entry is None:
+            log.warn("A shared cache entry could not be read; it is treated as a miss")
+        return entry
+
+    def _redis_key(self, key: str) -> bytes:
+        return self.PREFIX + hashlib.sha256(key.encode()).hexdigest().encode()
+
+
+def _unavailable(failure: Failure) -> None:
+    failure.trap(StoreUnavailable)  # a miss; the store has logged why
+    return None
 
 
 def encode_entry(entry: Entry) -> bytes:

@@ -49,6 +49,7 @@ class AdapterState:
 class Readiness:
     adapters: list[AdapterState]
     _by_name: dict[str, AdapterState] = field(init=False)
+    cache_store: object | None = None  # a shared cache store (RedisStore): its outage is a warning, not unready
 
     def __attrs_post_init__(self) -> None:
         self._by_name = {state.adapter.name: state for state in self.adapters}
@@ -62,7 +63,14 @@ class Readiness:
 
     def report(self) -> dict:
         adapters = {state.adapter.name: state.report() for state in self.adapters}
-        return {"ready": all(a["ready"] for a in adapters.values()), "adapters": adapters}
+        report = {"ready": all(a["ready"] for a in adapters.values()), "adapters": adapters}
+        store = self.cache_store
+        if store is not None:
+            report["cache"] = {"store": store.description, "available": store.available}
+            if not store.available:
+                report["warnings"] = [f"the shared cache {store.description} is unreachable: answers come "
+                                      "from the upstream until it is back"]
+        return report
 
 
 class Prober:

@@ -120,6 +120,10 @@ class _StateCollector:
             if state.breaker is not None:
                 circuit.add_metric([state.adapter.name], _CIRCUIT_STATES[state.breaker.state])
         yield from (present, reloads, ready, circuit)
+        store = self._readiness.cache_store
+        if store is not None:
+            yield GaugeMetricFamily("ambassador_cache_store_available",
+                                    "1 when the shared cache (Redis) can be asked.", value=float(store.available))
 
 
 class _CacheCollector:

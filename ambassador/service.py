@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from .admin import admin_site
-from .cache import DEFAULT_CACHE_BYTES, MemoryStore, ResponseCache, parse_size
+from .cache import DEFAULT_CACHE_BYTES, ENTRY_SHARE, MemoryStore, ResponseCache, SharedStore, parse_size
 from .credentials import FileSecret
 from .discovery import PLUGIN_DIRS_VARIABLE, add_plugin_dirs, discover_adapters, plugin_dirs_from_environment
 from .configfile import CONFIG_HELP, adapters_from_file
@@ -24,11 +24,13 @@ from .limits import InboundLimits
 from .metrics import Metrics
 from .mounting import Mount, check_mount_names, describe_adapters, mounted, select_adapters
 from .resilience import POLICY_HELP, Guard, Policy, resolve_policies
+from .redisstore import RedisStore, parse_redis_url
 from .upstream import Gateway, UpstreamClient
 from .web import AmbassadorSite, build_root, mount_table
 
 log = Logger(namespace="ambassador")
 DEFAULT_LIMITS = InboundLimits()
+CACHE_URL_VARIABLE = "AMBASSADOR_CACHE_URL"
 
 
 def endpoint_description(port: str, *, bare_interface: str) -> str:
@@ -75,6 +77,9 @@ class Options(usage.Options):
         ["grace-period", None, 25.0,
          "Seconds requests in flight may take to finish after SIGTERM before the process exits "
          "(keep it below the Pod's terminationGracePeriodSeconds).", float],
+        ["cache", None, None,
+         "Where the response cache keeps answers: 'memory' (this process) or redis://[[user]:password@]host"
+         "[:port][/db], shared by every replica. Default: $AMBASSADOR_CACHE_URL, else memory."],
         ["cache-size", None, "64MiB",
          "Most bytes the in-memory response cache holds (e.g. 64MiB, 512KiB, 1000000); least recently used "
          "answers are evicted first, and an answer larger than an eighth of this is never stored."],
@@ -121,7 +126,9 @@ class Options(usage.Options):
     def getUsage(self, width=None) -> str:
         lines = ["", "Environment variables (values are never printed):",
                  f"  {PLUGIN_DIRS_VARIABLE:32} directories of adapter dropins, separated by '{os.pathsep}' "
-                 "(like --plugin-dir)"]
+                 "(like --plugin-dir)",
+                 f"  {CACHE_URL_VARIABLE:32} where the response cache keeps answers when --cache is not given "
+                 "(memory or redis://…; may hold a password)"]
         for plugin in discover_adapters().adapters:
             lines.append(f"  {plugin.name}: {plugin.description}")
             for setting in plugin.settings:
@@ -151,6 +158,14 @@ class Options(usage.Options):
             self["cache-bytes"] = None if self["no-cache"] else parse_size(self["cache-size"])
         except ValueError:
             raise usage.UsageError(f"--cache-size must be a number of bytes such as 64MiB, not {self['cache-size']!r}")
+        self["cache-url"] = (self["cache"] or os.environ.get(CACHE_URL_VARIABLE) or "memory").strip()
+        if self["cache-url"] == "memory":
+            self["cache-url"] = None
+        else:
+            try:
+                parse_redis_url(self["cache-url"])
+            except ValueError as e:  # never quotes the URL: it may hold a password
+                raise usage.UsageError(f"--cache: memory, or {e}")
         if self["probe-interval"] < 0:
             raise usage.UsageError("--probe-interval must be 0 (off) or a positive number of seconds")
         if self["log-format"] not in ("text", "json"):
@@ -242,13 +257,16 @@ class Listener(Service):
 
 
 class Upkeep(Service):
-    """What the adapters need while serving: credential file polling, probes, the client pool."""
+    """What the adapters need while serving: credential file polling, probes, the client pool,
+    the shared cache's Redis connection."""
 
-    def __init__(self, reactor, adapters, client: UpstreamClient, prober: Prober | None) -> None:
+    def __init__(self, reactor, adapters, client: UpstreamClient, prober: Prober | None,
+                 redis: RedisStore | None = None) -> None:
         self._reactor = reactor
         self._adapters = adapters
         self._client = client
         self._prober = prober
+        self._redis = redis
 
     def startService(self) -> None:
         super().startService()
@@ -256,6 +274,8 @@ class Upkeep(Service):
             adapter.credential.start(self._reactor, self._client)
         if self._prober is not None:
             self._prober.start()
+        if self._redis is not None:
+            self._redis.start()
 
     def stopService(self):
         super().stopService()
@@ -267,7 +287,8 @@ class Upkeep(Service):
             adapter.credential.stop()
         if self._prober is not None:
             self._prober.stop()
-        return self._client.close()
+        closing = [self._client.close()] + ([self._redis.stop()] if self._redis is not None else [])
+        return defer.DeferredList(closing)
 
 
 @define(slots=False)
@@ -296,11 +317,13 @@ def assemble(
     limits: InboundLimits = InboundLimits(),
     token: FileSecret | None = None,
     cache_bytes: int | None = DEFAULT_CACHE_BYTES,
+    cache_url: str | None = None,
     clock=None,
     rng=None,
 ) -> Ambassador:
     """Wire adapters, pipeline, proxy and admin listeners together. ``clock`` drives every timer,
-    ``rng`` (a random.Random) the retry jitter; ``cache_bytes`` None turns the response cache off."""
+    ``rng`` (a random.Random) the retry jitter. ``cache_bytes`` None turns the response cache off;
+    ``cache_url`` (redis://…) keeps its entries in Redis instead of this process."""
     clock = clock or reactor
     policies = policies or resolve_policies(adapters, [])
     guards = {adapter.name: Guard.of(policies[adapter.name], clock) for adapter in adapters}
@@ -308,8 +331,12 @@ def assemble(
     readiness = Readiness.of(adapters, {name: guard.breaker for name, guard in guards.items()})
     metrics.watch(readiness)
     client = UpstreamClient(reactor, connect_timeout=connect_timeout)
-    cache = None
-    if cache_bytes is not None:
+    cache = redis = None
+    if cache_bytes is not None and cache_url is not None:
+        redis = RedisStore(cache_url, reactor, clock=clock)
+        readiness.cache_store = redis
+        cache = ResponseCache(SharedStore(redis, cache_bytes // ENTRY_SHARE), clock)
+    elif cache_bytes is not None:
         store = MemoryStore(cache_bytes)
         metrics.watch_cache(store)
         cache = ResponseCache(store, clock)
@@ -317,7 +344,7 @@ def assemble(
                       rng=rng, cache=cache)
     prober = Prober(readiness, gateway, clock, probe_interval) if probe_interval > 0 else None
     service = MultiService()
-    Upkeep(clock, adapters, client, prober).setServiceParent(service)
+    Upkeep(clock, adapters, client, prober, redis).setServiceParent(service)
     routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in adapters for route in adapter.routes)
     log.info("Routes: {routes}", routes=routes or "none")
     site = AmbassadorSite(build_root(adapters, gateway, metrics), clock, metrics, limits=limits, token=token)
@@ -346,4 +373,5 @@ def makeService(options: Options) -> MultiService:
         limits=options["limits"],
         token=options["token"],
         cache_bytes=options["cache-bytes"],
+        cache_url=options["cache-url"],
     ).service

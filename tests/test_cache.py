@@ -327,3 +327,68 @@ def test_cache_options():
     with pytest.raises(usage.UsageError, match="cache must be on or off"):
         Options().parseOptions(["--policy", "cache=maybe"])
     assert parse_size("64MiB") == 64 * 2**20 and parse_size("500kB") == 500_000
+
+
+async def start_shared(start_ambassador, fake, clock, redis):
+    ambassador = await start_ambassador(tmdb_env(fake, **KEY), clock=clock, cache_url=redis.url(),
+                                        policies={"tmdb": Policy(retries=0)})
+    await reactor_turns_until(lambda: ambassador.readiness.cache_store.available)
+    return ambassador
+
+
+@pytest_twisted.ensureDeferred
+async def test_replicas_share_answers_through_redis(fake_tmdb, start_ambassador, clock, start_redis):
+    redis = await start_redis(password="test-redis-password")
+    one, other = [await start_shared(start_ambassador, fake_tmdb, clock, redis) for _ in range(2)]
+    fake_tmdb.max_age = 60
+    _, status, _, body = await ask(one)
+    assert status == "ambassador; fwd=miss; fwd-status=200; stored"
+    clock.advance(10)
+    assert await ask(other) == (200, "ambassador; hit; ttl=50", "10", body)
+    clock.advance(51)
+    _, status, _, _ = await ask(other)  # stale for both now: revalidated once, by whoever asks
+    assert status == "ambassador; fwd=stale; fwd-status=304"
+    assert (await ask(one))[1] == "ambassador; hit; ttl=60"
+    assert len(fake_tmdb.requests) == 2
+    [key] = (await redis.cli("--scan")).decode().split()
+    assert key.startswith("ambassador:cache:v1:") and "550" not in key
+    assert 0 < int(await redis.cli("PTTL", key)) <= (60 + 3600) * 1000  # kept an hour for revalidation
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_redis_the_ambassador_serves_from_the_upstream_and_says_so(
+        fake_tmdb, start_ambassador, clock, redis_server, log_events):
+    ambassador = await start_shared(start_ambassador, fake_tmdb, clock, redis_server)
+    await redis_server.stop()
+    await reactor_turns_until(lambda: not ambassador.readiness.cache_store.available)
+    assert [(await ask(ambassador))[:2] for _ in range(2)] == [(200, "ambassador; fwd=miss; fwd-status=200; stored")] * 2
+    assert len(fake_tmdb.requests) == 2
+    response, body = await get(ambassador.admin_url + "/readyz")
+    report = json.loads(body)
+    assert response.code == 200 and report["ready"] and report["cache"]["available"] is False
+    assert "unreachable" in report["warnings"][0]
+    _, metrics = await get(ambassador.admin_url + "/metrics")
+    assert b"ambassador_cache_store_available 0.0" in metrics
+    unreachable = [e for e in log_events if "unreachable" in str(e.get("log_format", ""))]
+    assert len(unreachable) == 1
+    await redis_server.start()
+    clock.advance(0.1)  # the first reconnection wait
+    await reactor_turns_until(lambda: ambassador.readiness.cache_store.available)
+    await ask(ambassador)
+    assert (await ask(ambassador))[1] == "ambassador; hit; ttl=21600"
+
+
+def test_the_cache_url_option_never_shows_the_password(monkeypatch):
+    options = Options()
+    options.parseOptions(["--cache", "redis://:test-redis-password@10.0.0.7:6380/2"])
+    assert options["cache-url"] == "redis://:test-redis-password@10.0.0.7:6380/2"
+    monkeypatch.setenv("AMBASSADOR_CACHE_URL", "redis://cache:6379")
+    options = Options()
+    options.parseOptions([])
+    assert options["cache-url"] == "redis://cache:6379"
+    options = Options()
+    options.parseOptions(["--cache", "memory"])
+    assert options["cache-url"] is None
+    with pytest.raises(usage.UsageError) as refused:
+        Options().parseOptions(["--cache", "rediss://:test-redis-password@10.0.0.7"])
+    assert "test-redis-password" not in str(refused.value)
