@@ -243,6 +243,16 @@ class Served:
     def collapsed(self) -> "Served":
         return evolve(self, status=self.status + "; collapsed", outcome="collapsed")
 
+    def unchanged_for(self, if_none_match: str | None) -> bool:
+        """Whether a caller's ``If-None-Match`` names this answer's ETag (weak comparison, RFC 9110 13.1.2)."""
+        if not if_none_match:
+            return False
+        etag = next((value for name, value in self.answer.headers if name.lower() == "etag"), None)
+        if etag is None:
+            return False
+        offered = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+        return "*" in offered or etag.removeprefix("W/") in offered
+
     def headers(self) -> list[tuple[str, str]]:
         extra = [("Cache-Status", f"{CACHE_NAME}; {self.status}")]
         if self.age is not None:

@@ -134,7 +134,7 @@ class Options(usage.Options):
             for setting in plugin.settings:
                 lines.append(f"    {setting.name:30} {setting.help}")
         lines += ["", "Policy keys for --policy [ADAPTER.]KEY=VALUE (defaults in brackets):"]
-        lines += [f"  {key:18} {text}" for key, text in POLICY_HELP.items()]
+        lines += [f"  {key:22} {text}" for key, text in POLICY_HELP.items()]
         lines += ["", CONFIG_HELP]
         return super().getUsage(width) + "\n".join(lines)
 

@@ -178,10 +178,10 @@ class Gateway:
                                    request.headers, wish, fetch,
                                    lambda response: self._interpret(response, adapter, inbound))
         if isinstance(served, defer.Deferred):
-            return served.addCallback(self._served, adapter.name, trace)
-        return defer.succeed(self._served(served, adapter.name, trace))
+            return served.addCallback(self._served, adapter.name, inbound, trace)
+        return defer.succeed(self._served(served, adapter.name, inbound, trace))
 
-    def _served(self, served: Served, adapter: str, trace: Trace) -> Answer:
+    def _served(self, served: Served, adapter: str, inbound: InboundRequest, trace: Trace) -> Answer:
         trace.cache = served.outcome
         if trace.upstream_status is None:
             trace.upstream_status = served.upstream_status
@@ -189,6 +189,8 @@ class Gateway:
         if counted is None:
             counted = self._cache_metrics[adapter] = self._metrics.cache_answers_of(adapter)
         counted[served.outcome].inc()
+        if served.answer.status == 200 and served.unchanged_for(inbound.headers.get("if-none-match")):
+            return Answer(304, served.headers(), b"")  # the caller has this answer already
         return Answer(served.answer.status, served.headers(), served.answer.body)
 
     async def _answer_uncached(self, adapter, guard: Guard, inbound: InboundRequest, request: UpstreamRequest,

@@ -155,7 +155,8 @@ class RouteResource(Resource):
         request.setResponseCode(answer.status)
         for name, value in answer.headers:
             request.setHeader(name, value)
-        request.setHeader(b"content-length", b"%d" % len(answer.body))
+        if answer.status != 304:  # a 304's Content-Length would describe the body it leaves out
+            request.setHeader(b"content-length", b"%d" % len(answer.body))
         request.write(answer.body)
         request.finish()
 

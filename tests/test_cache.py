@@ -13,7 +13,7 @@ from ambassador.cache import CallerWish, Entry, MemoryStore, decode_entry, encod
 from ambassador.exchange import Answer
 from ambassador.resilience import Policy
 from ambassador.service import Options
-from conftest import get, header, reactor_turns_until, tmdb_env
+from conftest import get, header, raw_exchange, reactor_turns_until, tmdb_env
 
 KEY = {"TMDB_API_KEY": "test-api-key"}
 MOVIE = "/tmdb/3/movie/550"
@@ -392,3 +392,25 @@ def test_the_cache_url_option_never_shows_the_password(monkeypatch):
     with pytest.raises(usage.UsageError) as refused:
         Options().parseOptions(["--cache", "rediss://:test-redis-password@10.0.0.7"])
     assert "test-redis-password" not in str(refused.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_caller_that_has_the_answer_already_gets_304(fake_tmdb, start_ambassador, clock):
+    ambassador = await start(start_ambassador, fake_tmdb, clock)
+    response, _ = await get(ambassador.url + MOVIE)
+    etag = header(response, "etag")
+    for offered in (etag, f'W/{etag}, "other"', "*"):
+        code, status, _, body = await ask(ambassador, If_None_Match=offered)
+        assert (code, status, body) == (304, "ambassador; hit; ttl=21600", b"")
+    assert (await ask(ambassador, If_None_Match='"other"'))[0] == 200
+    assert len(fake_tmdb.requests) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_304_to_the_caller_is_well_formed(fake_tmdb, start_ambassador, clock):
+    ambassador = await start(start_ambassador, fake_tmdb, clock)
+    response, _ = await get(ambassador.url + MOVIE)
+    raw = (f"GET {MOVIE} HTTP/1.1\r\nHost: x\r\nIf-None-Match: {header(response, 'etag')}\r\n"
+           "Connection: close\r\n\r\n").encode()
+    status, headers, body = await raw_exchange(ambassador.url, raw)
+    assert (status, body) == (304, b"") and "content-length" not in headers and headers["etag"]
