@@ -148,7 +148,10 @@ class Entry:
         return found
 
     def matches(self, request_headers: Mapping[str, str]) -> bool:
-        return all(request_headers.get(name, "") == value for name, value in self.vary)
+        if not self.vary:
+            return True
+        lowered = _lowered(request_headers)
+        return all(lowered.get(name, "") == value for name, value in self.vary)
 
     @property
     def size(self) -> int:
@@ -161,8 +164,12 @@ def _vary(response: UpstreamResponse, request_headers: Mapping[str, str]) -> tup
     names = [n.strip().lower() for n in response.headers.get("vary", "").split(",") if n.strip()]
     if "*" in names:
         return None
-    lowered = {name.lower(): value for name, value in request_headers.items()}
+    lowered = _lowered(request_headers)
     return tuple((name, lowered.get(name, "")) for name in names)
+
+
+def _lowered(headers: Mapping[str, str]) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
 
 
 def entry_for(response: UpstreamResponse, answer: Answer, request_headers: Mapping[str, str], policy,

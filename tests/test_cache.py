@@ -414,3 +414,10 @@ async def test_a_304_to_the_caller_is_well_formed(fake_tmdb, start_ambassador, c
            "Connection: close\r\n\r\n").encode()
     status, headers, body = await raw_exchange(ambassador.url, raw)
     assert (status, body) == (304, b"") and "content-length" not in headers and headers["etag"]
+
+
+def test_an_entry_matches_only_the_request_headers_it_varies_on():
+    varying = Entry(Answer(200, [], b""), 0.0, 0.0, 60.0, 0.0, 0.0, vary=(("accept-language", "de"),))
+    assert varying.matches({"Accept-Language": "de", "X-Other": "1"})
+    assert not varying.matches({"Accept-Language": "fr"}) and not varying.matches({})
+    assert entry(10).matches({"Accept-Language": "fr"})
