@@ -321,6 +321,7 @@ class Gateway:
         limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
         call = defer.ensureDeferred(self._client.fetch(adapter.base_url, request, max_body=limit))
         call.addTimeout(timeout, self._clock, onTimeoutCancel=_attempt_timed_out)
+        call.addErrback(_cancelled_as_such)
         call.addBoth(self._attempted, adapter, started, trace)
         call.addErrback(self._explain_failure, adapter, timeout)
         return await call
@@ -389,6 +390,14 @@ def _bypassed(answer: Answer, trace: Trace) -> Answer:
 
 def _with_retry_after(response: UpstreamResponse, seconds: float) -> UpstreamResponse:
     return evolve(response, headers={**response.headers, "retry-after": whole_seconds(seconds)})
+
+
+def _cancelled_as_such(failure: Failure) -> Failure:
+    # Abandoning a call surfaces as the client's own failure (ResponseNeverReceived wrapping
+    # CancelledError): it is a caller who left, never an unreachable upstream to retry or count.
+    if not failure.check(defer.CancelledError) and _caused_by(failure.value, defer.CancelledError):
+        return Failure(defer.CancelledError())
+    return failure
 
 
 class AttemptTimedOut(Exception):

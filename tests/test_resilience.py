@@ -329,3 +329,21 @@ def test_token_bucket_allows_burst_then_rate():
     assert results[3] == 0.125 and 4 not in results
     clock.advance(0.125)
     assert results[4] == 0.25
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_caller_who_hangs_up_is_neither_a_failure_nor_retried(fake_tmdb, start_ambassador, clock):
+    ambassador = await start(start_ambassador, fake_tmdb, clock, breaker_failures=2, retries=2)
+    fake_tmdb.fault = "hang"
+    for n in range(1, 4):
+        leaving = call(ambassador)
+        await reactor_turns_until(lambda: len(fake_tmdb.hanging) == n)
+        leaving.cancel()  # the caller closes its connection
+        await reactor_turns_until(lambda: fake_tmdb.hanging[-1]._disconnected)
+    assert not waiting_to_retry(clock) and len(fake_tmdb.requests) == 3
+    fake_tmdb.fault = None
+    response, _ = await get(ambassador.url + "/movies")
+    assert response.code == 200  # the circuit never opened
+    _, metrics = await get(ambassador.admin_url + "/metrics")
+    assert b'ambassador_upstream_attempts_total{adapter="tmdb",outcome="cancelled"} 3.0' in metrics
+    assert b'ambassador_upstream_attempts_total{adapter="tmdb",outcome="unreachable"} 0.0' in metrics
