@@ -26,7 +26,8 @@ MEASURED = re.compile(r"^(S[1-3]) .+?\s{2,}(upstream|nginx|ambassador)\s+(\d+)\s
 def test_bench_prints_every_scenario(tmp_path):
     out = tmp_path / "last-run.txt"
     # The venv running this test holds the ambassador just installed (./run-tests): bench/run uses it.
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "run"), "--tiny", "--venv", sys.prefix, "--out", str(out)],
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "run"), "--tiny", "--venv", sys.prefix,
+                          "--out", str(out)],
                          capture_output=True, text=True, timeout=600)  # the first run on a clean machine installs
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     table = out.read_text()
