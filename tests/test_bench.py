@@ -1,0 +1,53 @@
+"""bench/run works end to end: with tiny durations, every scenario gets its row, with numbers.
+
+Only that: speed is measured by bench/run, never asserted in a test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
+
+# scenario, target, then req/s, p50 and p99 in the table's columns.
+MEASURED = re.compile(r"^(S[1-3]) .+?\s{2,}(upstream|nginx|ambassador)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)(\s|$)")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and not (shutil.which("wrk") and shutil.which("nginx") and ECHO_MODULE.exists()),
+                    reason="bench/run needs wrk, nginx and libnginx-mod-http-echo, or root to install them")
+def test_bench_prints_every_scenario(tmp_path):
+    out = tmp_path / "last-run.txt"
+    # The venv running this test holds the ambassador just installed (./run-tests): bench/run uses it.
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "run"), "--tiny", "--venv", sys.prefix,
+                          "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)  # the first run on a clean machine installs
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    table = out.read_text()
+    assert table in run.stdout
+
+    measured = {(m[1], m[2]) for m in map(MEASURED.match, table.splitlines()) if m}
+    assert measured == {("S1", "upstream"), ("S1", "nginx"), ("S1", "ambassador"),
+                        ("S2", "upstream"), ("S2", "nginx"), ("S2", "ambassador"), ("S3", "ambassador")}, table
+    assert re.search(r"^S4 .*upstream requests: \d+ .*\d+/20 answered 200", table, re.M), table
+    assert re.search(r"^S5 .*start [\d.]+ MiB, peak [\d.]+ .*idle after S2 [\d.]+", table, re.M), table
+    verdicts = [line for line in table.splitlines() if re.match(r"S\d .*ambassador", line)]
+    assert len(verdicts) == 5 and all(re.search(r"\b(PASS|MISS)\b", line) for line in verdicts), table
+    workdir = re.search(r"^bench: working in (\S+)$", run.stdout, re.M)[1]
+    assert not Path(workdir).exists()
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and in_directory(pid, workdir)], \
+        "bench/run left processes behind"
+
+
+def in_directory(pid: str, directory: str) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd").startswith(directory)
+    except OSError:
+        return False
