@@ -43,6 +43,10 @@ def _switch(text: str) -> bool:
     return lowered in ("on", "true", "yes")
 
 
+def _unless_none(text: str, parse: Callable[[str], float]) -> float | None:
+    return None if text.lower() in ("none", "null") else parse(text)  # YAML's null arrives as "None"
+
+
 def _optional_rate(text: str) -> float | None:
     return None if text in ("none", "off", "0") else _seconds(text)
 
@@ -94,12 +98,12 @@ class Policy:
 
 
 _PARSERS: dict[str, Callable[[str], object]] = {
-    "timeout": _seconds, "attempt_timeout": lambda t: None if t == "none" else _seconds(t),
+    "timeout": _seconds, "attempt_timeout": lambda t: _unless_none(t, _seconds),
     "retries": _count, "backoff_base": _seconds, "backoff_cap": _seconds, "retry_after_cap": _seconds,
     "rate_limit": _optional_rate, "rate_burst": _count, "rate_queue": _seconds,
     "breaker_failures": _count, "breaker_open": _seconds, "breaker_open_max": _seconds,
     "max_in_flight": lambda t: max(1, _count(t)), "in_flight_queue": _seconds,
-    "cache": _switch, "cache_ttl": lambda t: None if t == "none" else _seconds(t), "cache_default_ttl": _seconds,
+    "cache": _switch, "cache_ttl": lambda t: _unless_none(t, _seconds), "cache_default_ttl": _seconds,
     "stale_while_revalidate": _seconds, "stale_if_error": _seconds,
 }
 _EXPECTED = {name: "a number of seconds" for name in _PARSERS} | {

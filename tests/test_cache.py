@@ -11,9 +11,9 @@ from twisted.python import usage
 
 from ambassador.cache import CallerWish, Entry, MemoryStore, decode_entry, encode_entry, parse_size
 from ambassador.exchange import Answer
-from ambassador.resilience import Policy
+from ambassador.resilience import Policy, resolve_policies
 from ambassador.service import Options
-from conftest import get, header, raw_exchange, reactor_turns_until, tmdb_env
+from conftest import adapters_from_yaml, get, header, raw_exchange, reactor_turns_until, tmdb_env
 
 KEY = {"TMDB_API_KEY": "test-api-key"}
 MOVIE = "/tmdb/3/movie/550"
@@ -421,3 +421,11 @@ def test_an_entry_matches_only_the_request_headers_it_varies_on():
     assert varying.matches({"Accept-Language": "de", "X-Other": "1"})
     assert not varying.matches({"Accept-Language": "fr"}) and not varying.matches({})
     assert entry(10).matches({"Accept-Language": "fr"})
+
+
+def test_the_config_file_sets_cache_keys_per_adapter(tmp_path):
+    adapters = adapters_from_yaml(tmp_path, "adapters:\n  w:\n    mount: /w\n    base_url: https://x.example\n"
+                                  "    policy: {cache: off, cache_ttl: null, stale_if_error: 60}\n"
+                                  "    credential: {style: bearer, secret: {env: K}}", {"K": "k"})
+    [policy] = resolve_policies(adapters, []).values()
+    assert (policy.cache, policy.cache_ttl, policy.stale_if_error) == (False, None, 60)
