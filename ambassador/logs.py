@@ -1,29 +1,104 @@
-"""JSON-lines logging for log collectors: ``twistd ambassador --log-format json``.
+"""Log observers for ``twistd ambassador``: JSON lines for log collectors (``--log-format json``)
+and Twisted's classic text lines (``--log-format text``, the default), both cheap per event.
 
-Each event becomes one JSON object on stdout: ``time`` (UTC, ISO 8601),
+JSON: each event becomes one JSON object on stdout: ``time`` (UTC, ISO 8601),
 ``level``, ``logger``, ``message`` (the human text) and the event's own fields
 (request_id, status, ...). Fields that are not plain JSON values are shown as
 text; Twisted's internal ``log_*`` keys are left out.
+
+Text: the lines twistd itself writes (``2026-11-26T09:17:55+0000 [ambassador.access#info] GET …``).
+
+There is one access-log event per request, so formatting is on the proxy path:
+``format_event`` gives the same text as Twisted's ``formatEvent`` for formats
+naming plain fields (``{status}``, ``{path!r}``, ``{duration_ms:.1f}``), with the
+format parsed once instead of for every event, and falls back to Twisted's for
+anything else (attribute access, calls, a missing field).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from datetime import datetime, timezone
+from string import Formatter
 
-from twisted.logger import ILogObserver, formatEvent
+from twisted.logger import ILogObserver, formatEvent, formatEventAsClassicLogText
 from zope.interface import provider
 
 _PLAIN = (str, int, float, bool, type(None))
+_CONVERSIONS = {None: None, "r": repr, "s": str, "a": ascii}
+_parsed_formats: dict[str, tuple | None] = {}
+
+
+def _parse_format(text: str) -> tuple | None:
+    """The format's (literal, field, spec, conversion) parts, or None when a field is more than a name."""
+    parts = []
+    try:
+        for literal, field, spec, conversion in Formatter().parse(text):
+            if field is not None and (not field.isidentifier() or "{" in (spec or "")
+                                      or conversion not in _CONVERSIONS):
+                return None
+            parts.append((literal, field, spec or "", _CONVERSIONS.get(conversion)))
+    except ValueError:
+        return None
+    return tuple(parts)
+
+
+def format_event(event: dict) -> str:
+    """The event's text, as Twisted's ``formatEvent`` gives it."""
+    text = event.get("log_format")
+    if not isinstance(text, str) or "log_flattened" in event:
+        return formatEvent(event)
+    try:
+        parts = _parsed_formats[text]
+    except KeyError:
+        if len(_parsed_formats) > 1000:  # formats are literals in the code; bound it all the same
+            _parsed_formats.clear()
+        parts = _parsed_formats[text] = _parse_format(text)
+    if parts is None:
+        return formatEvent(event)
+    try:
+        out = []
+        for literal, field, spec, convert in parts:
+            out.append(literal)
+            if field is not None:
+                value = event[field]
+                out.append(format(value if convert is None else convert(value), spec))
+        return "".join(out)
+    except Exception:
+        return formatEvent(event)  # Twisted says why it could not
+
+
+class _SecondsCache:
+    """Formats timestamps with a per-second prefix computed once."""
+
+    def __init__(self, prefix_of) -> None:
+        self._prefix_of = prefix_of
+        self._second: int | None = None
+        self._prefix = ""
+
+    def prefix(self, when: float) -> str:
+        second = int(when)
+        if second != self._second:
+            self._second, self._prefix = second, self._prefix_of(second)
+        return self._prefix
+
+
+_utc_seconds = _SecondsCache(lambda second: datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def _utc_time(when: float) -> str:
+    milliseconds = int((when - int(when)) * 1000)
+    return f"{_utc_seconds.prefix(when)}.{milliseconds:03d}+00:00"
 
 
 def event_as_json(event: dict) -> str:
     document = {
-        "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(timespec="milliseconds"),
+        "time": _utc_time(event.get("log_time", 0)),
         "level": event["log_level"].name if "log_level" in event else "info",
         "logger": event.get("log_namespace", "-"),
-        "message": formatEvent(event),
+        "message": format_event(event),
     }
     for key, value in event.items():
         if key.startswith("log_") or key in ("format", "message", "time", "level", "logger"):
@@ -44,5 +119,37 @@ def json_observer(stream=None):
     def observe(event: dict) -> None:
         stream.write(event_as_json(event) + "\n")
         stream.flush()
+
+    return observe
+
+
+# What twistd's own text observer writes: local time, RFC 3339 without fractions.
+_local_seconds = _SecondsCache(lambda second: time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second)))
+
+
+def event_as_text(event: dict) -> str | None:
+    """The line twistd's text observer writes for ``event`` (None for an event with nothing to say)."""
+    if "log_failure" in event or "log_time" not in event:
+        return formatEventAsClassicLogText(event)
+    text = format_event(event)
+    if not text:
+        return None
+    system = event.get("log_system")
+    if system is None:
+        level = event.get("log_level")
+        system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
+    return f"{_local_seconds.prefix(event['log_time'])} [{system}] {text.replace(chr(10), chr(10) + chr(9))}\n"
+
+
+def text_observer(stream=None):
+    """The observer factory twistd's ``--logger`` takes: twistd's text lines on ``stream`` (stdout)."""
+    stream = stream or sys.stdout
+
+    @provider(ILogObserver)
+    def observe(event: dict) -> None:
+        line = event_as_text(event)
+        if line is not None:
+            stream.write(line)
+            stream.flush()
 
     return observe

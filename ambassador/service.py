@@ -146,9 +146,13 @@ class Options(usage.Options):
             raise usage.UsageError("--probe-interval must be 0 (off) or a positive number of seconds")
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format must be text or json")
-        if self["log-format"] == "json" and getattr(self, "parent", None) is not None:
-            if self.parent.get("logger") is None:
-                self.parent["logger"] = "ambassador.logs.json_observer"
+        parent = getattr(self, "parent", None)
+        if parent is not None and parent.get("logger") is None:
+            if self["log-format"] == "json":
+                parent["logger"] = "ambassador.logs.json_observer"
+            elif parent.get("nodaemon") and parent.get("logfile") in (None, "", "-") and not parent.get("syslog"):
+                # twistd's own lines on stdout, formatted for less (one access-log event per request)
+                parent["logger"] = "ambassador.logs.text_observer"
         self["endpoint"] = endpoint_description(self["port"], bare_interface="127.0.0.1")
         admin = self["admin-port"].strip()
         self["admin-endpoint"] = None if admin == "none" else endpoint_description(admin, bare_interface="0.0.0.0")
