@@ -277,6 +277,8 @@ class Gateway:
 
     async def _take_slot(self, name: str, guard: Guard) -> None:
         slot = guard.slots.acquire()
+        if slot.called:  # a free slot: no queue, no timer
+            return
         slot.addTimeout(guard.policy.in_flight_queue, self._clock)
         try:
             await slot
