@@ -117,6 +117,15 @@ class LimitedChannel(HTTPChannel):
         self.site.connections += 1
         super().connectionMade()
 
+    _host = None
+
+    def getHost(self):
+        # Every Request asks (twisted.web's Request.__init__); the local address of a connection does not
+        # change, and asking the transport is a getsockname system call each time.
+        if self._host is None:
+            self._host = self.transport.getHost()
+        return self._host
+
     def connectionLost(self, reason) -> None:
         self.site.connections -= 1
         self._stop_deadline()

@@ -4,6 +4,7 @@ import json
 from datetime import datetime, timezone
 
 import pytest
+import pytest_twisted
 from twisted.logger import Logger, formatEvent, formatEventAsClassicLogText
 
 from ambassador.logs import event_as_json, event_as_text, format_event
@@ -36,3 +37,30 @@ def test_json_time_is_utc_with_milliseconds():
     expected = datetime.fromtimestamp(event["log_time"], timezone.utc).isoformat(timespec="milliseconds")
     assert document["time"] == expected
     assert (document["message"], document["y"]) == ("x 1", 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_lines_written_in_one_reactor_iteration_go_out_together_in_whole_lines():
+    from io import StringIO
+
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from ambassador.logs import _PIPE_BUF, _LineWriter
+
+    class Recording(StringIO):
+        writes: list = []
+
+        def write(self, text):
+            self.writes.append(text)
+            return super().write(text)
+
+    stream = Recording()
+    writer = _LineWriter(stream)
+    lines = [f"line {i} " + "x" * 100 + "\n" for i in range(60)]
+    for line in lines:
+        writer.write(line)
+    await deferLater(reactor, 0, lambda: None)
+    assert stream.getvalue() == "".join(lines)
+    assert all(len(w) <= _PIPE_BUF and w.endswith("\n") for w in stream.writes)
+    assert len(stream.writes) < len(lines) / 10
