@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -167,12 +168,16 @@ _PIPE_BUF = 4096
 
 
 def json_observer(stream=None):
-    """The observer factory twistd's ``--logger`` takes: JSON lines on ``stream`` (stdout)."""
+    """The observer factory twistd's ``--logger`` takes: JSON lines on ``stream`` (stdout). With
+    ``--workers`` each line says which process wrote it (``"worker": 0`` is the primary)."""
     writer = _LineWriter(stream or sys.stdout)
+    worker = os.environ.get("AMBASSADOR_WORKER", "").strip()
+    extra = ', "worker": ' + worker + "}" if worker.isdigit() else None
 
     @provider(ILogObserver)
     def observe(event: dict) -> None:
-        writer.write(event_as_json(event) + "\n")
+        line = event_as_json(event)
+        writer.write((line[:-1] + extra if extra else line) + "\n")
 
     return observe
 
