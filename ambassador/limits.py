@@ -135,8 +135,11 @@ class LimitedChannel(HTTPChannel):
         if self._refused:
             return  # lingering after a refusal: read and drop
         if self._deadline is None and not self._handlingRequest:
-            self._deadline = self.callLater(self.limits.read_timeout, self.refuse, too_slow(self.limits))
+            self._deadline = self.callLater(self.limits.read_timeout, self._too_slow)
         super().dataReceived(data)
+
+    def _too_slow(self) -> None:
+        self.refuse(too_slow(self.limits))
 
     def headerReceived(self, line: bytes) -> bool:
         name, _, value = line.partition(b":")

@@ -20,31 +20,42 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import sys
 import time
 from datetime import datetime, timezone
 from string import Formatter
 
 from twisted.logger import ILogObserver, formatEvent, formatEventAsClassicLogText
+from twisted.python.threadable import isInIOThread
 from zope.interface import provider
 
 _PLAIN = (str, int, float, bool, type(None))
-_CONVERSIONS = {None: None, "r": repr, "s": str, "a": ascii}
-_parsed_formats: dict[str, tuple | None] = {}
+_CONVERSIONS = ("r", "s", "a")
+_SIMPLE_SPEC = re.compile(r"[^{}\\\n'\"]*\Z")
+_compiled_formats: dict[str, object] = {}
 
 
-def _parse_format(text: str) -> tuple | None:
-    """The format's (literal, field, spec, conversion) parts, or None when a field is more than a name."""
-    parts = []
+def _compile_format(text: str):
+    """A function formatting an event like ``text`` does, compiled to an f-string; or None when a
+    field is more than a plain name (Twisted's formatting takes those)."""
+    template, fetch = [], []
     try:
-        for literal, field, spec, conversion in Formatter().parse(text):
-            if field is not None and (not field.isidentifier() or "{" in (spec or "")
-                                      or conversion not in _CONVERSIONS):
+        for i, (literal, field, spec, conversion) in enumerate(Formatter().parse(text)):
+            template.append(literal.replace("{", "{{").replace("}", "}}"))
+            if field is None:
+                continue
+            if (not field.isidentifier() or (conversion is not None and conversion not in _CONVERSIONS)
+                    or not _SIMPLE_SPEC.match(spec or "")):
                 return None
-            parts.append((literal, field, spec or "", _CONVERSIONS.get(conversion)))
+            fetch.append(f"    v{i} = event[{field!r}]\n")
+            template.append("{v%d%s%s}" % (i, "!" + conversion if conversion else "", ":" + spec if spec else ""))
     except ValueError:
         return None
-    return tuple(parts)
+    namespace: dict = {}
+    exec(compile("def format_it(event):\n" + "".join(fetch) + "    return f" + repr("".join(template)) + "\n",
+                 "<log format>", "exec"), namespace)
+    return namespace["format_it"]
 
 
 def format_event(event: dict) -> str:
@@ -53,21 +64,15 @@ def format_event(event: dict) -> str:
     if not isinstance(text, str) or "log_flattened" in event:
         return formatEvent(event)
     try:
-        parts = _parsed_formats[text]
+        format_it = _compiled_formats[text]
     except KeyError:
-        if len(_parsed_formats) > 1000:  # formats are literals in the code; bound it all the same
-            _parsed_formats.clear()
-        parts = _parsed_formats[text] = _parse_format(text)
-    if parts is None:
+        if len(_compiled_formats) > 1000:  # formats are literals in the code; bound it all the same
+            _compiled_formats.clear()
+        format_it = _compiled_formats[text] = _compile_format(text)
+    if format_it is None:
         return formatEvent(event)
     try:
-        out = []
-        for literal, field, spec, convert in parts:
-            out.append(literal)
-            if field is not None:
-                value = event[field]
-                out.append(format(value if convert is None else convert(value), spec))
-        return "".join(out)
+        return format_it(event)
     except Exception:
         return formatEvent(event)  # Twisted says why it could not
 
@@ -129,11 +134,15 @@ class _LineWriter:
         self._scheduled = False
         atexit.register(self.flush)  # whatever the last iteration left
 
-    def write(self, line: str) -> None:
-        from twisted.internet import reactor
-        from twisted.python.threadable import isInIOThread
+    _reactor = None
 
-        if not (getattr(reactor, "running", False) and isInIOThread()):
+    def write(self, line: str) -> None:
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        if not (reactor.running and isInIOThread()):
             self.flush()
             self._stream.write(line)
             self._stream.flush()

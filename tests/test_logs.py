@@ -24,6 +24,8 @@ def emitted(text, /, **fields):
     ("missing {nope}", {}),
     ("no fields at all", {}),
     ("line one\nline two {x}", dict(x=1)),
+    ("quotes ' \" and a \\ backslash {a!r:^10} {b:,} {c!a}", dict(a="x", b=12345, c="\u00e9")),
+    ("{a:{width}}", dict(a=1, width=5)),  # a nested spec: Twisted's own formatting
 ])
 def test_text_is_what_twisted_writes(text, fields):
     event = emitted(text, **fields)
