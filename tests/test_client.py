@@ -371,3 +371,24 @@ def test_request_head_keeps_header_values_on_one_line():
 def test_request_head_host_and_user_agent_can_be_given():
     head = request_head(Origin("http://[::1]:8080"), UpstreamRequest("GET", "/", (), {"user-agent": "mine"}), "ua")
     assert head == b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\nuser-agent: mine\r\n\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_now_sends_at_once_and_keeps_order_behind_queued_data(server):
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from ambassador.sockets import send_now
+
+    upstream = server(None, default=None)
+    client = Protocol()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", int(upstream.url.rsplit(":", 1)[1])), client)
+    transport = client.transport
+    send_now(transport, b"GET /1 HTTP/1.1\r\n\r\n")
+    assert not transport._tempDataBuffer and not transport.dataBuffer  # sent, not queued
+    transport.write(b"GET /2 HTTP/1.1\r\n")  # queued by Twisted: what follows must wait behind it
+    send_now(transport, b"\r\n")
+    assert transport._tempDataBuffer
+    while len(upstream.requests) < 2:
+        await deferLater0()
+    assert [head for head, _ in upstream.requests] == [b"GET /1 HTTP/1.1", b"GET /2 HTTP/1.1"]
+    transport.loseConnection()
