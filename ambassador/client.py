@@ -40,7 +40,6 @@ from twisted.python.failure import Failure
 from twisted.web.client import BrowserLikePolicyForHTTPS, ResponseFailed, ResponseNeverReceived
 
 from .exchange import UpstreamRequest, UpstreamResponse
-from .sockets import send_now
 
 #: Request methods the lean client sends (idempotent, never with a body here).
 LEAN_METHODS = frozenset({"GET", "HEAD"})
@@ -183,7 +182,7 @@ class _Connection(Protocol):
         self.exchange = exchange
         exchange.connection = self
         self._state, self._buffer, self._received = _HEAD, b"", False
-        send_now(self.transport, exchange.head)
+        self.transport.write(exchange.head)
 
     def abandon(self) -> None:
         self.exchange = None
