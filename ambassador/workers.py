@@ -100,6 +100,26 @@ class AdoptedEndpoint:
         return f"the listening socket inherited as file descriptor {self._fd}"
 
 
+_ONE_AT_A_TIME: dict[type, type] = {}
+
+
+def accept_one_at_a_time(port) -> None:
+    """Make ``port`` (a Twisted TCP or UNIX listening port) accept one connection each time it is ready.
+
+    Twisted accepts up to 100 waiting connections at once (and learns to take
+    more). With several processes on one socket, the process that happens to
+    wake first would take a whole burst of new connections, a pool's worth,
+    and serve them alone. Taking one at a time lets the others, woken for the
+    same socket, take the rest: a busy process is not waiting, so the idle
+    ones take more.
+    """
+    cls = type(port)
+    if cls not in _ONE_AT_A_TIME:
+        _ONE_AT_A_TIME[cls] = type(f"OneAtATime{cls.__name__}", (cls,),
+                                   {"numberAccepts": property(lambda self: 1, lambda self, value: None)})
+    port.__class__ = _ONE_AT_A_TIME[cls]
+
+
 def report_admin_port(port: int, fd: int = REPORT_FD) -> None:
     """Tell the primary where this worker's admin listener is."""
     try:

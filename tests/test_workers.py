@@ -141,3 +141,20 @@ async def test_workers_stop_when_the_primary_is_gone(fake_tmdb, tmp_path):
     await process.ended  # only once every process holding its output has ended: the worker too
     assert b"The primary process ended; stopping" in process.output
     assert b'"message": "Server Shut Down.", "worker": 1}' in process.output  # it stopped cleanly
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shared_port_accepts_one_connection_each_time_it_is_ready():
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    from ambassador.workers import accept_one_at_a_time
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    try:
+        accept_one_at_a_time(port)
+        port.numberAccepts = 120  # what Twisted does after a burst
+        assert port.numberAccepts == 1
+        assert port.getHost().port > 0  # still the same port
+    finally:
+        await port.stopListening()
