@@ -293,7 +293,8 @@ class Gateway:
         trace.attempts += 1
         started = self._clock.seconds()
         limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
-        call = self._client.fetch(adapter.base_url, request, max_body=limit)
+        # maybeDeferred: a request the client refuses at once (a bad header) fails like any other attempt.
+        call = defer.maybeDeferred(self._client.fetch, adapter.base_url, request, max_body=limit)
         call.addTimeout(timeout, self._clock, onTimeoutCancel=_attempt_timed_out)
         call.addBoth(self._attempted, adapter, started, trace)
         call.addErrback(self._explain_failure, adapter, timeout)
