@@ -39,25 +39,44 @@ class Liveness(_Leaf):
 
 
 class ReadinessResource(_Leaf):
-    def __init__(self, readiness: Readiness) -> None:
+    def __init__(self, readiness: Readiness, workers=None) -> None:
         super().__init__()
         self._readiness = readiness
+        self._workers = workers
 
     def render_GET(self, request):
         report = self._readiness.report()
+        if self._workers is not None:  # --workers: every one must be running
+            missing = self._workers.missing()
+            report["workers"] = {"count": self._workers.count, "not_running": missing}
+            if missing:
+                report["ready"] = False
         request.setResponseCode(200 if report["ready"] else 503)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(report, indent=1).encode() + b"\n"
 
 
 class MetricsResource(_Leaf):
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, workers=None) -> None:
         super().__init__()
         self._metrics = metrics
+        self._workers = workers
 
     def render_GET(self, request):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return self._metrics.exposition()
+        if self._workers is None:
+            return self._metrics.exposition()
+        gathered = self._workers.gather_metrics(self._metrics.exposition())  # --workers: every process's
+
+        def write(exposition: bytes) -> None:
+            if not request._disconnected:
+                request.setHeader(b"content-length", b"%d" % len(exposition))
+                request.write(exposition)
+                request.finish()
+
+        gathered.addCallback(write)
+        request.notifyFinish().addErrback(lambda _: gathered.cancel())
+        return NOT_DONE_YET
 
 
 class AdminSite(LimitedSite):
@@ -70,9 +89,10 @@ class AdminSite(LimitedSite):
         pass
 
 
-def admin_site(readiness: Readiness, metrics: Metrics) -> AdminSite:
+def admin_site(readiness: Readiness, metrics: Metrics, *, workers=None) -> AdminSite:
+    """``workers``: the primary's WorkerPool with --workers (readiness and metrics cover them all)."""
     root = MountNode()
     root.putChild(b"healthz", Liveness())
-    root.putChild(b"readyz", ReadinessResource(readiness))
-    root.putChild(b"metrics", MetricsResource(metrics))
+    root.putChild(b"readyz", ReadinessResource(readiness, workers))
+    root.putChild(b"metrics", MetricsResource(metrics, workers))
     return AdminSite(root)

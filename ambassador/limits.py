@@ -18,9 +18,11 @@ from attrs import frozen
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
 from .problems import PROBLEM_CONTENT_TYPE, Problem
+from .sockets import send_now
 
 access_log = Logger(namespace="ambassador.access")
 
@@ -117,6 +119,42 @@ class LimitedChannel(HTTPChannel):
         self.site.connections += 1
         super().connectionMade()
 
+    _host = None
+
+    def getHost(self):
+        # Every Request asks (twisted.web's Request.__init__); the local address of a connection does not
+        # change, and asking the transport is a getsockname system call each time.
+        if self._host is None:
+            self._host = self.transport.getHost()
+        return self._host
+
+    # An answer goes out in one write, sent at once when nothing is queued before it
+    # (ambassador.sockets): the head waits for the body, or for the end of the request.
+    _head = None
+
+    def writeHeaders(self, version, code, reason, headers) -> None:
+        if not isinstance(headers, Headers):
+            return super().writeHeaders(version, code, reason, headers)
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self._head = b"".join(parts)
+
+    def write(self, data: bytes) -> None:
+        head, self._head = self._head, None
+        send_now(self.transport, head + data if head is not None else data)
+
+    def writeSequence(self, iovec) -> None:
+        head, self._head = self._head, None
+        send_now(self.transport, b"".join([head, *iovec] if head is not None else iovec))
+
+    def requestDone(self, request) -> None:
+        if self._head is not None:  # an answer without a body (HEAD, 204, 304)
+            self.write(b"")
+        super().requestDone(request)
+
     def connectionLost(self, reason) -> None:
         self.site.connections -= 1
         self._stop_deadline()
@@ -126,8 +164,11 @@ class LimitedChannel(HTTPChannel):
         if self._refused:
             return  # lingering after a refusal: read and drop
         if self._deadline is None and not self._handlingRequest:
-            self._deadline = self.callLater(self.limits.read_timeout, self.refuse, too_slow(self.limits))
+            self._deadline = self.callLater(self.limits.read_timeout, self._too_slow)
         super().dataReceived(data)
+
+    def _too_slow(self) -> None:
+        self.refuse(too_slow(self.limits))
 
     def headerReceived(self, line: bytes) -> bool:
         name, _, value = line.partition(b":")

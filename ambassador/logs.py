@@ -1,29 +1,111 @@
-"""JSON-lines logging for log collectors: ``twistd ambassador --log-format json``.
+"""Log observers for ``twistd ambassador``: JSON lines for log collectors (``--log-format json``)
+and Twisted's classic text lines (``--log-format text``, the default), both cheap per event.
 
-Each event becomes one JSON object on stdout: ``time`` (UTC, ISO 8601),
+JSON: each event becomes one JSON object on stdout: ``time`` (UTC, ISO 8601),
 ``level``, ``logger``, ``message`` (the human text) and the event's own fields
 (request_id, status, ...). Fields that are not plain JSON values are shown as
 text; Twisted's internal ``log_*`` keys are left out.
+
+Text: the lines twistd itself writes (``2026-11-26T09:17:55+0000 [ambassador.access#info] GET …``).
+
+There is one access-log event per request, so formatting is on the proxy path:
+``format_event`` gives the same text as Twisted's ``formatEvent`` for formats
+naming plain fields (``{status}``, ``{path!r}``, ``{duration_ms:.1f}``), with the
+format parsed once instead of for every event, and falls back to Twisted's for
+anything else (attribute access, calls, a missing field).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import re
 import sys
+import time
 from datetime import datetime, timezone
+from string import Formatter
 
-from twisted.logger import ILogObserver, formatEvent
+from twisted.logger import ILogObserver, formatEvent, formatEventAsClassicLogText
+from twisted.python.threadable import isInIOThread
 from zope.interface import provider
 
 _PLAIN = (str, int, float, bool, type(None))
+_CONVERSIONS = ("r", "s", "a")
+_SIMPLE_SPEC = re.compile(r"[^{}\\\n'\"]*\Z")
+_compiled_formats: dict[str, object] = {}
+
+
+def _compile_format(text: str):
+    """A function formatting an event like ``text`` does, compiled to an f-string; or None when a
+    field is more than a plain name (Twisted's formatting takes those)."""
+    template, fetch = [], []
+    try:
+        for i, (literal, field, spec, conversion) in enumerate(Formatter().parse(text)):
+            template.append(literal.replace("{", "{{").replace("}", "}}"))
+            if field is None:
+                continue
+            if (not field.isidentifier() or (conversion is not None and conversion not in _CONVERSIONS)
+                    or not _SIMPLE_SPEC.match(spec or "")):
+                return None
+            fetch.append(f"    v{i} = event[{field!r}]\n")
+            template.append("{v%d%s%s}" % (i, "!" + conversion if conversion else "", ":" + spec if spec else ""))
+    except ValueError:
+        return None
+    namespace: dict = {}
+    exec(compile("def format_it(event):\n" + "".join(fetch) + "    return f" + repr("".join(template)) + "\n",
+                 "<log format>", "exec"), namespace)
+    return namespace["format_it"]
+
+
+def format_event(event: dict) -> str:
+    """The event's text, as Twisted's ``formatEvent`` gives it."""
+    text = event.get("log_format")
+    if not isinstance(text, str) or "log_flattened" in event:
+        return formatEvent(event)
+    try:
+        format_it = _compiled_formats[text]
+    except KeyError:
+        if len(_compiled_formats) > 1000:  # formats are literals in the code; bound it all the same
+            _compiled_formats.clear()
+        format_it = _compiled_formats[text] = _compile_format(text)
+    if format_it is None:
+        return formatEvent(event)
+    try:
+        return format_it(event)
+    except Exception:
+        return formatEvent(event)  # Twisted says why it could not
+
+
+class _SecondsCache:
+    """Formats timestamps with a per-second prefix computed once."""
+
+    def __init__(self, prefix_of) -> None:
+        self._prefix_of = prefix_of
+        self._second: int | None = None
+        self._prefix = ""
+
+    def prefix(self, when: float) -> str:
+        second = int(when)
+        if second != self._second:
+            self._second, self._prefix = second, self._prefix_of(second)
+        return self._prefix
+
+
+_utc_seconds = _SecondsCache(lambda second: datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def _utc_time(when: float) -> str:
+    milliseconds = int((when - int(when)) * 1000)
+    return f"{_utc_seconds.prefix(when)}.{milliseconds:03d}+00:00"
 
 
 def event_as_json(event: dict) -> str:
     document = {
-        "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(timespec="milliseconds"),
+        "time": _utc_time(event.get("log_time", 0)),
         "level": event["log_level"].name if "log_level" in event else "info",
         "logger": event.get("log_namespace", "-"),
-        "message": formatEvent(event),
+        "message": format_event(event),
     }
     for key, value in event.items():
         if key.startswith("log_") or key in ("format", "message", "time", "level", "logger"):
@@ -36,13 +118,105 @@ def event_as_json(event: dict) -> str:
     return json.dumps(document, ensure_ascii=False)
 
 
+class _LineWriter:
+    """Writes lines to a stream, flushed once per reactor iteration instead of once per line.
+
+    Lines of one iteration go out together, in writes of at most PIPE_BUF bytes
+    ending at a line end (several processes writing one pipe, as ``--workers``
+    do, cannot split each other's lines). Outside the reactor thread, or when
+    the reactor is not running, each line is flushed at once.
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._lines: list[str] = []
+        self._size = 0
+        self._scheduled = False
+        atexit.register(self.flush)  # whatever the last iteration left
+
+    _reactor = None
+
+    def write(self, line: str) -> None:
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        if not (reactor.running and isInIOThread()):
+            self.flush()
+            self._stream.write(line)
+            self._stream.flush()
+            return
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= _PIPE_BUF:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._lines:
+            return
+        lines, self._lines, self._size = self._lines, [], 0
+        chunk, size = [], 0
+        for line in lines:
+            if chunk and size + len(line) > _PIPE_BUF:
+                self._stream.write("".join(chunk))
+                self._stream.flush()
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        self._stream.write("".join(chunk))
+        self._stream.flush()
+
+
+# Writes up to this size to a pipe are atomic (POSIX guarantees at least 512; Linux 4096).
+_PIPE_BUF = 4096
+
+
 def json_observer(stream=None):
-    """The observer factory twistd's ``--logger`` takes: JSON lines on ``stream`` (stdout)."""
-    stream = stream or sys.stdout
+    """The observer factory twistd's ``--logger`` takes: JSON lines on ``stream`` (stdout). With
+    ``--workers`` each line says which process wrote it (``"worker": 0`` is the primary)."""
+    writer = _LineWriter(stream or sys.stdout)
+    worker = os.environ.get("AMBASSADOR_WORKER", "").strip()
+    extra = ', "worker": ' + worker + "}" if worker.isdigit() else None
 
     @provider(ILogObserver)
     def observe(event: dict) -> None:
-        stream.write(event_as_json(event) + "\n")
-        stream.flush()
+        line = event_as_json(event)
+        writer.write((line[:-1] + extra if extra else line) + "\n")
+
+    return observe
+
+
+# What twistd's own text observer writes: local time, RFC 3339 without fractions.
+_local_seconds = _SecondsCache(lambda second: time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second)))
+
+
+def event_as_text(event: dict) -> str | None:
+    """The line twistd's text observer writes for ``event`` (None for an event with nothing to say)."""
+    if "log_failure" in event or "log_time" not in event:
+        return formatEventAsClassicLogText(event)
+    text = format_event(event)
+    if not text:
+        return None
+    system = event.get("log_system")
+    if system is None:
+        level = event.get("log_level")
+        system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
+    return f"{_local_seconds.prefix(event['log_time'])} [{system}] {text.replace(chr(10), chr(10) + chr(9))}\n"
+
+
+def text_observer(stream=None):
+    """The observer factory twistd's ``--logger`` takes: twistd's text lines on ``stream`` (stdout)."""
+    writer = _LineWriter(stream or sys.stdout)
+
+    @provider(ILogObserver)
+    def observe(event: dict) -> None:
+        line = event_as_text(event)
+        if line is not None:
+            writer.write(line)
 
     return observe

@@ -67,7 +67,7 @@ class Policy:
     breaker_failures: int = 5  # consecutive failures that open the circuit; 0: no breaker
     breaker_open: float = 10.0
     breaker_open_max: float = 60.0
-    max_in_flight: int = 100
+    max_in_flight: int = 1024  # like Envoy's default max_requests: a safety cap, not a throughput limit
     in_flight_queue: float = 0.5  # longest a request waits for a free slot before 503
     # The response cache (ambassador.cache), per adapter.
     cache: bool = True
@@ -125,7 +125,7 @@ POLICY_HELP = {
     "breaker_failures": "consecutive failures that open the circuit, 0 for none (5)",
     "breaker_open": "seconds the circuit stays open on the first trip (10)",
     "breaker_open_max": "longest open interval, doubling on repeated trips (60)",
-    "max_in_flight": "upstream requests in flight at once (100)",
+    "max_in_flight": "upstream requests in flight at once (1024)",
     "in_flight_queue": "seconds a request may wait for a free slot before 503 (0.5)",
     "cache": "cache this adapter's answers: on or off (on; --no-cache turns the cache off for all)",
     "cache_ttl": "seconds every cacheable answer stays fresh, whatever the upstream says, or none (none)",

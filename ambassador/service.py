@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import sys
 
 from attrs import define
 from twisted.application.service import MultiService, Service
@@ -27,6 +28,8 @@ from .resilience import POLICY_HELP, Guard, Policy, resolve_policies
 from .redisstore import RedisStore, parse_redis_url
 from .upstream import Gateway, UpstreamClient
 from .web import AmbassadorSite, build_root, mount_table
+from .workers import (WORKER_VARIABLE, AdoptedEndpoint, WorkerPool, accept_one_at_a_time, report_admin_port,
+                      share_of, stop_when_primary_ends, worker_index)
 
 log = Logger(namespace="ambassador")
 DEFAULT_LIMITS = InboundLimits()
@@ -83,6 +86,10 @@ class Options(usage.Options):
         ["cache-size", None, "64MiB",
          "Most bytes the in-memory response cache holds (e.g. 64MiB, 512KiB, 1000000); least recently used "
          "answers are evicted first, and an answer larger than an eighth of this is never stored."],
+        ["workers", None, 1,
+         "Processes serving the proxy port together (for pods with more than one core). The first "
+         "serves the admin port for all of them; each gets 1/N of every rate limit and in-flight limit.",
+         int],
         ["config", None, None,
          "YAML file configuring the adapters to serve (several at once, generic http ones included; see "
          "below). Without it every discovered adapter is configured from its environment variables."],
@@ -94,6 +101,11 @@ class Options(usage.Options):
         self["policy"] = []
         self["adapter"] = []
         self["mount"] = []
+
+    def parseOptions(self, options=None) -> None:
+        # Kept to start --workers with the same command line.
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_adapter(self, name: str) -> None:
         """Serve only the adapter NAME (repeatable). Default: every discovered adapter."""
@@ -146,6 +158,11 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
         if self["max-connections"] < 1:
             raise usage.UsageError("--max-connections must be at least 1")
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
+        self["worker"] = worker_index()
+        if self["workers"] > 1 and self["worker"] == 0:
+            os.environ[WORKER_VARIABLE] = "0"  # the primary: its JSON log lines say worker 0
         self["limits"] = InboundLimits(max_connections=self["max-connections"], idle_timeout=self["idle-timeout"],
                                        read_timeout=self["read-timeout"])
         self["token"] = None
@@ -154,8 +171,8 @@ class Options(usage.Options):
             if self["token"].current() is None:
                 raise usage.UsageError(f"--require-token-file: {self['require-token-file']} "
                                        f"{self['token'].problem}; it must hold the token callers send")
-        try:
-            self["cache-bytes"] = None if self["no-cache"] else parse_size(self["cache-size"])
+        try:  # the bound is the pod's: each of --workers processes keeps its own share
+            self["cache-bytes"] = None if self["no-cache"] else parse_size(self["cache-size"]) // self["workers"]
         except ValueError:
             raise usage.UsageError(f"--cache-size must be a number of bytes such as 64MiB, not {self['cache-size']!r}")
         self["cache-url"] = (self["cache"] or os.environ.get(CACHE_URL_VARIABLE) or "memory").strip()
@@ -170,9 +187,13 @@ class Options(usage.Options):
             raise usage.UsageError("--probe-interval must be 0 (off) or a positive number of seconds")
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format must be text or json")
-        if self["log-format"] == "json" and getattr(self, "parent", None) is not None:
-            if self.parent.get("logger") is None:
-                self.parent["logger"] = "ambassador.logs.json_observer"
+        parent = getattr(self, "parent", None)
+        if parent is not None and parent.get("logger") is None:
+            if self["log-format"] == "json":
+                parent["logger"] = "ambassador.logs.json_observer"
+            elif parent.get("nodaemon") and parent.get("logfile") in (None, "", "-") and not parent.get("syslog"):
+                # twistd's own lines on stdout, formatted for less (one access-log event per request)
+                parent["logger"] = "ambassador.logs.text_observer"
         self["endpoint"] = endpoint_description(self["port"], bare_interface="127.0.0.1")
         admin = self["admin-port"].strip()
         self["admin-endpoint"] = None if admin == "none" else endpoint_description(admin, bare_interface="0.0.0.0")
@@ -194,7 +215,8 @@ class Options(usage.Options):
                 check_mount_names(self["mount"], [adapter.name for adapter in configured])
             self["adapters"] = [mounted(adapter, self["mount"]) for adapter in configured]
             mount_table(self["adapters"])
-            self["policies"] = resolve_policies(self["adapters"], timeout + self["policy"])
+            self["policies"] = {name: share_of(policy, self["workers"]) for name, policy in
+                                resolve_policies(self["adapters"], timeout + self["policy"]).items()}
         except ConfigurationError as e:
             raise usage.UsageError(str(e))
         for failure in discovery.failures:
@@ -208,9 +230,10 @@ class Options(usage.Options):
 class Listener(Service):
     """Listens on one endpoint description; announces where once the reactor runs."""
 
-    def __init__(self, reactor, endpoint: str, factory, label: str, *, warn_if_exposed: bool = False,
-                 grace_period: float = 0.0) -> None:
+    def __init__(self, reactor, endpoint, factory, label: str, *, warn_if_exposed: bool = False,
+                 grace_period: float = 0.0, on_listening=None) -> None:
         self._reactor = reactor
+        self._on_listening = on_listening
         self._grace_period = grace_period
         self._endpoint = endpoint
         self._factory = factory
@@ -221,13 +244,16 @@ class Listener(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        listening = serverFromString(self._reactor, self._endpoint).listen(self._factory)
+        endpoint = serverFromString(self._reactor, self._endpoint) if isinstance(self._endpoint, str) else self._endpoint
+        listening = endpoint.listen(self._factory)
         listening.addCallbacks(self._listening, self._cannot_listen)
 
     def _listening(self, port) -> None:
         self.port = port
         # Announce once the reactor runs: then signals are handled and requests served.
         self._reactor.callWhenRunning(self._announce)
+        if self._on_listening is not None:
+            self._on_listening(port)
 
     def _announce(self) -> None:
         address = self.port.getHost()
@@ -320,11 +346,21 @@ def assemble(
     cache_url: str | None = None,
     clock=None,
     rng=None,
+    workers: int = 1,
+    worker: int = 0,
+    worker_args: tuple[str, ...] = (),
 ) -> Ambassador:
     """Wire adapters, pipeline, proxy and admin listeners together. ``clock`` drives every timer,
     ``rng`` (a random.Random) the retry jitter. ``cache_bytes`` None turns the response cache off;
-    ``cache_url`` (redis://…) keeps its entries in Redis instead of this process."""
+    ``cache_url`` (redis://…) keeps its entries in Redis instead of this process. With ``workers`` > 1
+    the primary (``worker`` 0) starts the others with ``worker_args`` (see ambassador.workers)."""
     clock = clock or reactor
+    label, report = "", None
+    if worker > 0:  # a worker: the primary's socket, a loopback admin listener for the primary only
+        endpoint, label, probe_interval = AdoptedEndpoint(reactor), f"worker {worker} ", 0.0
+        if admin_endpoint is not None:
+            admin_endpoint, report = "tcp:0:interface=127.0.0.1", lambda port: report_admin_port(port.getHost().port)
+        reactor.callWhenRunning(stop_when_primary_ends, reactor)
     policies = policies or resolve_policies(adapters, [])
     guards = {adapter.name: Guard.of(policies[adapter.name], clock) for adapter in adapters}
     metrics = Metrics()
@@ -348,11 +384,17 @@ def assemble(
     routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in adapters for route in adapter.routes)
     log.info("Routes: {routes}", routes=routes or "none")
     site = AmbassadorSite(build_root(adapters, gateway, metrics), clock, metrics, limits=limits, token=token)
-    proxy = Listener(reactor, endpoint, site, "proxy", warn_if_exposed=True, grace_period=grace_period)
+    proxy = Listener(reactor, endpoint, site, label + "proxy", warn_if_exposed=worker == 0, grace_period=grace_period,
+                     on_listening=accept_one_at_a_time if workers > 1 or worker > 0 else None)
     proxy.setServiceParent(service)
+    pool = None
+    if workers > 1 and worker == 0:
+        pool = WorkerPool(reactor, workers, list(worker_args), proxy, grace_period=grace_period)
+        pool.setServiceParent(service)
     admin = None
     if admin_endpoint is not None:
-        admin = Listener(reactor, admin_endpoint, admin_site(readiness, metrics), "admin")
+        admin = Listener(reactor, admin_endpoint, admin_site(readiness, metrics, workers=pool), label + "admin",
+                         on_listening=report)
         admin.setServiceParent(service)
     return Ambassador(service, proxy, admin, metrics, readiness, cache)
 
@@ -374,4 +416,7 @@ def makeService(options: Options) -> MultiService:
         token=options["token"],
         cache_bytes=options["cache-bytes"],
         cache_url=options["cache-url"],
+        workers=options["workers"],
+        worker=options["worker"],
+        worker_args=tuple(options.arguments),
     ).service

@@ -25,6 +25,7 @@ from twisted.web.http_headers import Headers
 
 from . import __version__
 from .cache import CACHE_NAME, CallerWish, ResponseCache, Served, cache_key
+from .client import LEAN_METHODS, ConnectionPool, ResponseTooLarge
 from .exchange import Answer, InboundRequest, Trace, UpstreamRequest, UpstreamResponse
 from .health import Readiness
 from .interfaces import IExternalAdapter
@@ -53,11 +54,15 @@ class _QuietClientFactory(_HTTP11ClientFactory):
 
 
 class UpstreamClient:
-    """One treq HTTPClient over one persistent connection pool, shared by every adapter.
+    """The process's HTTP client, shared by every adapter.
 
-    The pool keeps up to ``max_idle_per_host`` idle connections per upstream
-    (Twisted's default of 2 would reconnect under any real concurrency).
-    HTTPS is verified against the system trust store (Agent's default policy).
+    GET and HEAD without a body (every proxied request) go through the lean
+    client in ``ambassador.client``, over its own kept-alive pool; anything
+    else (OAuth2 token requests, bodies) through one treq HTTPClient over a
+    persistent Agent pool. Each pool keeps up to ``max_idle_per_host`` idle
+    connections per upstream (Twisted's default of 2 would reconnect under
+    any real concurrency). HTTPS is verified against the system trust store
+    (Agent's default policy) on both.
     """
 
     def __init__(
@@ -65,9 +70,11 @@ class UpstreamClient:
         reactor,
         *,
         connect_timeout: float = 3.0,
-        max_idle_per_host: int = 128,
+        max_idle_per_host: int = 1024,
         idle_timeout: float = 60.0,
     ) -> None:
+        self._lean = ConnectionPool(reactor, connect_timeout=connect_timeout, max_idle_per_origin=max_idle_per_host,
+                                    idle_timeout=idle_timeout, user_agent=USER_AGENT)
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max_idle_per_host
         self._pool.cachedConnectionTimeout = idle_timeout
@@ -77,8 +84,14 @@ class UpstreamClient:
         nothing = IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
         self._http = HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=self._pool), cookiejar=nothing)
 
-    async def fetch(self, base_url: str, request: UpstreamRequest, *,
-                    max_body: int = DEFAULT_MAX_RESPONSE_BYTES) -> UpstreamResponse:
+    def fetch(self, base_url: str, request: UpstreamRequest, *,
+              max_body: int = DEFAULT_MAX_RESPONSE_BYTES) -> defer.Deferred:
+        """A Deferred firing with the UpstreamResponse; cancelling it drops the request."""
+        if request.body is None and request.method in LEAN_METHODS:
+            return self._lean.request(base_url, request, max_body)
+        return defer.ensureDeferred(self._fetch_with_treq(base_url, request, max_body))
+
+    async def _fetch_with_treq(self, base_url: str, request: UpstreamRequest, max_body: int) -> UpstreamResponse:
         url = base_url + request.path
         if request.query:
             url += "?" + urlencode(request.query)
@@ -100,11 +113,7 @@ class UpstreamClient:
         )
 
     def close(self) -> defer.Deferred:
-        return self._pool.closeCachedConnections()
-
-
-class ResponseTooLarge(Exception):
-    """The upstream answer was longer than its adapter's limit; the rest was not read."""
+        return defer.gatherResults([self._pool.closeCachedConnections(), self._lean.close()])
 
 
 async def _read_body(response, limit: int) -> bytes:
@@ -306,6 +315,8 @@ class Gateway:
 
     async def _take_slot(self, name: str, guard: Guard) -> None:
         slot = guard.slots.acquire()
+        if slot.called:  # a free slot: no queue, no timer
+            return
         slot.addTimeout(guard.policy.in_flight_queue, self._clock)
         try:
             await slot
@@ -313,18 +324,20 @@ class Gateway:
             self._metrics.concurrency_rejections.labels(name).inc()
             raise too_many_in_flight(name, guard.policy)
 
-    async def _attempt(self, adapter: IExternalAdapter, request: UpstreamRequest, trace: Trace,
-                       timeout: float) -> UpstreamResponse:
-        """One upstream call; network failures and its own timeout come back as Problems."""
+    def _attempt(self, adapter: IExternalAdapter, request: UpstreamRequest, trace: Trace,
+                 timeout: float) -> defer.Deferred:
+        """One upstream call, a Deferred firing with the UpstreamResponse; network failures and its own
+        timeout come back as Problems."""
         trace.attempts += 1
         started = self._clock.seconds()
         limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
-        call = defer.ensureDeferred(self._client.fetch(adapter.base_url, request, max_body=limit))
+        # maybeDeferred: a request the client refuses at once (a bad header) fails like any other attempt.
+        call = defer.maybeDeferred(self._client.fetch, adapter.base_url, request, max_body=limit)
         call.addTimeout(timeout, self._clock, onTimeoutCancel=_attempt_timed_out)
         call.addErrback(_cancelled_as_such)
         call.addBoth(self._attempted, adapter, started, trace)
         call.addErrback(self._explain_failure, adapter, timeout)
-        return await call
+        return call
 
     def _attempted(self, result, adapter: IExternalAdapter, started: float, trace: Trace):
         if isinstance(result, UpstreamResponse):

@@ -1,0 +1,160 @@
+"""``--workers N``: processes sharing the proxy socket, one admin port for all, clean shutdown."""
+
+import json
+import os
+import re
+import signal
+
+import pytest_twisted
+from twisted.internet import defer
+
+from ambassador.resilience import Policy
+from ambassador.testing import spawn_ambassador
+from ambassador.workers import merge_expositions, share_of
+from conftest import SECRETS, get, tmdb_env
+
+
+def test_each_process_gets_its_share_of_the_pods_limits():
+    policy = Policy(rate_limit=40, rate_burst=45, max_in_flight=100)
+    share = share_of(policy, 3)
+    assert (share.rate_limit, share.rate_burst, share.max_in_flight) == (40 / 3, 15, 34)
+    unlimited = share_of(Policy(rate_limit=None, max_in_flight=1), 2)
+    assert (unlimited.rate_limit, unlimited.max_in_flight) == (None, 1)
+    assert share_of(policy, 1) is policy
+
+
+def test_expositions_merge_with_a_worker_label():
+    one = (b'# HELP ambassador_requests_total Inbound.\n# TYPE ambassador_requests_total counter\n'
+           b'ambassador_requests_total{adapter="tmdb",code_class="2xx"} 3.0\n'
+           b'# HELP ambassador_circuit_state State.\n# TYPE ambassador_circuit_state gauge\n'
+           b'ambassador_circuit_state{adapter="tmdb"} 0.0\n')
+    two = one.replace(b"} 3.0", b"} 4.0").replace(b"} 0.0", b"} 1.0")
+    merged = merge_expositions([(0, one), (1, two)]).decode()
+    assert merged.count("# TYPE ambassador_requests_total counter") == 1
+    assert 'ambassador_requests_total{adapter="tmdb",code_class="2xx",worker="0"} 3.0' in merged
+    assert 'ambassador_requests_total{adapter="tmdb",code_class="2xx",worker="1"} 4.0' in merged
+    assert 'ambassador_circuit_state{adapter="tmdb",worker="1"} 1.0' in merged
+
+
+class Watched:
+    """Waits for text in a TwistdProcess's output (which includes its workers')."""
+
+    def __init__(self, process) -> None:
+        self.process = process
+        self._waiting: list = []
+        received = process.outReceived
+
+        def out_received(data: bytes) -> None:
+            received(data)
+            for entry in list(self._waiting):
+                pattern, count, waiting = entry
+                if len(re.findall(pattern, process.output)) >= count:
+                    self._waiting.remove(entry)
+                    waiting.callback(None)
+
+        process.outReceived = process.errReceived = out_received
+
+    def until(self, pattern: bytes, count: int = 1) -> defer.Deferred:
+        waiting = defer.Deferred()
+        if len(re.findall(pattern, self.process.output)) >= count:
+            waiting.callback(None)
+        else:
+            self._waiting.append((pattern, count, waiting))
+        return waiting
+
+
+def start_with_workers(fake_tmdb, tmp_path, *args):
+    process = spawn_ambassador("--port", "0", "--admin-port", "tcp:0:interface=127.0.0.1", "--workers", "2",
+                               "--log-format", "json", "--adapter", "tmdb", *args,
+                               env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), cwd=tmp_path)
+    return process, Watched(process)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie no one has reaped yet does not)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in status)
+    except FileNotFoundError:
+        return False
+
+
+def worker_pid(output: bytes, count: int = 1) -> int:
+    return int(re.findall(rb'"Worker 1 started \(pid (\d+)\)"', output)[count - 1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_serve_one_port_and_the_primary_reports_for_all(fake_tmdb, tmp_path):
+    process, watched = start_with_workers(fake_tmdb, tmp_path)
+    try:
+        url = f"http://127.0.0.1:{await process.listening}"
+        admin = f"http://127.0.0.1:{await process.admin_listening}"
+        await watched.until(rb"ambassador worker 1 admin listening")
+        for _ in range(20):  # new connections: the kernel hands them to either process
+            response, body = await get(url + "/movies")
+            assert response.code == 200 and b"Fight Club" in body
+        response, body = await get(admin + "/readyz")
+        assert response.code == 200, body
+        assert json.loads(body)["workers"] == {"count": 2, "not_running": []}
+        response, body = await get(admin + "/metrics")
+        text = body.decode()
+        served = re.findall(r'ambassador_requests_total\{adapter="tmdb",code_class="2xx",route="movies",'
+                            r'worker="(\d)"\} (\S+)', text)
+        assert sorted(worker for worker, _ in served) == ["0", "1"]
+        assert sum(float(count) for _, count in served) == 20
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+    output = process.output.decode()
+    assert await process.ended == (0, None), output
+    assert not running(worker_pid(process.output))
+    events = [json.loads(line) for line in output.splitlines()]  # whole lines, never mixed
+    assert {e["worker"] for e in events if e["logger"] == "ambassador.access"} <= {0, 1}
+    for secret in SECRETS:
+        assert secret not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_that_dies_is_started_again(fake_tmdb, tmp_path):
+    process, watched = start_with_workers(fake_tmdb, tmp_path)
+    try:
+        url = f"http://127.0.0.1:{await process.listening}"
+        admin = f"http://127.0.0.1:{await process.admin_listening}"
+        await watched.until(rb"ambassador worker 1 admin listening")
+        os.kill(worker_pid(process.output), signal.SIGKILL)
+        await watched.until(rb"Worker 1 ended")
+        response, body = await get(admin + "/readyz")  # restarted a second later
+        assert (response.code, json.loads(body)["workers"]["not_running"]) == (503, [1])
+        await watched.until(rb"ambassador worker 1 admin listening", count=2)
+        assert worker_pid(process.output, 2) != worker_pid(process.output, 1)
+        assert (await get(url + "/movies"))[0].code == 200
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+    assert await process.ended == (0, None), process.output.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_stop_when_the_primary_is_gone(fake_tmdb, tmp_path):
+    process, watched = start_with_workers(fake_tmdb, tmp_path)
+    await process.listening
+    await watched.until(rb"ambassador worker 1 admin listening")
+    process.transport.signalProcess(signal.SIGKILL)
+    await process.ended  # only once every process holding its output has ended: the worker too
+    assert b"The primary process ended; stopping" in process.output
+    assert b'"message": "Server Shut Down.", "worker": 1}' in process.output  # it stopped cleanly
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shared_port_accepts_one_connection_each_time_it_is_ready():
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    from ambassador.workers import accept_one_at_a_time
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    try:
+        accept_one_at_a_time(port)
+        port.numberAccepts = 120  # what Twisted does after a burst
+        assert port.numberAccepts == 1
+        assert port.getHost().port > 0  # still the same port
+    finally:
+        await port.stopListening()
