@@ -88,7 +88,8 @@ class Options(usage.Options):
          "answers are evicted first, and an answer larger than an eighth of this is never stored."],
         ["workers", None, 1,
          "Processes serving the proxy port together (for pods with more than one core). The first "
-         "serves the admin port for all of them; each gets 1/N of every rate limit and in-flight limit.",
+         "serves the admin port for all of them; each gets 1/N of every rate limit, in-flight limit "
+         "and of --cache-size.",
          int],
         ["config", None, None,
          "YAML file configuring the adapters to serve (several at once, generic http ones included; see "

@@ -14,9 +14,9 @@ The kernel hands each new connection to whichever process accepts it first.
   ``/readyz`` is 503 while a worker is not running. Probes run in the
   primary only.
 - **Limits per pod stay per pod.** Each process gets 1/N of every adapter's
-  ``rate_limit``, ``rate_burst`` and ``max_in_flight`` (rounded up), so the
-  pod as a whole keeps to them. Circuit breakers, OAuth2 tokens and the
-  response cache are per process.
+  ``rate_limit``, ``rate_burst`` and ``max_in_flight`` (rounded up), and of
+  ``--cache-size``, so the pod as a whole keeps to them. Circuit breakers,
+  OAuth2 tokens and the in-memory response cache are per process.
 - **Shutdown.** On SIGTERM the primary stops accepting, sends SIGTERM to each
   worker (each stops accepting and drains its requests within
   ``--grace-period``, like the primary) and exits 0 once all have. A worker
