@@ -314,7 +314,7 @@ def test_what_the_callers_cache_control_asks(headers, wish):
     assert CallerWish.of(headers) == wish
 
 
-def test_cache_options():
+def test_cache_options(monkeypatch):
     options = Options()
     options.parseOptions(["--cache-size", "1MiB", "--policy", "tmdb.cache=off", "--policy", "stale_if_error=60"])
     assert options["cache-bytes"] == 2**20 and not options["policies"]["tmdb"].cache
@@ -322,6 +322,10 @@ def test_cache_options():
     options = Options()
     options.parseOptions(["--no-cache"])
     assert options["cache-bytes"] is None
+    monkeypatch.setenv("AMBASSADOR_WORKER", "")  # parsing --workers marks this process the primary
+    options = Options()
+    options.parseOptions(["--workers", "2", "--cache-size", "1MiB"])
+    assert options["cache-bytes"] == 2**19  # each process's share of the Pod's bound
     with pytest.raises(usage.UsageError, match="--cache-size"):
         Options().parseOptions(["--cache-size", "lots"])
     with pytest.raises(usage.UsageError, match="cache must be on or off"):
