@@ -36,11 +36,16 @@ DEFAULT_LIMITS = InboundLimits()
 CACHE_URL_VARIABLE = "AMBASSADOR_CACHE_URL"
 
 
+#: Connections the kernel queues before the ambassador accepts them (nginx's default). Twisted's 50
+#: drops the SYNs of a burst of callers beyond it, and each dropped one waits a second to retry.
+LISTEN_BACKLOG = 511
+
+
 def endpoint_description(port: str, *, bare_interface: str) -> str:
     """A bare port number means TCP on ``bare_interface``; anything else is an endpoint description."""
     port = port.strip()
     if port.isdigit():
-        return f"tcp:{port}:interface={bare_interface}"
+        return f"tcp:{port}:interface={bare_interface}:backlog={LISTEN_BACKLOG}"
     return port
 
 

@@ -37,7 +37,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from .service import Ambassador, assemble
+from .service import Ambassador, assemble, endpoint_description
 
 
 @frozen
@@ -106,7 +106,7 @@ def start_ambassador(adapters: Iterable, **settings) -> Ambassador:
     ``service.stopService()``."""
     from twisted.internet import reactor
 
-    ambassador = assemble(reactor, list(adapters), endpoint="tcp:0:interface=127.0.0.1",
+    ambassador = assemble(reactor, list(adapters), endpoint=endpoint_description("0", bare_interface="127.0.0.1"),
                           admin_endpoint="tcp:0:interface=127.0.0.1", **settings)
     ambassador.service.privilegedStartService()
     ambassador.service.startService()

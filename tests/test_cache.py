@@ -97,7 +97,7 @@ async def test_200_simultaneous_cold_requests_make_one_upstream_request(fake_tmd
     ambassador = await start(start_ambassador, fake_tmdb, clock)
     fake_tmdb.fault = "hang"
     calls = [ensureDeferred(ask(ambassador, "/movies")) for _ in range(200)]
-    await reactor_turns_until(lambda: _waiting(ambassador) == 200)
+    await reactor_turns_until(lambda: _waiting(ambassador) == 200 and fake_tmdb.hanging)
     assert len(fake_tmdb.requests) == 1
     fake_tmdb.canned = page(Cache_Control="max-age=60")
     fake_tmdb.release()
