@@ -34,4 +34,4 @@ EXPOSE 8080 9901
 ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "ambassador"]
 # Containers in a Pod share its network namespace: loopback reaches the main container.
 # The admin port (health, readiness, metrics) listens on all interfaces for the kubelet.
-CMD ["--port", "tcp:8080:interface=127.0.0.1", "--admin-port", "tcp:9901", "--log-format", "json"]
+CMD ["--port", "tcp:8080:interface=127.0.0.1:backlog=511", "--admin-port", "tcp:9901", "--log-format", "json"]
