@@ -89,7 +89,7 @@ class UpstreamClient:
         """A Deferred firing with the UpstreamResponse; cancelling it drops the request."""
         if request.body is None and request.method in LEAN_METHODS:
             return self._lean.request(base_url, request, max_body)
-        return defer.ensureDeferred(self._fetch_with_treq(base_url, request, max_body))
+        return defer.ensureDeferred(self._fetch_with_treq(base_url, request, max_body)).addErrback(_cancelled_as_such)
 
     async def _fetch_with_treq(self, base_url: str, request: UpstreamRequest, max_body: int) -> UpstreamResponse:
         url = base_url + request.path
@@ -334,7 +334,6 @@ class Gateway:
         # maybeDeferred: a request the client refuses at once (a bad header) fails like any other attempt.
         call = defer.maybeDeferred(self._client.fetch, adapter.base_url, request, max_body=limit)
         call.addTimeout(timeout, self._clock, onTimeoutCancel=_attempt_timed_out)
-        call.addErrback(_cancelled_as_such)
         call.addBoth(self._attempted, adapter, started, trace)
         call.addErrback(self._explain_failure, adapter, timeout)
         return call
@@ -406,8 +405,8 @@ def _with_retry_after(response: UpstreamResponse, seconds: float) -> UpstreamRes
 
 
 def _cancelled_as_such(failure: Failure) -> Failure:
-    # Abandoning a call surfaces as the client's own failure (ResponseNeverReceived wrapping
-    # CancelledError): it is a caller who left, never an unreachable upstream to retry or count.
+    # treq reports a cancelled request as ResponseNeverReceived wrapping CancelledError; the lean
+    # client and every caller expect CancelledError: a caller who left, not an unreachable upstream.
     if not failure.check(defer.CancelledError) and _caused_by(failure.value, defer.CancelledError):
         return Failure(defer.CancelledError())
     return failure

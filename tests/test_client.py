@@ -17,6 +17,8 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from ambassador.client import ConnectionPool, Origin, ResponseTooLarge, _Connection, _Exchange, request_head
 from ambassador.exchange import UpstreamRequest
+from ambassador.upstream import UpstreamClient
+from conftest import reactor_turns_until
 
 GET = UpstreamRequest("GET", "/3/movie/550", (("api_key", "k"), ("q", "a b&c")))
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
@@ -392,3 +394,19 @@ async def test_send_now_sends_at_once_and_keeps_order_behind_queued_data(server)
         await deferLater0()
     assert [head for head, _ in upstream.requests] == [b"GET /1 HTTP/1.1", b"GET /2 HTTP/1.1"]
     transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_request_fails_as_cancelled_on_both_paths(fake_tmdb):
+    client = UpstreamClient(reactor)
+    fake_tmdb.fault = "hang"
+    try:
+        for n, request in enumerate((UpstreamRequest("GET", "/3/movie/550"),  # the lean client
+                                     UpstreamRequest("POST", "/3/list", body=b"{}")), start=1):  # treq
+            call = client.fetch(fake_tmdb.base_url, request)
+            await reactor_turns_until(lambda: len(fake_tmdb.hanging) == n)
+            call.cancel()
+            with pytest.raises(defer.CancelledError):
+                await call
+    finally:
+        await client.close()
