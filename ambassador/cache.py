@@ -17,11 +17,10 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
-from email.utils import parsedate_to_datetime
 from typing import Callable, Mapping
 from urllib.parse import urlencode
 
-from attrs import define, evolve, frozen
+from attrs import evolve, frozen
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -30,6 +29,7 @@ from twisted.python.failure import Failure
 from .exchange import Answer, UpstreamRequest, UpstreamResponse
 from .problems import Problem
 from .redisstore import StoreUnavailable
+from .resilience import http_date
 
 log = Logger(namespace="ambassador")
 
@@ -89,13 +89,6 @@ def _seconds(argument: str | None) -> float | None:
     return float(max(value, 0))
 
 
-def _http_date(value: str | None) -> float | None:
-    try:
-        return parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
 @frozen
 class CallerWish:
     """What the caller's own Cache-Control asks of the cache."""
@@ -112,7 +105,7 @@ class CallerWish:
                    revalidate="no-cache" in wish or _seconds(wish.get("max-age", "1")) == 0)
 
 
-@define
+@frozen
 class Entry:
     """One stored answer and what is known about its freshness."""
 
@@ -215,10 +208,10 @@ def _lifetime(control: dict, headers: Mapping[str, str], now: float) -> float | 
         if name in control:
             return _seconds(control[name]) or 0.0
     if "expires" in headers:
-        expires = _http_date(headers["expires"])
+        expires = http_date(headers["expires"])
         if expires is None:
             return 0.0  # an invalid Expires means already expired (RFC 9111 section 5.3)
-        date = _http_date(headers.get("date")) or now
+        date = http_date(headers.get("date")) or now
         return max(0.0, expires - date)
     return None
 

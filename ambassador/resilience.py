@@ -142,8 +142,14 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
     value = value.strip()
     if value.isdigit():
         return float(value)
+    when = http_date(value)
+    return None if when is None else max(0.0, when - now)
+
+
+def http_date(value: str | None) -> float | None:
+    """The time an HTTP-date (``Sun, 06 Nov 1994 08:49:37 GMT``) stands for, or None when it is not one."""
     try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+        return parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
 

@@ -94,10 +94,7 @@ async def test_a_changed_answer_replaces_the_stale_entry(fake_tmdb, start_ambass
 
 @pytest_twisted.ensureDeferred
 async def test_200_simultaneous_cold_requests_make_one_upstream_request(fake_tmdb, start_ambassador, clock):
-    ambassador = await start(start_ambassador, fake_tmdb, clock)
-    fake_tmdb.fault = "hang"
-    calls = [ensureDeferred(ask(ambassador, "/movies")) for _ in range(200)]
-    await reactor_turns_until(lambda: _waiting(ambassador) == 200 and fake_tmdb.hanging)
+    calls = await callers_waiting_on_one_fetch(200, await start(start_ambassador, fake_tmdb, clock), fake_tmdb)
     assert len(fake_tmdb.requests) == 1
     fake_tmdb.canned = page(Cache_Control="max-age=60")
     fake_tmdb.release()
@@ -113,12 +110,17 @@ def _waiting(ambassador) -> int:
     return sum(len(flight.waiters) for flight in ambassador.cache._flights.values())
 
 
+async def callers_waiting_on_one_fetch(count: int, ambassador, fake) -> list:
+    """``count`` callers of /movies, all waiting on the one upstream request the fake holds."""
+    fake.fault = "hang"
+    calls = [ensureDeferred(ask(ambassador, "/movies")) for _ in range(count)]
+    await reactor_turns_until(lambda: _waiting(ambassador) == count and fake.hanging)
+    return calls
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_failure_reaches_every_coalesced_caller_without_retry_storms(fake_tmdb, start_ambassador, clock):
-    ambassador = await start(start_ambassador, fake_tmdb, clock)
-    fake_tmdb.fault = "hang"
-    calls = [ensureDeferred(ask(ambassador, "/movies")) for _ in range(50)]
-    await reactor_turns_until(lambda: _waiting(ambassador) == 50 and fake_tmdb.hanging)
+    calls = await callers_waiting_on_one_fetch(50, await start(start_ambassador, fake_tmdb, clock), fake_tmdb)
     fake_tmdb.hanging.pop().transport.abortConnection()
     answers = [await c for c in calls]
     assert {code for code, *_ in answers} == {502}
