@@ -70,6 +70,14 @@ def start_with_workers(fake_tmdb, tmp_path, *args):
     return process, Watched(process)
 
 
+async def both_serving(process, watched) -> tuple[str, str]:
+    """The proxy and admin URLs, once the primary and worker 1 are both serving."""
+    url = f"http://127.0.0.1:{await process.listening}"
+    admin = f"http://127.0.0.1:{await process.admin_listening}"
+    await watched.until(rb"ambassador worker 1 admin listening")
+    return url, admin
+
+
 def running(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie no one has reaped yet does not)."""
     try:
@@ -87,9 +95,7 @@ def worker_pid(output: bytes, count: int = 1) -> int:
 async def test_workers_serve_one_port_and_the_primary_reports_for_all(fake_tmdb, tmp_path):
     process, watched = start_with_workers(fake_tmdb, tmp_path)
     try:
-        url = f"http://127.0.0.1:{await process.listening}"
-        admin = f"http://127.0.0.1:{await process.admin_listening}"
-        await watched.until(rb"ambassador worker 1 admin listening")
+        url, admin = await both_serving(process, watched)
         for _ in range(20):  # new connections: the kernel hands them to either process
             response, body = await get(url + "/movies")
             assert response.code == 200 and b"Fight Club" in body
@@ -117,9 +123,7 @@ async def test_workers_serve_one_port_and_the_primary_reports_for_all(fake_tmdb,
 async def test_a_worker_that_dies_is_started_again(fake_tmdb, tmp_path):
     process, watched = start_with_workers(fake_tmdb, tmp_path)
     try:
-        url = f"http://127.0.0.1:{await process.listening}"
-        admin = f"http://127.0.0.1:{await process.admin_listening}"
-        await watched.until(rb"ambassador worker 1 admin listening")
+        url, admin = await both_serving(process, watched)
         os.kill(worker_pid(process.output), signal.SIGKILL)
         await watched.until(rb"Worker 1 ended")
         response, body = await get(admin + "/readyz")  # restarted a second later
