@@ -15,8 +15,36 @@ from twisted.web.server import NOT_DONE_YET
 from .health import Readiness
 from .limits import LimitedSite
 from .metrics import Metrics
-from .problems import Problem
-from .web import MountNode, write_problem
+from .problems import PROBLEM_CONTENT_TYPE, Problem, not_found
+
+
+def write_problem(request, problem: Problem) -> None:
+    body = problem.body(instance=request.path.decode("latin-1"))
+    request.setResponseCode(problem.status)
+    request.setHeader(b"content-type", PROBLEM_CONTENT_TYPE)
+    for name, value in problem.headers:
+        request.setHeader(name, value)
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        write_problem(request, not_found())
+        return NOT_DONE_YET
+
+
+class _Root(Resource):
+    """The admin endpoints; anything else is a 404 problem."""
+
+    def getChild(self, path, request):
+        return _NotFound()
+
+    def render(self, request):
+        return _NotFound().render(request)
 
 
 class _Leaf(Resource):
@@ -91,7 +119,7 @@ class AdminSite(LimitedSite):
 
 def admin_site(readiness: Readiness, metrics: Metrics, *, workers=None) -> AdminSite:
     """``workers``: the primary's WorkerPool with --workers (readiness and metrics cover them all)."""
-    root = MountNode()
+    root = _Root()
     root.putChild(b"healthz", Liveness())
     root.putChild(b"readyz", ReadinessResource(readiness, workers))
     root.putChild(b"metrics", MetricsResource(metrics, workers))

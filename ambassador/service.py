@@ -27,7 +27,7 @@ from .mounting import Mount, check_mount_names, describe_adapters, mounted, sele
 from .resilience import POLICY_HELP, Guard, Policy, resolve_policies
 from .redisstore import RedisStore, parse_redis_url
 from .upstream import Gateway, UpstreamClient
-from .web import AmbassadorSite, build_root, mount_table
+from .web import ProxyFactory, mount_table
 from .workers import (WORKER_VARIABLE, AdoptedEndpoint, WorkerPool, accept_one_at_a_time, report_admin_port,
                       share_of, stop_when_primary_ends, worker_index)
 
@@ -389,7 +389,7 @@ def assemble(
     Upkeep(clock, adapters, client, prober, redis).setServiceParent(service)
     routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in adapters for route in adapter.routes)
     log.info("Routes: {routes}", routes=routes or "none")
-    site = AmbassadorSite(build_root(adapters, gateway, metrics), clock, metrics, limits=limits, token=token)
+    site = ProxyFactory(adapters, gateway, metrics, clock, limits=limits, token=token)
     proxy = Listener(reactor, endpoint, site, label + "proxy", warn_if_exposed=worker == 0, grace_period=grace_period,
                      on_listening=accept_one_at_a_time if workers > 1 or worker > 0 else None)
     proxy.setServiceParent(service)

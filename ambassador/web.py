@@ -1,4 +1,4 @@
-"""The inbound side: mount each adapter's routes in a twisted.web Resource tree and answer.
+"""The inbound side: route each request to an adapter's route, run it through the gateway, answer.
 
 This module knows adapters only through IExternalAdapter. Everything it says
 itself is problem+json; every request gets one structured access-log event.
@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import hmac
 import re
-import os
 from typing import Iterable
 from urllib.parse import parse_qsl
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
+from . import http1
 from .answers import hop_by_hop
 from .credentials import FileSecret
 from .exchange import Answer, InboundRequest, Route, Trace
 from .interfaces import ConfigurationError, IExternalAdapter
-from .limits import InboundLimits, LimitedSite
+from .limits import InboundLimits
 from .metrics import Metrics, RouteMetrics
 from .problems import PROBLEM_CONTENT_TYPE, Problem, not_found
 from .upstream import Gateway
@@ -42,73 +39,23 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # and the hop-by-hop headers).
 _CALLER_ONLY_HEADERS = frozenset({"authorization", "cookie", "host", "forwarded", "x-real-ip", "content-length"})
 # A caller's X-Request-ID is reused only if it cannot upset a log line or a header.
-_ACCEPTABLE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}\Z")
+_ACCEPTABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}\Z")
+# nginx's status for a request whose caller closed the connection before the answer.
+CLIENT_CLOSED_REQUEST = 499
 
 
-def write_problem(request, problem: Problem) -> None:
-    request.ambassador_problem = problem.kind
-    body = problem.body(instance=request.path.decode("latin-1"), request_id=getattr(request, "ambassador_id", None))
-    request.setResponseCode(problem.status)
-    request.setHeader(b"content-type", PROBLEM_CONTENT_TYPE)
-    for name, value in problem.headers:
-        request.setHeader(name, value)
-    request.setHeader(b"content-length", b"%d" % len(body))
-    request.write(body)
-    request.finish()
-
-
-class ProblemResource(Resource):
-    """Answers every request with one problem (used for paths no route serves)."""
-
-    isLeaf = True
-
-    def __init__(self, make_problem=not_found) -> None:
-        super().__init__()
-        self._make_problem = make_problem
-
-    def render(self, request):
-        write_problem(request, self._make_problem())
-        return NOT_DONE_YET
-
-
-class MountNode(Resource):
-    """An inner node of the mount tree: unknown children and the node itself are 404."""
-
-    def getChild(self, path, request):
-        return ProblemResource()
-
-    def render(self, request):
-        write_problem(request, not_found())
-        return NOT_DONE_YET
-
-
-class RouteResource(Resource):
-    """One adapter route: checks the request, runs it through the gateway, writes the answer."""
-
-    isLeaf = True
+class RouteHandler:
+    """One adapter route: checks the request, runs it through the gateway."""
 
     def __init__(self, adapter: IExternalAdapter, route: Route, gateway: Gateway, metrics: RouteMetrics) -> None:
-        super().__init__()
         self.adapter = adapter
         self.route = route
         self.gateway = gateway
         self.metrics = metrics
         self._allow = ", ".join(route.methods)
 
-    def render(self, request):
-        request.ambassador_route = self  # the site's one finish notification counts it out, cancels the answer
-        request.ambassador_trace = trace = Trace()
-        self.metrics.in_flight.inc()
-        try:
-            inbound = self._inbound(request)
-        except Problem as problem:
-            write_problem(request, problem)
-            return NOT_DONE_YET
-        request.ambassador_answer = answer = self.gateway.answer(self.adapter, inbound, trace)
-        answer.addCallbacks(self._write_answer, self._write_failure, (request,), None, (request,))
-        return NOT_DONE_YET
-
-    def _inbound(self, request) -> InboundRequest:
+    def inbound(self, request: http1.Request, segments: list[bytes]) -> InboundRequest:
+        """What the adapter is given; ``segments`` are the (plain) path segments below the mount."""
         method = request.method.decode("ascii")
         if method not in self.route.methods:
             raise Problem(
@@ -118,62 +65,27 @@ class RouteResource(Resource):
                 f"{self.route.path} answers {self._allow} only.",
                 headers=[("Allow", self._allow)],
             )
-        raw = request.path[1:].split(b"/")[len(request.prepath) :]
-        if raw and raw[-1] == b"":
-            raw.pop()  # one trailing slash means the same path
-        if raw and not self.route.prefix:
+        if segments and not self.route.prefix:
             raise not_found()
-        _, _, query = request.uri.partition(b"?")
         try:
-            pairs = tuple(parse_qsl(query.decode("utf-8"), keep_blank_values=True, errors="strict"))
+            pairs = tuple(parse_qsl(request.query.decode("utf-8"), keep_blank_values=True, errors="strict"))
         except (UnicodeDecodeError, ValueError):
             pairs = None
         if pairs is None or any(_CONTROL.search(name + value) for name, value in pairs):
             raise Problem(400, "bad-query", "Query not understood",
                           "The query string is not valid UTF-8 form data without control characters.")
-        headers = {
-            name.decode("latin-1").lower(): values[0].decode("latin-1")
-            for name, values in request.requestHeaders.getAllRawHeaders()
-        }
-        hidden = _CALLER_ONLY_HEADERS | hop_by_hop(headers)
-        headers = {name: value for name, value in headers.items()
+        hidden = _CALLER_ONLY_HEADERS | hop_by_hop(request.headers)
+        headers = {name: value for name, value in request.headers.items()
                    if name not in hidden and not name.startswith(("proxy-", "x-forwarded-"))}
         return InboundRequest(
             method=method,
             route=self.route,
-            segments=tuple(s.decode("ascii") for s in raw),
+            segments=tuple(s.decode("ascii") for s in segments),
             query=pairs,
             headers=headers,
-            request_id=request.ambassador_id,
-            body=request.content.read(),
+            request_id=request.id,
+            body=request.body,
         )
-
-    def _write_answer(self, answer: Answer, request) -> None:
-        if request.finished or request._disconnected:
-            return
-        request.setResponseCode(answer.status)
-        for name, value in answer.headers:
-            request.setHeader(name, value)
-        if answer.status != 304:  # a 304's Content-Length would describe the body it leaves out
-            request.setHeader(b"content-length", b"%d" % len(answer.body))
-        request.write(answer.body)
-        request.finish()
-
-    def _write_failure(self, failure, request) -> None:
-        if failure.check(defer.CancelledError) or request._disconnected:
-            return
-        if failure.check(Problem):
-            problem = failure.value
-        else:
-            log.error(
-                "Unexpected error answering {route} (request {request_id}): {error}",
-                route=self.route.name,
-                request_id=request.ambassador_id,
-                error=self.adapter.credential.redact(f"{failure.type.__name__}: {failure.value}"),
-            )
-            problem = Problem(500, "internal-error", "Internal error",
-                              "The ambassador failed unexpectedly; the error is logged.")
-        write_problem(request, problem)
 
 
 def mount_table(adapters: Iterable[IExternalAdapter]) -> dict[tuple[str, ...], tuple[IExternalAdapter, Route]]:
@@ -199,20 +111,8 @@ def mount_table(adapters: Iterable[IExternalAdapter]) -> dict[tuple[str, ...], t
     return table
 
 
-def build_root(adapters: Iterable[IExternalAdapter], gateway: Gateway, metrics: Metrics) -> Resource:
-    """The Resource tree with every route of every adapter at its mount path."""
-    root = MountNode()
-    for segments, (adapter, route) in mount_table(adapters).items():
-        node = root
-        for segment in segments[:-1]:
-            node = node.children.setdefault(segment.encode(), MountNode())
-        resource = RouteResource(adapter, route, gateway, metrics.route(adapter.name, route.name))
-        node.putChild(segments[-1].encode(), resource)
-    return root
-
-
-def _redacted_uri(request, secret_params: frozenset[str]) -> str:
-    path, _, query = request.uri.partition(b"?")
+def _redacted_uri(target: bytes, secret_params: frozenset[str]) -> str:
+    path, _, query = target.partition(b"?")
     text = path.decode("latin-1")
     if not query:
         return text
@@ -221,16 +121,16 @@ def _redacted_uri(request, secret_params: frozenset[str]) -> str:
     return f"{text}?{shown}"
 
 
-def _request_id(request) -> str:
-    offered = request.getHeader(b"x-request-id")
+def _request_id(request: http1.Request) -> str:
+    offered = request.headers.get("x-request-id")
     if offered is not None and _ACCEPTABLE_REQUEST_ID.match(offered):
-        return offered.decode("ascii")
-    return os.urandom(16).hex()  # as random as uuid4().hex, for a third of the cost
+        return offered
+    return http1.new_request_id()
 
 
-def _path_problem(request) -> Problem | None:
+def _path_problem(request: http1.Request) -> Problem | None:
     """Why the request target may not be served, or None: origin-form (``/a/b?q``) with plain segments only."""
-    if not request.uri.startswith(b"/") or request.uri.startswith(b"//"):
+    if not request.target.startswith(b"/") or request.target.startswith(b"//"):
         return Problem(400, "bad-target", "Request target not served",
                        "The ambassador serves paths such as /movies; it is not a forward proxy "
                        "(no absolute URLs, CONNECT, '*' or '//').")
@@ -244,103 +144,153 @@ def _path_problem(request) -> Problem | None:
     return None
 
 
-class AmbassadorSite(LimitedSite):
-    """The proxy Site: inbound limits, an optional caller token, and for every request an id
-    and one structured, redacted access-log event."""
+class ProxyFactory(http1.HTTP1Factory):
+    """The proxy listener: an optional caller token, the adapters' routes, and for every request
+    an id and one structured, redacted access-log event."""
 
-    def __init__(self, resource, clock, metrics: Metrics, *, limits: InboundLimits = InboundLimits(),
-                 token: FileSecret | None = None) -> None:
-        super().__init__(resource, limits=limits, reactor=clock)
-        self._clock = clock
+    def __init__(self, adapters: Iterable[IExternalAdapter], gateway: Gateway, metrics: Metrics, clock, *,
+                 limits: InboundLimits = InboundLimits(), token: FileSecret | None = None) -> None:
+        super().__init__(clock, limits)
+        self._routes = {tuple(s.encode() for s in segments): RouteHandler(adapter, route, gateway,
+                                                                           metrics.route(adapter.name, route.name))
+                        for segments, (adapter, route) in mount_table(adapters).items()}
+        self._deepest = max(map(len, self._routes), default=0)
         self._unmatched = metrics.route("", "unmatched")
         self._token = token
-        self._in_flight: set = set()
+        self._in_flight: set[http1.Request] = set()
         self._drained: defer.Deferred | None = None
 
     def startFactory(self) -> None:
-        super().startFactory()
         if self._token is not None:
-            self._token.start(self._clock)
+            self._token.start(self.clock)
 
     def stopFactory(self) -> None:
         if self._token is not None:
             self._token.stop()
-        super().stopFactory()
 
     def refused(self, problem: Problem, request_id: str) -> None:
         self._unmatched.answered(problem.status, 0.0)
-        super().refused(problem, request_id)
+        access_log.info("Refused {status} {problem} id={request_id}", status=problem.status, problem=problem.kind,
+                        request_id=request_id)
 
     def drain(self, grace_period: float) -> defer.Deferred:
         """Fires when no request is in flight, or after ``grace_period`` seconds, whichever is first."""
         log.info("Draining {count} requests in flight (up to {grace} s)", count=len(self._in_flight),
                  grace=grace_period)
         self._drained = defer.Deferred()
-        self._drained.addTimeout(grace_period, self._clock)
+        self._drained.addTimeout(grace_period, self.clock)
         self._drained.addErrback(lambda _: log.warn("Grace period over with {count} requests unfinished",
                                                     count=len(self._in_flight)))
-        self._check_drained(None)
+        self._check_drained()
         return self._drained
 
-    def _finished(self, result, request) -> None:
-        """The one notification of a request's end (answered, or the caller went away)."""
-        route = getattr(request, "ambassador_route", None)
-        if route is not None:
-            route.metrics.in_flight.dec()
-            answer = getattr(request, "ambassador_answer", None)
-            if answer is not None and isinstance(result, Failure):
-                answer.cancel()  # the caller is gone: so is our interest in the upstream
-        self._check_drained(request)
-
-    def _check_drained(self, request) -> None:
-        self._in_flight.discard(request)
+    def _check_drained(self) -> None:
         if not self._in_flight and self._drained is not None and not self._drained.called:
             self._drained.callback(None)
 
-    def getResourceFor(self, request):
+    def serve(self, request: http1.Request) -> None:
         self._in_flight.add(request)
-        request.notifyFinish().addBoth(self._finished, request)
-        request.ambassador_started = self._clock.seconds()
-        request.ambassador_id = _request_id(request)
-        request.setHeader(b"x-request-id", request.ambassador_id)
-        resource = super().getResourceFor(request)  # only looks children up
-        problem = self._unauthorized(request) or _path_problem(request)
-        return resource if problem is None else ProblemResource(lambda: problem)
+        request.id = _request_id(request)
+        request.handler = request.answer = request.problem = None
+        request.trace = Trace()
+        try:
+            problem = self._unauthorized(request) or _path_problem(request)
+            if problem is not None:
+                raise problem
+            segments = request.path[1:].split(b"/")
+            if segments[-1] == b"":
+                segments.pop()  # one trailing slash means the same path
+            for depth in range(1, min(len(segments), self._deepest) + 1):
+                handler = self._routes.get(tuple(segments[:depth]))
+                if handler is not None:
+                    break
+            else:
+                raise not_found()
+            request.handler = handler
+            handler.metrics.in_flight.inc()
+            inbound = handler.inbound(request, segments[depth:])
+        except Problem as problem:
+            self._answer_problem(request, problem)
+            return
+        request.answer = answer = handler.gateway.answer(handler.adapter, inbound, request.trace)
+        answer.addCallbacks(self._write_answer, self._write_failure, (request,), None, (request,))
 
-    def _unauthorized(self, request) -> Problem | None:
+    def _write_answer(self, answer: Answer, request: http1.Request) -> None:
+        if not request.gone:
+            self._finish(request, answer.status, [("X-Request-ID", request.id), *answer.headers], answer.body)
+
+    def _write_failure(self, failure, request: http1.Request) -> None:
+        if request.gone or failure.check(defer.CancelledError):
+            return
+        if failure.check(Problem):
+            problem = failure.value
+        else:
+            handler = request.handler
+            log.error(
+                "Unexpected error answering {route} (request {request_id}): {error}",
+                route=handler.route.name,
+                request_id=request.id,
+                error=handler.adapter.credential.redact(f"{failure.type.__name__}: {failure.value}"),
+            )
+            problem = Problem(500, "internal-error", "Internal error",
+                              "The ambassador failed unexpectedly; the error is logged.")
+        self._answer_problem(request, problem)
+
+    def _answer_problem(self, request: http1.Request, problem: Problem) -> None:
+        request.problem = problem.kind
+        body = problem.body(instance=request.path.decode("latin-1"), request_id=request.id)
+        self._finish(request, problem.status,
+                     [("X-Request-ID", request.id), ("Content-Type", PROBLEM_CONTENT_TYPE), *problem.headers], body)
+
+    def _finish(self, request: http1.Request, status: int, headers, body: bytes) -> None:
+        request.respond(status, headers, body)
+        self._log(request, status)
+        self._done(request)
+
+    def gone(self, request: http1.Request) -> None:
+        if request.answer is not None:
+            request.answer.cancel()  # the caller is gone: so is our interest in the upstream
+        self._log(request, CLIENT_CLOSED_REQUEST)
+        self._done(request)
+
+    def _done(self, request: http1.Request) -> None:
+        if request.handler is not None:
+            request.handler.metrics.in_flight.dec()
+        self._in_flight.discard(request)
+        self._check_drained()
+
+    def _unauthorized(self, request: http1.Request) -> Problem | None:
         if self._token is None:
             return None
         expected = self._token.current()
-        offered = request.getHeader(b"authorization") or b""
+        offered = request.headers.get("authorization", "").encode("latin-1")
         if expected is not None and hmac.compare_digest(offered, b"Bearer " + expected.encode()):
             return None
         return Problem(401, "unauthorized", "Token required",
                        "This ambassador requires Authorization: Bearer <token>, with the token it was "
                        "given in --require-token-file.", headers=[("WWW-Authenticate", "Bearer")])
 
-    def log(self, request) -> None:
-        route_resource = getattr(request, "ambassador_route", None)
-        trace = getattr(request, "ambassador_trace", None) or Trace()
-        started = getattr(request, "ambassador_started", None)
-        duration = 0.0 if started is None else self._clock.seconds() - started
-        if route_resource is None:
+    def _log(self, request: http1.Request, status: int) -> None:
+        handler, trace = request.handler, request.trace
+        duration = self.clock.seconds() - request.started
+        if handler is None:
             adapter, route, secret_params, metrics = None, None, frozenset(), self._unmatched
         else:
-            adapter, route = route_resource.adapter.name, route_resource.route.name
-            secret_params, metrics = route_resource.adapter.secret_params, route_resource.metrics
-        metrics.answered(request.code, duration)
+            adapter, route = handler.adapter.name, handler.route.name
+            secret_params, metrics = handler.adapter.secret_params, handler.metrics
+        metrics.answered(status, duration)
         access_log.info(
             "{method} {path} {status} {duration_ms}ms adapter={adapter} route={route} "
             "upstream={upstream_status} attempts={attempts} cache={cache} id={request_id}",
-            request_id=getattr(request, "ambassador_id", None),
+            request_id=request.id,
             method=request.method.decode("latin-1"),
-            path=_redacted_uri(request, secret_params),
-            status=request.code,
+            path=_redacted_uri(request.target, secret_params),
+            status=status,
             adapter=adapter,
             route=route,
             upstream_status=trace.upstream_status,
             attempts=trace.attempts,
             cache=trace.cache,
-            problem=getattr(request, "ambassador_problem", None),
+            problem=request.problem,
             duration_ms=round(duration * 1000, 1),
         )

@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 
 from ambassador.limits import InboundLimits
 from ambassador.metrics import Metrics
-from ambassador.web import AmbassadorSite, build_root
+from ambassador.web import ProxyFactory
 from conftest import connect_raw, parse_response, raw_exchange, tmdb_env
 from test_no_ssrf import assert_problem, still_serves
 
@@ -112,8 +112,8 @@ class HalfClosableTransport(StringTransport):
 
 
 def proxy_channel(clock, **limits):
-    """A proxy channel (the real Site and parser, no routes) on a StringTransport, timed by ``clock``."""
-    site = AmbassadorSite(build_root([], None, Metrics()), clock, Metrics(), limits=InboundLimits(**limits))
+    """A proxy connection (the real factory and parser, no routes) on a StringTransport, timed by ``clock``."""
+    site = ProxyFactory([], None, Metrics(), clock, limits=InboundLimits(**limits))
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
     transport = HalfClosableTransport()
     channel.makeConnection(transport)

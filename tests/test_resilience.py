@@ -332,7 +332,8 @@ def test_token_bucket_allows_burst_then_rate():
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_caller_who_hangs_up_is_neither_a_failure_nor_retried(fake_tmdb, start_ambassador, clock):
+async def test_a_caller_who_hangs_up_is_neither_a_failure_nor_retried(fake_tmdb, start_ambassador, clock,
+                                                                      log_events):
     ambassador = await start(start_ambassador, fake_tmdb, clock, breaker_failures=2, retries=2)
     fake_tmdb.fault = "hang"
     for n in range(1, 4):
@@ -348,3 +349,7 @@ async def test_a_caller_who_hangs_up_is_neither_a_failure_nor_retried(fake_tmdb,
     _, metrics = await get(ambassador.admin_url + "/metrics")
     assert b'ambassador_upstream_attempts_total{adapter="tmdb",outcome="cancelled"} 3.0' in metrics
     assert b'ambassador_upstream_attempts_total{adapter="tmdb",outcome="unreachable"} 0.0' in metrics
+    # logged and counted as nginx does: 499, the caller closed the request
+    assert [e["status"] for e in log_events if e.get("log_namespace") == "ambassador.access"] == [499] * 3 + [200]
+    assert b'ambassador_requests_total{adapter="tmdb",code_class="4xx",route="movies"} 3.0' in metrics
+    assert b'ambassador_requests_in_flight{adapter="tmdb"} 0.0' in metrics

@@ -1,0 +1,445 @@
+"""A lean HTTP/1.1 server protocol for the proxy port.
+
+twisted.web's Site, HTTPChannel, Request and resource traversal cost about a
+third of a proxied request (docs/performance.md). The proxy needs much less:
+one request at a time per connection, bodies held in memory, answers of known
+length written in one piece. This protocol does that and keeps the limits of
+``InboundLimits``: a problem+json refusal for every request it cannot take
+(400, 408, 413, 414, 431; 503 beyond ``max_connections``), a read
+deadline from a request's first byte to its last, an idle timeout between
+requests, pipelining, ``Expect: 100-continue``, HEAD, keep-alive for
+HTTP/1.1 and opt-in keep-alive for HTTP/1.0, and flow control both ways.
+
+What a request means is the factory's business: ``serve(request)`` when one
+has been read whole, ``gone(request)`` when its caller left before the answer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from email.utils import formatdate
+from http import HTTPStatus
+
+from twisted.internet.protocol import Factory, Protocol
+
+from .limits import (
+    InboundLimits,
+    bad_request,
+    body_too_large,
+    headers_too_large,
+    problem_response,
+    target_too_long,
+    too_many_connections,
+    too_slow,
+)
+from .problems import Problem
+from .sockets import send_now
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+# method SP target SP version (RFC 9112 section 3): the target visible ASCII, checked further by the factory.
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) (HTTP/1\.[01])\Z")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+# Control characters other than tab, anywhere in the head once line ends are LF (so a bare CR too).
+_CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})[ \t]*(;[^\r\n]*)?\r?\n")
+_MAX_CHUNK_LINE = 1024
+_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()  # as random as uuid4().hex, for a third of the cost
+
+
+class _Refusal(Exception):
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+
+
+class Request:
+    """One request read whole. ``headers`` has lower-case names and each name's first value
+    (``connection`` gathers all of them); the factory answers it once with ``respond``."""
+
+    answered = False
+    gone = False
+
+    def __init__(self, connection: "Connection", method: bytes, target: bytes, version: bytes, persistent: bool,
+                 headers: dict[str, str], body: bytes, started: float) -> None:
+        self.connection = connection
+        self.method = method
+        self.target = target
+        self.version = version
+        self.path, _, self.query = target.partition(b"?")
+        self.persistent = persistent
+        self.headers = headers
+        self.body = body
+        self.started = started
+
+    def respond(self, status: int, headers, body: bytes) -> None:
+        """Send the answer: ``headers`` as (name, value) strings; framing, Date and Connection are added."""
+        if not self.answered and not self.gone:
+            self.answered = True
+            self.connection.send_answer(self, status, headers, body)
+
+
+class _ChunkedBody:
+    """Decodes a chunked body as it arrives (RFC 9112 section 7.1); trailers are read and dropped."""
+
+    def __init__(self, limits: InboundLimits) -> None:
+        self._limits = limits
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._left = 0  # data bytes of the current chunk still to come
+        self._state = "size"  # size, data, data-end, trailers
+
+    def feed(self, data: bytes) -> tuple[bytes | None, bytes]:
+        """(the whole body or None while incomplete, what is left unread)."""
+        at = 0
+        while True:
+            if self._state == "size":
+                match = _CHUNK_SIZE.match(data, at)
+                if match is None:
+                    if b"\n" in data[at:at + _MAX_CHUNK_LINE] or len(data) - at > _MAX_CHUNK_LINE:
+                        raise _Refusal(bad_request())
+                    return None, data[at:]
+                self._left, at = int(match.group(1), 16), match.end()
+                if self._size + self._left > self._limits.max_body:
+                    raise _Refusal(body_too_large(self._limits))
+                self._state = "data" if self._left else "trailers"
+            elif self._state == "data":
+                piece = data[at:at + self._left]
+                self._parts.append(piece)
+                self._size += len(piece)
+                self._left -= len(piece)
+                at += len(piece)
+                if self._left:
+                    return None, b""
+                self._state = "data-end"
+            elif self._state == "data-end":
+                if data.startswith(b"\r\n", at):
+                    at += 2
+                elif data.startswith(b"\n", at):
+                    at += 1
+                elif data[at:] in (b"", b"\r"):
+                    return None, data[at:]
+                else:
+                    raise _Refusal(bad_request())
+                self._state = "size"
+            else:  # trailers: lines up to an empty one
+                end = data.find(b"\n", at)
+                if end < 0:
+                    if len(data) - at > self._limits.max_line:
+                        raise _Refusal(headers_too_large(self._limits))
+                    return None, data[at:]
+                line, at = data[at:end].rstrip(b"\r"), end + 1
+                if not line:
+                    return b"".join(self._parts), data[at:]
+
+
+class Connection(Protocol):
+    """One caller's connection: reads requests one at a time and hands each to the factory."""
+
+    def __init__(self, factory: "HTTP1Factory") -> None:
+        self.factory = factory
+        self.limits = factory.limits
+        self._clock = factory.clock
+        self._buffer = b""
+        self._scanned = 0  # how far the buffer is known to hold no head end
+        self._began: float | None = None  # when the first byte of the request being read arrived
+        self._head = None  # (method, target, version, persistent, headers) once the head is read
+        self._body_length = 0
+        self._chunked: _ChunkedBody | None = None
+        self._current: Request | None = None  # read whole, not answered yet
+        self._deadline = None  # the read deadline, or after a refusal the lingering limit
+        self._idle = None
+        self._quiet_since = 0.0
+        self._reading_done = False
+        self._write_blocked = False
+        self._reading_paused = False
+        self._parsing = False
+        self._continue = False  # the caller waits for 100 Continue before sending the body
+
+    # -- the connection's life
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.transport.registerProducer(self, True)
+        self._quiet_since = self._clock.seconds()
+        self._idle = self._clock.callLater(self.limits.idle_timeout, self._idle_check)
+
+    def connectionLost(self, reason) -> None:
+        self.factory.connections -= 1
+        for call in (self._deadline, self._idle):
+            if call is not None and call.active():
+                call.cancel()
+        current, self._current = self._current, None
+        if current is not None:
+            current.gone = True
+            self.factory.gone(current)
+
+    def _idle_check(self) -> None:
+        now = self._clock.seconds()
+        due = self._quiet_since + self.limits.idle_timeout
+        if self._current is not None or self._began is not None or now < due:
+            # busy (a request being read is bounded by the read deadline instead), or not quiet long enough
+            self._idle = self._clock.callLater(max(due - now, 0) or self.limits.idle_timeout, self._idle_check)
+        else:
+            self._idle = None
+            self.transport.loseConnection()
+
+    # -- flow control: the transport pauses us when the caller does not read its answers
+
+    def pauseProducing(self) -> None:
+        self._write_blocked = True
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        if self._current is None:
+            self._read_on()
+
+    def stopProducing(self) -> None:
+        pass  # connectionLost follows
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def _read_on(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        self._parse()
+
+    # -- reading
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._reading_done:
+            return  # closing, or lingering after a refusal: read and drop
+        self._buffer = self._buffer + data if self._buffer else data
+        if self._current is None and not self._write_blocked:
+            self._parse()
+        elif len(self._buffer) > self.limits.max_header_bytes + self.limits.max_body:
+            self._pause_reading()  # pipelined requests wait for the one being answered
+
+    def _parse(self) -> None:
+        if self._parsing:
+            return  # an answer given during serve(): the loop below goes on with the next request
+        self._parsing = True
+        try:
+            while self._buffer and self._current is None and not self._write_blocked and not self._reading_done:
+                if self._began is None:
+                    self._buffer = self._buffer.lstrip(b"\r\n")  # empty lines before a request are ignored
+                    if not self._buffer:
+                        return
+                    self._began = self._clock.seconds()
+                request = self._read_request()
+                if request is None:
+                    if self._deadline is None:
+                        self._deadline = self._clock.callLater(
+                            max(self._began + self.limits.read_timeout - self._clock.seconds(), 0), self._too_slow)
+                    return
+                self._stop_deadline()
+                self._began = None
+                self._current = request
+                self.factory.serve(request)
+        except _Refusal as refusal:
+            self.refuse(refusal.problem)
+        finally:
+            self._parsing = False
+
+    def _read_request(self) -> Request | None:
+        if self._head is None:
+            match = _HEAD_END.search(self._buffer, self._scanned)
+            if match is None:
+                self._check_partial_head()
+                self._scanned = max(len(self._buffer) - 3, 0)
+                return None
+            self._scanned = 0
+            head, self._buffer = self._buffer[:match.start()], self._buffer[match.end():]
+            self._head = self._read_head(head)
+        if self._chunked is not None:
+            body, self._buffer = self._chunked.feed(self._buffer)
+            if body is not None:
+                self._chunked = None
+        elif len(self._buffer) >= self._body_length:
+            body, self._buffer = self._buffer[:self._body_length], self._buffer[self._body_length:]
+        else:
+            body = None
+        if body is None:
+            if self._continue:
+                self._continue = False
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return None
+        (method, target, version, persistent, headers), self._head = self._head, None
+        return Request(self, method, target, version, persistent, headers, body, self._began)
+
+    def _check_partial_head(self) -> None:
+        buffer, limits = self._buffer, self.limits
+        first_end = buffer.find(b"\n")
+        if (first_end if first_end >= 0 else len(buffer)) > limits.max_line:
+            raise _Refusal(target_too_long(limits))
+        if len(buffer) > limits.max_header_bytes or len(buffer) - buffer.rfind(b"\n") - 1 > limits.max_line:
+            raise _Refusal(headers_too_large(limits))
+
+    def _read_head(self, head: bytes):
+        limits = self.limits
+        head = head.replace(b"\r\n", b"\n")
+        lines = head.split(b"\n")
+        if len(lines[0]) > limits.max_line:
+            raise _Refusal(target_too_long(limits))
+        if len(head) > limits.max_header_bytes or len(lines) - 1 > limits.max_headers or any(
+                len(line) > limits.max_line for line in lines):
+            raise _Refusal(headers_too_large(limits))
+        request_line = _REQUEST_LINE.match(lines[0])
+        if request_line is None or _CONTROL.search(head):
+            raise _Refusal(bad_request())
+        method, target, version = request_line.groups()
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not _TOKEN.match(name):
+                raise _Refusal(bad_request())
+            key = name.decode("ascii").lower()
+            text = value.strip(b" \t").decode("latin-1")
+            if key not in headers:
+                headers[key] = text
+            elif key == "connection":
+                headers[key] += ", " + text
+            elif key in ("content-length", "transfer-encoding", "host"):
+                raise _Refusal(bad_request())  # two framings, two hosts: a smuggling attempt
+        self._framing(headers, version)
+        tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+        persistent = "close" not in tokens if version == b"HTTP/1.1" else "keep-alive" in tokens
+        self._continue = version == b"HTTP/1.1" and headers.get("expect", "").lower() == "100-continue"
+        return method, target, version, persistent, headers
+
+    def _framing(self, headers: dict[str, str], version: bytes) -> None:
+        length, coding = headers.get("content-length"), headers.get("transfer-encoding")
+        self._body_length, self._chunked = 0, None
+        if coding is not None:
+            if length is not None or version != b"HTTP/1.1" or coding.lower() != "chunked":
+                raise _Refusal(bad_request())
+            self._chunked = _ChunkedBody(self.limits)
+        elif length is not None:
+            if not length.isdigit() or not length.isascii():
+                raise _Refusal(bad_request())
+            if len(length) > 18 or int(length) > self.limits.max_body:
+                raise _Refusal(body_too_large(self.limits))
+            self._body_length = int(length)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self.refuse(too_slow(self.limits))
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    # -- answering
+
+    def send_answer(self, request: Request, status: int, headers, body: bytes) -> None:
+        lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
+        text = []
+        dated = False
+        for name, value in headers:
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+                name, value = " ".join(name.splitlines()), " ".join(value.splitlines())  # no header injection
+            dated = dated or name.lower() == "date"
+            text.append(f"{name}: {value}\r\n")
+        if not dated:
+            text.append(self.factory.date_header())
+        if status not in _NO_BODY_STATUSES and status >= 200:
+            text.append(f"Content-Length: {len(body)}\r\n")
+        if not request.persistent:
+            text.append("Connection: close\r\n\r\n")
+        else:
+            text.append("Connection: keep-alive\r\n\r\n" if request.version == b"HTTP/1.0" else "\r\n")
+        head = "".join(text)
+        try:
+            lines.append(head.encode("latin-1"))
+        except UnicodeEncodeError:
+            lines.append(head.encode("utf-8"))
+        if request.method != b"HEAD" and status not in _NO_BODY_STATUSES:
+            lines.append(body)
+        send_now(self.transport, b"".join(lines))
+        self._current = None
+        if not request.persistent:
+            self._reading_done = True
+            self.transport.loseConnection()
+            return
+        self._quiet_since = self._clock.seconds()
+        if self._buffer or self._reading_paused:
+            self._read_on()  # pipelined requests
+
+    def refuse(self, problem: Problem) -> None:
+        """Answer ``problem`` and close, dropping whatever else the caller sends.
+
+        Closing at once while the caller is still sending would make the kernel
+        reset the connection, and the caller could lose the answer before
+        reading it. So only our side is closed; what still arrives is read and
+        dropped until the caller closes, or for at most ``read_timeout``.
+        """
+        if self._reading_done:
+            return
+        self._reading_done = True
+        self._buffer = b""
+        self._stop_deadline()
+        request_id = new_request_id()
+        self.factory.refused(problem, request_id)
+        self.transport.write(problem_response(problem, request_id))
+        self.transport.loseWriteConnection()
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        self._deadline = self._clock.callLater(self.limits.read_timeout, self.transport.abortConnection)
+
+
+class _Overloaded(Protocol):
+    """Stands in for a connection beyond ``max_connections``: answers 503 and closes."""
+
+    def __init__(self, factory: "HTTP1Factory") -> None:
+        self._factory = factory
+
+    def connectionMade(self) -> None:
+        problem, request_id = too_many_connections(self._factory.limits), new_request_id()
+        self._factory.refused(problem, request_id)
+        self.transport.write(problem_response(problem, request_id))
+        self.transport.loseConnection()
+
+
+class HTTP1Factory(Factory):
+    """Connections that keep to ``limits``, timed by ``clock``; subclasses say what a request means."""
+
+    noisy = False
+
+    def __init__(self, clock, limits: InboundLimits = InboundLimits()) -> None:
+        self.clock = clock
+        self.limits = limits
+        self.connections = 0
+        self._date_second = None
+        self._date = ""
+
+    def buildProtocol(self, addr):
+        if self.connections >= self.limits.max_connections:
+            return _Overloaded(self)
+        return Connection(self)
+
+    def date_header(self) -> str:
+        """``Date: ...`` for now, formatted once a second."""
+        second = int(self.clock.seconds())
+        if second != self._date_second:
+            self._date_second, self._date = second, f"Date: {formatdate(second, usegmt=True)}\r\n"
+        return self._date
+
+    def serve(self, request: Request) -> None:
+        raise NotImplementedError
+
+    def gone(self, request: Request) -> None:
+        """The caller of ``request`` left before it was answered."""
+
+    def refused(self, problem: Problem, request_id: str) -> None:
+        """A problem was answered before a request was read whole."""
