@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from . import http1
+from . import http1, logs
 from .answers import hop_by_hop
 from .credentials import FileSecret
 from .exchange import Answer, InboundRequest, Route, Trace
@@ -170,8 +170,8 @@ class ProxyFactory(http1.HTTP1Factory):
 
     def refused(self, problem: Problem, request_id: str) -> None:
         self._unmatched.answered(problem.status, 0.0)
-        access_log.info("Refused {status} {problem} id={request_id}", status=problem.status, problem=problem.kind,
-                        request_id=request_id)
+        logs.info(access_log, "Refused {status} {problem} id={request_id}", status=problem.status,
+                  problem=problem.kind, request_id=request_id)
 
     def drain(self, grace_period: float) -> defer.Deferred:
         """Fires when no request is in flight, or after ``grace_period`` seconds, whichever is first."""
@@ -279,7 +279,8 @@ class ProxyFactory(http1.HTTP1Factory):
             adapter, route = handler.adapter.name, handler.route.name
             secret_params, metrics = handler.adapter.secret_params, handler.metrics
         metrics.answered(status, duration)
-        access_log.info(
+        logs.info(
+            access_log,
             "{method} {path} {status} {duration_ms}ms adapter={adapter} route={route} "
             "upstream={upstream_status} attempts={attempts} cache={cache} id={request_id}",
             request_id=request.id,
