@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import BrowserLikePolicyForHTTPS, ResponseFailed, ResponseNeverReceived
 
 from .exchange import UpstreamRequest, UpstreamResponse
+from .sockets import send_now
 
 #: Request methods the lean client sends (idempotent, never with a body here).
 LEAN_METHODS = frozenset({"GET", "HEAD"})
@@ -47,10 +48,9 @@ LEAN_METHODS = frozenset({"GET", "HEAD"})
 MAX_HEAD_BYTES = 65536
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_BTOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
-_STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: |\Z)")
+_STATUS = re.compile(r"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: |\Z)")
 # What may stand in a request target unquoted (RFC 3986 pchar, "/" and "?" for the query).
 _PLAIN_TARGET = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*\Z")
 _LINE_BREAKS = str.maketrans({"\r": " ", "\n": " ", "\0": " "})
@@ -182,7 +182,7 @@ class _Connection(Protocol):
         self.exchange = exchange
         exchange.connection = self
         self._state, self._buffer, self._received = _HEAD, b"", False
-        self.transport.write(exchange.head)
+        send_now(self.transport, exchange.head)
 
     def abandon(self) -> None:
         self.exchange = None
@@ -216,20 +216,21 @@ class _Connection(Protocol):
             return b""
         if end > MAX_HEAD_BYTES:
             raise BadResponse("status line and headers too long")
-        lines = data[:end].split(b"\r\n")
+        head = data[:end].decode("latin-1")  # once: latin-1 maps each byte to one character
+        lines = head.split("\r\n")
         status = _STATUS.match(lines[0])
         if status is None:
             raise BadResponse("bad status line")
         code = int(status.group(2))
+        if head.count("\r") != len(lines) - 1 or head.count("\n") != len(lines) - 1 or "\0" in head:
+            raise BadResponse("bad header value")  # a bare CR or LF, or a NUL
         headers: dict[str, str] = {}
         for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not _BTOKEN.match(name):
+            name, colon, value = line.partition(":")
+            if not colon or not _TOKEN.match(name):
                 raise BadResponse("bad header line")
-            name = name.decode("ascii").lower()
-            value = value.strip(b" \t").decode("latin-1")
-            if "\r" in value or "\n" in value or "\0" in value:
-                raise BadResponse("bad header value")
+            name = name.lower()
+            value = value.strip(" \t")
             headers[name] = headers[name] + ", " + value if name in headers else value
         rest = data[end + 4:]
         if code < 200:
@@ -237,7 +238,7 @@ class _Connection(Protocol):
                 raise BadResponse("an upgrade nobody asked for")
             return rest  # an interim answer (100 Continue, 103 Early Hints): the real one follows
         self._code, self._headers = code, headers
-        self._reusable = status.group(1) == b"1" and "close" not in headers.get("connection", "").lower()
+        self._reusable = status.group(1) == "1" and "close" not in headers.get("connection", "").lower()
         self._chunks, self._size = [], 0
         limit = self.exchange.limit
         encoding, length = headers.get("transfer-encoding"), headers.get("content-length")
