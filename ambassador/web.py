@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from . import http1, logs
-from .answers import hop_by_hop
+from .answers import HOP_BY_HOP_HEADERS, hop_by_hop
 from .credentials import FileSecret
 from .exchange import Answer, InboundRequest, Route, Trace
 from .interfaces import ConfigurationError, IExternalAdapter
@@ -27,10 +27,10 @@ from .upstream import Gateway
 log = Logger(namespace="ambassador")
 access_log = Logger(namespace="ambassador.access")
 
-# A path segment the ambassador accepts: no percent-encoding, slashes,
-# backslashes, control characters or anything else that could change the
-# meaning of the upstream path.
-_PLAIN_SEGMENT = re.compile(rb"[A-Za-z0-9_.,:~-]+\Z")
+# A path the ambassador accepts: segments without percent-encoding, backslashes, control
+# characters or anything else that could change the meaning of the upstream path, none
+# empty (one trailing slash is allowed). Written so that matching never backtracks.
+_PLAIN_PATH = re.compile(rb"/(?:[A-Za-z0-9_.,:~-]+(?:/[A-Za-z0-9_.,:~-]+)*/?)?\Z")
 # Query names and values (decoded) may not hold control characters.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Caller headers no adapter ever sees, so none can be forwarded upstream by mistake:
@@ -38,6 +38,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # describes the hop between caller and ambassador (with Proxy-*, X-Forwarded-*
 # and the hop-by-hop headers).
 _CALLER_ONLY_HEADERS = frozenset({"authorization", "cookie", "host", "forwarded", "x-real-ip", "content-length"})
+_HIDDEN = _CALLER_ONLY_HEADERS | HOP_BY_HOP_HEADERS
 # A caller's X-Request-ID is reused only if it cannot upset a log line or a header.
 _ACCEPTABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}\Z")
 # nginx's status for a request whose caller closed the connection before the answer.
@@ -74,7 +75,7 @@ class RouteHandler:
         if pairs is None or any(_CONTROL.search(name + value) for name, value in pairs):
             raise Problem(400, "bad-query", "Query not understood",
                           "The query string is not valid UTF-8 form data without control characters.")
-        hidden = _CALLER_ONLY_HEADERS | hop_by_hop(request.headers)
+        hidden = _CALLER_ONLY_HEADERS | hop_by_hop(request.headers) if "connection" in request.headers else _HIDDEN
         headers = {name: value for name, value in request.headers.items()
                    if name not in hidden and not name.startswith(("proxy-", "x-forwarded-"))}
         return InboundRequest(
@@ -128,20 +129,20 @@ def _request_id(request: http1.Request) -> str:
     return http1.new_request_id()
 
 
-def _path_problem(request: http1.Request) -> Problem | None:
-    """Why the request target may not be served, or None: origin-form (``/a/b?q``) with plain segments only."""
+def _segments(request: http1.Request) -> list[bytes]:
+    """The path's segments; a Problem unless the target is origin-form (``/a/b?q``) with plain segments."""
     if not request.target.startswith(b"/") or request.target.startswith(b"//"):
-        return Problem(400, "bad-target", "Request target not served",
-                       "The ambassador serves paths such as /movies; it is not a forward proxy "
-                       "(no absolute URLs, CONNECT, '*' or '//').")
+        raise Problem(400, "bad-target", "Request target not served",
+                      "The ambassador serves paths such as /movies; it is not a forward proxy "
+                      "(no absolute URLs, CONNECT, '*' or '//').")
     segments = request.path[1:].split(b"/")
     if segments[-1] == b"":
         segments.pop()  # one trailing slash means the same path
-    if any(not _PLAIN_SEGMENT.match(s) or s in (b".", b"..") for s in segments):
-        return Problem(400, "bad-path", "Path not forwarded",
-                       "Path segments may hold only letters, digits and _ . , : ~ - "
-                       "(no percent-encoding, empty segments, '.' or '..').")
-    return None
+    if not _PLAIN_PATH.match(request.path) or (b"." in request.path and (b"." in segments or b".." in segments)):
+        raise Problem(400, "bad-path", "Path not forwarded",
+                      "Path segments may hold only letters, digits and _ . , : ~ - "
+                      "(no percent-encoding, empty segments, '.' or '..').")
+    return segments
 
 
 class ProxyFactory(http1.HTTP1Factory):
@@ -194,12 +195,10 @@ class ProxyFactory(http1.HTTP1Factory):
         request.handler = request.answer = request.problem = None
         request.trace = Trace()
         try:
-            problem = self._unauthorized(request) or _path_problem(request)
+            problem = self._unauthorized(request)
             if problem is not None:
                 raise problem
-            segments = request.path[1:].split(b"/")
-            if segments[-1] == b"":
-                segments.pop()  # one trailing slash means the same path
+            segments = _segments(request)
             for depth in range(1, min(len(segments), self._deepest) + 1):
                 handler = self._routes.get(tuple(segments[:depth]))
                 if handler is not None:
