@@ -31,6 +31,8 @@ from twisted.python.threadable import isInIOThread
 from zope.interface import provider
 
 _PLAIN = (str, int, float, bool, type(None))
+# One encoder: json.dumps builds a new one on every call when given any option.
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
 _CONVERSIONS = ("r", "s", "a")
 _SIMPLE_SPEC = re.compile(r"[^{}\\\n'\"]*\Z")
 _compiled_formats: dict[str, object] = {}
@@ -123,7 +125,7 @@ def event_as_json(event: dict) -> str:
     if failure is not None:
         document["error"] = failure.getErrorMessage()
         document["traceback"] = failure.getTraceback()
-    return json.dumps(document, ensure_ascii=False)
+    return _to_json(document)
 
 
 class _LineWriter:
