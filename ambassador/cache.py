@@ -73,7 +73,9 @@ def cache_key(adapter: str, route: str, request: UpstreamRequest) -> str:
 def directives(value: str | None) -> dict[str, str | None]:
     """A Cache-Control value as {directive (lower case): argument or None}."""
     found: dict[str, str | None] = {}
-    for part in (value or "").split(","):
+    if not value:
+        return found
+    for part in value.split(","):
         name, _, argument = part.partition("=")
         name = name.strip().lower()
         if name:
@@ -99,10 +101,13 @@ class CallerWish:
     @classmethod
     def of(cls, headers: Mapping[str, str]) -> "CallerWish":
         wish = directives(headers.get("cache-control"))
-        if not wish and "no-cache" in headers.get("pragma", "").lower():
-            return cls(revalidate=True)  # HTTP/1.0 callers
+        if not wish:  # most callers: nothing asked, unless HTTP/1.0's Pragma asks to revalidate
+            return _REVALIDATE if "no-cache" in headers.get("pragma", "").lower() else _NOTHING_ASKED
         return cls(bypass="no-store" in wish,
                    revalidate="no-cache" in wish or _seconds(wish.get("max-age", "1")) == 0)
+
+
+_NOTHING_ASKED, _REVALIDATE = CallerWish(), CallerWish(revalidate=True)
 
 
 @frozen
@@ -361,8 +366,12 @@ class ResponseCache:
         return waiter
 
     def _launch(self, flight: _Flight, key, entry, reason, policy, request_headers, fetch, interpret) -> None:
-        flight.call = defer.ensureDeferred(
-            self._fetch(key, entry, reason, policy, request_headers, fetch, interpret))
+        conditional = entry.validators() if entry is not None else {}
+        fwd = f"fwd={reason}"
+        flight.call = defer.maybeDeferred(fetch, conditional).addCallbacks(
+            self._fetched, self._not_fetched,
+            callbackArgs=(key, entry, fwd, conditional, policy, request_headers, interpret),
+            errbackArgs=(entry, fwd))
         flight.call.addBoth(self._landed, key, flight)
 
     def _wait(self, flight: _Flight) -> defer.Deferred:
@@ -386,29 +395,36 @@ class ResponseCache:
         if flight.background and isinstance(result, Failure) and not flight.waiters:
             log.warn("Background revalidation failed: {error}", error=result.getErrorMessage())
 
-    async def _fetch(self, key, entry: Entry | None, reason: str, policy, request_headers, fetch: Fetch,
-                     interpret: Interpret) -> Served:
-        conditional = entry.validators() if entry is not None else {}
-        fwd, upstream = f"fwd={reason}", None
+    def _fetched(self, response: UpstreamResponse, key, entry: Entry | None, fwd: str, conditional: dict,
+                 policy, request_headers, interpret: Interpret) -> Served:
+        """What the upstream's ``response`` to a fetch makes of the cache and of the answer."""
+        upstream, now = response.status, self._clock.seconds()
         try:
-            response = await fetch(conditional)
-            upstream, now = response.status, self._clock.seconds()
             if upstream == 304 and conditional:
                 refreshed = revalidated(entry, response, request_headers, policy, now)
                 self.store.put(key, refreshed, now)
                 return Served(refreshed.answer, f"{fwd}; fwd-status=304", "revalidated", refreshed.age(now), 304)
             answer = interpret(response)
         except Problem as problem:
-            now = self._clock.seconds()
-            if entry is None or problem.status not in STALE_IF_ERROR_STATUSES or -entry.ttl(now) > entry.if_error:
-                raise
-            status = fwd + (f"; fwd-status={upstream}" if upstream else "")
-            return Served(entry.answer, f"{status}; ttl={int(entry.ttl(now))}; detail=stale-if-error",
-                          "stale-if-error", entry.age(now), upstream)
+            return self._stale_if_error(problem, entry, fwd, upstream)
         stored = entry_for(response, answer, request_headers, policy, now)
         kept = stored is not None and self.store.put(key, stored, now)
         return Served(answer, f"{fwd}; fwd-status={upstream}" + ("; stored" if kept else ""),
                       "miss" if entry is None else "refreshed", None, upstream)
+
+    def _not_fetched(self, failure: Failure, entry: Entry | None, fwd: str) -> Served | Failure:
+        if not failure.check(Problem):
+            return failure
+        return self._stale_if_error(failure.value, entry, fwd, None)
+
+    def _stale_if_error(self, problem: Problem, entry: Entry | None, fwd: str, upstream: int | None) -> Served:
+        """The stale entry when ``problem`` (of the upstream, or the ambassador refusing itself) allows it."""
+        now = self._clock.seconds()
+        if entry is None or problem.status not in STALE_IF_ERROR_STATUSES or -entry.ttl(now) > entry.if_error:
+            raise problem
+        status = fwd + (f"; fwd-status={upstream}" if upstream else "")
+        return Served(entry.answer, f"{status}; ttl={int(entry.ttl(now))}; detail=stale-if-error",
+                      "stale-if-error", entry.age(now), upstream)
 
 
 class SharedStore:

@@ -180,16 +180,28 @@ class TokenBucket:
     _tat: float = field(default=0.0, init=False)
 
     def acquire(self) -> defer.Deferred:
-        now = self.clock.seconds()
-        interval = 1.0 / self.rate
-        tat = max(self._tat, now)
-        wait = tat - (self.burst - 1) * interval - now
+        wait, tat = self._next()
         if wait > self.max_wait + 1e-9:
             return defer.fail(RateLimited(wait))
-        self._tat = tat + interval
+        self._tat = tat
         if wait <= 0:
             return defer.succeed(0.0)
         return deferLater(self.clock, wait, lambda: wait)
+
+    def take_now(self) -> bool:
+        """Take a token when one is free now (``acquire`` would fire at once with 0); else take nothing."""
+        wait, tat = self._next()
+        if wait > 0:
+            return False
+        self._tat = tat
+        return True
+
+    def _next(self) -> tuple[float, float]:
+        """Seconds until the next token may be used (0 or less: now), and the arrival time once it is taken."""
+        now = self.clock.seconds()
+        interval = 1.0 / self.rate
+        tat = max(self._tat, now)
+        return tat - (self.burst - 1) * interval - now, tat + interval
 
     def hold_until(self, until: float) -> None:
         """Send nothing before ``until`` (the upstream asked us to wait), then resume at the rate."""
@@ -252,6 +264,17 @@ class CircuitBreaker:
             self._opened_until = self.clock.seconds() + min(self.open_max, self.open_for * 2 ** (self._trips - 1))
 
 
+class Slots(defer.DeferredSemaphore):
+    """The in-flight cap: a DeferredSemaphore that can also hand out a free slot without a Deferred."""
+
+    def take_now(self) -> bool:
+        """Take a slot when one is free (``acquire`` would fire at once); else take nothing."""
+        if not self.tokens:
+            return False
+        self.tokens -= 1
+        return True
+
+
 @define
 class Guard:
     """One adapter's policy and the live state that enforces it."""
@@ -259,7 +282,7 @@ class Guard:
     policy: Policy
     breaker: CircuitBreaker | None
     bucket: TokenBucket | None
-    slots: defer.DeferredSemaphore
+    slots: Slots
 
     @classmethod
     def of(cls, policy: Policy, clock: IReactorTime) -> "Guard":
@@ -269,7 +292,7 @@ class Guard:
         bucket = None
         if policy.rate_limit:
             bucket = TokenBucket(clock, policy.rate_limit, policy.burst, policy.rate_queue)
-        return cls(policy, breaker, bucket, defer.DeferredSemaphore(policy.max_in_flight))
+        return cls(policy, breaker, bucket, Slots(policy.max_in_flight))
 
 
 def whole_seconds(seconds: float) -> str:

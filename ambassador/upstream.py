@@ -32,6 +32,7 @@ from .interfaces import IExternalAdapter
 from .metrics import Metrics, UpstreamMetrics
 from .problems import Problem
 from .resilience import (
+    CLOSED,
     Guard,
     Policy,
     RateLimited,
@@ -173,15 +174,15 @@ class Gateway:
             request = evolve(request, headers={**request.headers, "X-Request-ID": inbound.request_id})
         guard = self._guards[adapter.name]
         if self._cache is None or not guard.policy.cache or request.method not in ("GET", "HEAD") or request.body:
-            return defer.ensureDeferred(self._answer_uncached(adapter, guard, inbound, request, trace))
+            return self._exchange(adapter, guard, request, trace).addCallback(self._interpret, adapter, inbound)
         wish = CallerWish.of(inbound.headers)
         if wish.bypass:
-            answered = defer.ensureDeferred(self._answer_uncached(adapter, guard, inbound, request, trace))
+            answered = self._exchange(adapter, guard, request, trace).addCallback(self._interpret, adapter, inbound)
             return answered.addCallback(_bypassed, trace)
 
         def fetch(conditional: dict[str, str]) -> defer.Deferred:
             sent = evolve(request, headers={**request.headers, **conditional}) if conditional else request
-            return defer.ensureDeferred(self._exchange(adapter, guard, sent, trace))
+            return self._exchange(adapter, guard, sent, trace)
 
         served = self._cache.serve(cache_key(adapter.name, inbound.route.name, request), guard.policy,
                                    request.headers, wish, fetch,
@@ -202,10 +203,6 @@ class Gateway:
             return Answer(304, served.headers(), b"")  # the caller has this answer already
         return Answer(served.answer.status, served.headers(), served.answer.body)
 
-    async def _answer_uncached(self, adapter, guard: Guard, inbound: InboundRequest, request: UpstreamRequest,
-                               trace: Trace) -> Answer:
-        return self._interpret(await self._exchange(adapter, guard, request, trace), adapter, inbound)
-
     def probe(self, adapter: IExternalAdapter, path: str) -> defer.Deferred:
         """Ask the upstream for ``path``; fires with None when it answered well, else why not."""
 
@@ -220,37 +217,75 @@ class Gateway:
         )
         return call
 
-    async def _exchange(self, adapter, guard: Guard, request: UpstreamRequest, trace: Trace) -> UpstreamResponse:
-        """The upstream's answer to ``request`` after the policy's retries; a Problem when there is none."""
-        policy, breaker, name = guard.policy, guard.breaker, adapter.name
+    def _exchange(self, adapter, guard: Guard, request: UpstreamRequest, trace: Trace) -> defer.Deferred:
+        """A Deferred firing with the upstream's answer to ``request`` after the policy's retries, or
+        failing with a Problem when there is none. Cancel it to abandon the exchange.
+
+        The common case waits for nothing before its first attempt: the circuit is closed, the
+        credential is attached at once, a rate token and an in-flight slot are free. That attempt is
+        sent from here and an answer that ends the exchange comes back through plain callbacks
+        (``_first_attempted``), without a coroutine. Everything else, a wait before the first attempt,
+        a fresh credential or a retry after it, goes through ``_exchange_generally``.
+        """
+        policy, breaker, bucket, slots = guard.policy, guard.breaker, guard.bucket, guard.slots
         deadline = self._clock.seconds() + policy.timeout
+        if breaker is not None and breaker.state != CLOSED:
+            return defer.ensureDeferred(self._exchange_generally(adapter, guard, request, trace, deadline))
+        try:
+            sent = adapter.credential.attach(request, adapter.name)
+        except Exception:
+            return defer.fail()
+        if not isinstance(sent, UpstreamRequest):  # a Deferred: the credential is being fetched (OAuth2)
+            attached = defer.maybeDeferred(lambda: sent)
+            return defer.ensureDeferred(self._exchange_generally(adapter, guard, request, trace, deadline, attached))
+        remaining = deadline - self._clock.seconds()
+        # A rate token and a slot both now, or neither: the slot is taken only once the token is.
+        if remaining <= 0 or not slots.tokens or (bucket is not None and not bucket.take_now()):
+            attached = defer.succeed(sent)
+            return defer.ensureDeferred(self._exchange_generally(adapter, guard, request, trace, deadline, attached))
+        slots.take_now()
+        attempt = self._attempt(adapter, sent, trace, min(remaining, policy.attempt_timeout or remaining))
+        return attempt.addBoth(self._first_attempted, adapter, guard, request, trace, deadline, sent)
+
+    def _first_attempted(self, outcome, adapter, guard: Guard, request: UpstreamRequest, trace: Trace,
+                         deadline: float, sent: UpstreamRequest):
+        """The fast path's first attempt is over: what ``_exchange_generally`` would make of it."""
+        breaker = guard.breaker
+        if isinstance(outcome, Failure):
+            if outcome.check(defer.CancelledError):
+                if breaker is not None:
+                    breaker.abandoned()
+                guard.slots.release()
+                return outcome
+            guard.slots.release()
+            if not outcome.check(Problem):
+                return outcome
+            outcome = outcome.value
+        else:
+            guard.slots.release()
+            if outcome.status < 500 and outcome.status not in (401, 429):
+                # No fresh credential, no retry, nothing to hold back: the breaker's success is all.
+                if breaker is not None:
+                    breaker.succeeded()
+                return outcome
+        return defer.ensureDeferred(
+            self._exchange_generally(adapter, guard, request, trace, deadline, first=(sent, outcome)))
+
+    async def _exchange_generally(self, adapter, guard: Guard, request: UpstreamRequest, trace: Trace,
+                                  deadline: float, attached: defer.Deferred | None = None,
+                                  first: tuple | None = None) -> UpstreamResponse:
+        """``_exchange`` in every case, from its start or where its fast path left it: ``attached`` is the
+        credential attachment started for the first attempt, ``first`` the request sent and the outcome
+        (an UpstreamResponse or a Problem) of a first attempt already made."""
+        policy, breaker, name = guard.policy, guard.breaker, adapter.name
         retries_left = policy.retries if request.method in ("GET", "HEAD") else 0
         refreshable = True
         while True:
-            if breaker is not None and breaker.rejecting():
-                raise circuit_open(name, breaker.retry_after())
-            sent = await self._attach(adapter, request)
-            await self._take_rate_token(name, guard)
-            await self._take_slot(name, guard)
-            try:
-                # The deadline is kept by giving each attempt only what is left of it;
-                # the waits before an attempt are bounded by their own queue limits.
-                remaining = deadline - self._clock.seconds()
-                if remaining <= 0:
-                    raise _deadline_problem(adapter, policy)
-                if breaker is not None and not breaker.admit():
-                    raise circuit_open(name, breaker.retry_after())
-                try:
-                    outcome = await self._attempt(adapter, sent, trace,
-                                                  min(remaining, policy.attempt_timeout or remaining))
-                except Problem as problem:
-                    outcome = problem
-                except defer.CancelledError:
-                    if breaker is not None:
-                        breaker.abandoned()
-                    raise
-            finally:
-                guard.slots.release()
+            if first is None:
+                sent, outcome = await self._guarded_attempt(adapter, guard, request, trace, deadline, attached)
+                attached = None
+            else:
+                (sent, outcome), first = first, None
             if refreshable and self._refreshed(adapter, sent, outcome):
                 refreshable = False
                 continue
@@ -274,6 +309,36 @@ class Gateway:
         if isinstance(outcome, Problem):
             raise outcome
         return outcome
+
+    async def _guarded_attempt(self, adapter, guard: Guard, request: UpstreamRequest, trace: Trace,
+                               deadline: float, attached: defer.Deferred | None) -> tuple:
+        """One attempt once the breaker, the credential, the rate limit and the in-flight cap let it go:
+        the request sent and its outcome, an UpstreamResponse or a Problem."""
+        policy, breaker, name = guard.policy, guard.breaker, adapter.name
+        if breaker is not None and breaker.rejecting():
+            raise circuit_open(name, breaker.retry_after())
+        sent = await (self._attach(adapter, request) if attached is None else attached)
+        await self._take_rate_token(name, guard)
+        await self._take_slot(name, guard)
+        try:
+            # The deadline is kept by giving each attempt only what is left of it;
+            # the waits before an attempt are bounded by their own queue limits.
+            remaining = deadline - self._clock.seconds()
+            if remaining <= 0:
+                raise _deadline_problem(adapter, policy)
+            if breaker is not None and not breaker.admit():
+                raise circuit_open(name, breaker.retry_after())
+            try:
+                outcome = await self._attempt(adapter, sent, trace, min(remaining, policy.attempt_timeout or remaining))
+            except Problem as problem:
+                outcome = problem
+            except defer.CancelledError:
+                if breaker is not None:
+                    breaker.abandoned()
+                raise
+        finally:
+            guard.slots.release()
+        return sent, outcome
 
     # The credential is attached to each attempt. It may first fetch a token (OAuth2), so
     # attaching may wait; a 401 to a credential that can be refreshed is sent once more with a
@@ -333,12 +398,18 @@ class Gateway:
         limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
         # maybeDeferred: a request the client refuses at once (a bad header) fails like any other attempt.
         call = defer.maybeDeferred(self._client.fetch, adapter.base_url, request, max_body=limit)
-        call.addTimeout(timeout, self._clock, onTimeoutCancel=_attempt_timed_out)
-        call.addBoth(self._attempted, adapter, started, trace)
+        # The timeout cancels the call (which drops its connection); _attempted stops the timer, or sees
+        # that it fired. (Deferred.addTimeout does the same with three closures and two more callbacks.)
+        timer = self._clock.callLater(timeout, call.cancel)
+        call.addBoth(self._attempted, adapter, started, trace, timer)
         call.addErrback(self._explain_failure, adapter, timeout)
         return call
 
-    def _attempted(self, result, adapter: IExternalAdapter, started: float, trace: Trace):
+    def _attempted(self, result, adapter: IExternalAdapter, started: float, trace: Trace, timer):
+        if timer.active():
+            timer.cancel()
+        else:  # the timer fired and cancelled the call: whatever came of that, the attempt timed out
+            result = Failure(AttemptTimedOut())
         if isinstance(result, UpstreamResponse):
             trace.upstream_status = result.status
             outcome = f"{result.status // 100}xx"
@@ -414,10 +485,6 @@ def _cancelled_as_such(failure: Failure) -> Failure:
 
 class AttemptTimedOut(Exception):
     """One upstream attempt took longer than its timeout."""
-
-
-def _attempt_timed_out(result, timeout):
-    return Failure(AttemptTimedOut())
 
 
 def _deadline_problem(adapter: IExternalAdapter, policy: Policy) -> Problem:

@@ -353,3 +353,60 @@ async def test_a_caller_who_hangs_up_is_neither_a_failure_nor_retried(fake_tmdb,
     assert [e["status"] for e in log_events if e.get("log_namespace") == "ambassador.access"] == [499] * 3 + [200]
     assert b'ambassador_requests_total{adapter="tmdb",code_class="4xx",route="movies"} 3.0' in metrics
     assert b'ambassador_requests_in_flight{adapter="tmdb"} 0.0' in metrics
+
+
+def test_token_bucket_takes_now_only_what_acquire_would_give_at_once():
+    clock = Clock()
+    bucket = TokenBucket(clock, rate=4, burst=2, max_wait=1)
+    assert bucket.take_now() and bucket.take_now()  # the burst
+    assert not bucket.take_now()  # the next token is 0.25 s away: nothing taken
+    clock.advance(0.25)
+    assert bucket.take_now() and not bucket.take_now()
+    waited = []
+    bucket.acquire().addCallback(waited.append)  # take_now took nothing it refused: the wait is one interval
+    clock.advance(0.25)
+    assert waited == [0.25]
+
+
+OUTCOMES = {  # what the upstream does with the first attempt, and the retries the policy allows
+    "answered": ([], 0),
+    "not found": ([answer(404)], 0),
+    "connection reset": (["reset"], 0),
+    "503": ([answer(503)], 0),
+    "timed out": (["hang"], 0),
+    "retried": ([answer(503)], 1),
+    "caller hung up": (["hang"], 0),
+    "caller hung up during the backoff": ([answer(503)], 1),
+}
+
+
+@pytest.mark.parametrize("outcome", OUTCOMES)
+@pytest_twisted.ensureDeferred
+async def test_every_outcome_gives_the_in_flight_slot_back(fake_tmdb, start_ambassador, clock, outcome):
+    # One slot: the request after this one goes upstream at once (no time passes) only if it came back.
+    script, retries = OUTCOMES[outcome]
+    ambassador = await start(start_ambassador, fake_tmdb, clock, max_in_flight=1, retries=retries, attempt_timeout=2)
+    fake_tmdb.script = list(script)
+    first = call(ambassador)
+    if outcome == "timed out":
+        await reactor_turns_until(lambda: len(fake_tmdb.hanging) == 1)
+        clock.advance(2)
+    elif outcome == "retried":
+        await after_attempt(fake_tmdb, clock, 1, 0.125)
+    elif outcome.startswith("caller hung up"):
+        await reactor_turns_until(lambda: fake_tmdb.hanging or waiting_to_retry(clock))
+        first.cancel()
+        first.addErrback(lambda _: None)
+        await reactor_turns_until(lambda: all(request._disconnected for request in fake_tmdb.hanging))
+        await settle()
+        assert not waiting_to_retry(clock)  # nothing is sent for a caller who left
+    if not outcome.startswith("caller hung up"):
+        await reactor_turns_until(lambda: first.called)  # a slot never given back fails here, not hangs
+        result, _ = await first
+        assert result.code == {"answered": 200, "not found": 404, "connection reset": 502, "503": 503,
+                               "timed out": 504, "retried": 200}[outcome]
+    attempts = len(fake_tmdb.requests)
+    assert attempts == (2 if outcome == "retried" else 1)
+    following = call(ambassador)
+    await reactor_turns_until(lambda: following.called)
+    assert (await following)[0].code == 200 and len(fake_tmdb.requests) == attempts + 1
