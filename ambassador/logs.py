@@ -32,7 +32,8 @@ from zope.interface import provider
 
 _PLAIN = (str, int, float, bool, type(None))
 # One encoder: json.dumps builds a new one on every call when given any option.
-_to_json = json.JSONEncoder(ensure_ascii=False).encode
+_to_json = json.JSONEncoder(ensure_ascii=False, default=repr).encode
+_NOT_FIELDS = frozenset({"format", "message", "time", "level", "logger"})
 _CONVERSIONS = ("r", "s", "a")
 _SIMPLE_SPEC = re.compile(r"[^{}\\\n'\"]*\Z")
 _compiled_formats: dict[str, object] = {}
@@ -118,14 +119,16 @@ def event_as_json(event: dict) -> str:
         "message": format_event(event),
     }
     for key, value in event.items():
-        if key.startswith("log_") or key in ("format", "message", "time", "level", "logger"):
-            continue
-        document[key] = value if isinstance(value, _PLAIN) else repr(value)
+        if key[:4] != "log_" and key not in _NOT_FIELDS:
+            document[key] = value
     failure = event.get("log_failure")
     if failure is not None:
         document["error"] = failure.getErrorMessage()
         document["traceback"] = failure.getTraceback()
-    return _to_json(document)
+    try:
+        return _to_json(document)  # a value JSON has no word for is written as its repr()
+    except (TypeError, ValueError):  # a container holding such a value, or itself
+        return _to_json({key: value if isinstance(value, _PLAIN) else repr(value) for key, value in document.items()})
 
 
 class _LineWriter:
