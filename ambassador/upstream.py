@@ -164,8 +164,9 @@ class Gateway:
         self._cache = cache
         self._cache_metrics: dict[str, dict] = {}  # label children bound once per adapter
 
-    def answer(self, adapter: IExternalAdapter, inbound: InboundRequest, trace: Trace) -> defer.Deferred:
-        """A Deferred firing with the Answer, or failing with a Problem. Cancel it to abandon."""
+    def answer(self, adapter: IExternalAdapter, inbound: InboundRequest, trace: Trace) -> Answer | defer.Deferred:
+        """The Answer at once (a fresh hit in the memory cache), or a Deferred firing with it or
+        failing with a Problem. Cancel the Deferred to abandon."""
         try:
             request = adapter.upstream_request(inbound)
         except Problem:
@@ -189,7 +190,7 @@ class Gateway:
                                    lambda response: self._interpret(response, adapter, inbound))
         if isinstance(served, defer.Deferred):
             return served.addCallback(self._served, adapter.name, inbound, trace)
-        return defer.succeed(self._served(served, adapter.name, inbound, trace))
+        return self._served(served, adapter.name, inbound, trace)
 
     def _served(self, served: Served, adapter: str, inbound: InboundRequest, trace: Trace) -> Answer:
         trace.cache = served.outcome

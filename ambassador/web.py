@@ -211,8 +211,12 @@ class ProxyFactory(http1.HTTP1Factory):
         except Problem as problem:
             self._answer_problem(request, problem)
             return
-        request.answer = answer = handler.gateway.answer(handler.adapter, inbound, request.trace)
-        answer.addCallbacks(self._write_answer, self._write_failure, (request,), None, (request,))
+        answer = handler.gateway.answer(handler.adapter, inbound, request.trace)
+        if isinstance(answer, Answer):
+            self._write_answer(answer, request)
+        else:
+            request.answer = answer
+            answer.addCallbacks(self._write_answer, self._write_failure, (request,), None, (request,))
 
     def _write_answer(self, answer: Answer, request: http1.Request) -> None:
         if not request.gone:
