@@ -1,4 +1,4 @@
-"""Writing a whole answer to a TCP connection now rather than at the end of the reactor's turn.
+"""Writing a whole message to a TCP connection now rather than at the end of the reactor's turn.
 
 Twisted's ``transport.write`` only queues: the socket is registered for
 writability (an ``epoll_ctl``) and written when the reactor has handled every
@@ -11,10 +11,10 @@ not take is queued with ``transport.write`` as usual, which keeps order,
 flow control and error handling Twisted's. Anything but a plain TCP
 transport (TLS, UNIX sockets) always goes through ``transport.write``.
 
-Upstream requests are left to the reactor: sending them at once too gained a
-little more with a slow upstream but doubled the 99th percentile with a fast
-one on a busy machine (the upstream answering while the proxy is still busy
-with the rest of its turn).
+The lean client sends upstream requests the same way. (Tried when the inbound
+side was still twisted.web, that doubled S1's 99th percentile on a busy machine;
+with the proxy's own HTTP/1.1 protocol it saves 7 % of a proxied request's
+instructions and made no difference to the 99th percentile.)
 """
 
 from __future__ import annotations

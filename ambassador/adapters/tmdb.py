@@ -54,7 +54,7 @@ class TMDBAdapter:
             path = "/3/" + "/".join(inbound.segments[1:])
         else:
             raise not_found(f"TMDB paths below {inbound.route.path} look like {inbound.route.path}/3/movie/550.")
-        # HEAD is sent as GET so the answer can be checked (twisted.web drops the body).
+        # HEAD is sent as GET so the answer can be checked (the ambassador drops it for the caller).
         return UpstreamRequest("GET", path, without_params(inbound.query, _SECRET_PARAMS))
 
     def interpret(self, inbound: InboundRequest, response: UpstreamResponse) -> Answer:

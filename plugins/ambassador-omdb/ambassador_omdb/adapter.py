@@ -48,7 +48,7 @@ class OMDbAdapter:
     secret_params: frozenset[str] = frozenset({"apikey"})
 
     def upstream_request(self, inbound: InboundRequest) -> UpstreamRequest:
-        # HEAD is sent as GET so the answer can be checked (twisted.web drops the body).
+        # HEAD is sent as GET so the answer can be checked (the ambassador drops it for the caller).
         return UpstreamRequest("GET", "/", tuple((k, v) for k, v in inbound.query if k in FORWARDED_PARAMS))
 
     def interpret(self, inbound: InboundRequest, response: UpstreamResponse) -> Answer:
