@@ -65,7 +65,8 @@ class _Refusal(Exception):
 
 class Request:
     """One request read whole. ``headers`` has lower-case names and each name's first value
-    (``connection`` gathers all of them); the factory answers it once with ``respond``."""
+    (``connection`` gathers all of them); the factory answers it once with ``respond``, and may
+    keep its own notes about the request as further attributes (``web.ProxyFactory`` does)."""
 
     answered = False
     gone = False
