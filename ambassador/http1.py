@@ -54,6 +54,21 @@ def new_request_id() -> str:
     return f"{getrandbits(128):032x}"
 
 
+# Names as twisted.web wrote them (Header-Case, with its exceptions), remembered for the first
+# thousand names: an upstream could invent endless ones.
+_SPECIAL_CASE = {"Content-Md5": "Content-MD5", "Dnt": "DNT", "Etag": "ETag", "Te": "TE", "X-Request-Id": "X-Request-ID",
+                 "Www-Authenticate": "WWW-Authenticate", "X-Xss-Protection": "X-XSS-Protection"}
+_CANONICAL_NAMES: dict[str, str] = {}
+
+
+def _canonical(name: str) -> str:
+    found = "-".join(word.capitalize() for word in name.split("-"))
+    found = _SPECIAL_CASE.get(found, found)
+    if len(_CANONICAL_NAMES) < 1000:
+        _CANONICAL_NAMES[name] = found
+    return found
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.splitlines())
 
@@ -349,7 +364,8 @@ class Connection(Protocol):
 
     def send_answer(self, request: Request, status: int, headers, body: bytes) -> None:
         lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
-        text = [f"{name}: {value}\r\n" for name, value in headers]
+        known = _CANONICAL_NAMES
+        text = [f"{known.get(name) or _canonical(name)}: {value}\r\n" for name, value in headers]
         joined = "".join(text)
         if joined.count("\n") != len(text) or joined.count("\r") != len(text):  # a line end in a name or value
             text = [f"{_one_line(name)}: {_one_line(value)}\r\n" for name, value in headers]  # no header injection

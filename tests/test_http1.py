@@ -164,6 +164,15 @@ def test_head_answers_carry_the_length_but_no_body_and_204_304_neither():
     assert transport.value().endswith(b"\r\n\r\n")  # no body anywhere
 
 
+def test_header_names_are_written_in_header_case():
+    factory, connection, transport = connect(at_once=False)
+    connection.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+    answer(factory.served[0], headers=[("content-type", "a/b"), ("etag", '"1"'), ("x-request-id", "r"),
+                                       ("Cache-Status", "x")])
+    head = transport.value().split(b"\r\n\r\n")[0]
+    assert b"\r\nContent-Type: a/b\r\nETag: \"1\"\r\nX-Request-ID: r\r\nCache-Status: x\r\n" in head
+
+
 def test_a_header_value_cannot_add_a_header():
     factory, connection, transport = connect(at_once=False)
     connection.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
