@@ -141,11 +141,12 @@ class TwistdProcess(protocol.ProcessProtocol):
     """A child ``twistd``: collects all output; ``listening`` and ``admin_listening`` fire with the
     ports the ambassador announces, ``ended`` with ``(exit code, signal)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, admin: bool = True) -> None:
         self.output = b""
         self.listening = defer.Deferred()
         self.admin_listening = defer.Deferred()
         self.ended = defer.Deferred()
+        self._waited_for = (self.listening, self.admin_listening) if admin else (self.listening,)
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
@@ -157,7 +158,7 @@ class TwistdProcess(protocol.ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason) -> None:
-        for listening in (self.listening, self.admin_listening):
+        for listening in self._waited_for:  # not an admin listener that was never to be (nobody waits for it)
             if not listening.called:
                 listening.errback(RuntimeError(self.output.decode()))
         self.ended.callback((reason.value.exitCode, reason.value.signal))
@@ -167,7 +168,8 @@ def spawn_ambassador(*args: str, env: dict[str, str], cwd) -> TwistdProcess:
     """Start ``twistd -n ambassador ARGS`` with only ``env`` (plus PATH) in its environment."""
     from twisted.internet import reactor
 
-    process = TwistdProcess()
+    admin_off = "--admin-port=none" in args or ("--admin-port", "none") in zip(args, args[1:])
+    process = TwistdProcess(admin=not admin_off)
     reactor.spawnProcess(process, TWISTD, [TWISTD, "-n", "ambassador", *args], env={**BASE_ENV, **env},
                          path=str(cwd))
     return process
