@@ -130,7 +130,7 @@ def _request_id(request: http1.Request) -> str:
 
 
 def _segments(request: http1.Request) -> list[bytes]:
-    """The path's segments; a Problem unless the target is origin-form (``/a/b?q``) with plain segments."""
+    """The path's segments; raises a Problem unless the target is origin-form (``/a/b?q``) with plain segments."""
     if not request.target.startswith(b"/") or request.target.startswith(b"//"):
         raise Problem(400, "bad-target", "Request target not served",
                       "The ambassador serves paths such as /movies; it is not a forward proxy "
