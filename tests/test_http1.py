@@ -5,6 +5,8 @@ the limits and refusals over real TCP are in test_limits.py, the targets in test
 """
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from ambassador.http1 import HTTP1Factory
@@ -226,3 +228,26 @@ def test_the_factory_counts_connections():
     assert factory.connections == 1
     connection.connectionLost(None)
     assert factory.connections == 0
+
+
+PIPELINE = [  # (bytes on the wire, what the factory must be given)
+    (b"GET /a?x=1 HTTP/1.1\r\nHost: h\r\n\r\n", (b"GET", b"/a?x=1", b"")),
+    (b"POST /b HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", (b"POST", b"/b", b"hello")),
+    (b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhe\r\n3;x=y\r\nllo\r\n0\r\nT: 1\r\n\r\n",
+     (b"POST", b"/c", b"hello")),
+    (b"\r\nHEAD /d HTTP/1.1\nX-A: 1\n\n", (b"HEAD", b"/d", b"")),
+    (b"GET /e HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", (b"GET", b"/e", b"")),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(order=st.permutations(range(len(PIPELINE))), cuts=st.lists(st.integers(1, 40), max_size=60))
+def test_requests_read_the_same_however_the_bytes_are_split(order, cuts):
+    factory, connection, transport = connect()
+    data = b"".join(PIPELINE[i][0] for i in order)
+    at = 0
+    for size in cuts + [len(data)]:
+        connection.dataReceived(data[at:at + size])
+        at += size
+    assert [(r.method, r.target, r.body) for r in factory.served] == [PIPELINE[i][1] for i in order]
+    assert transport.value().count(b"HTTP/1.1 200 OK\r\n") == len(order) and not factory.refusals
