@@ -185,13 +185,13 @@ class Connection(Protocol):
     # -- the connection's life
 
     def connectionMade(self) -> None:
-        self.factory.connections += 1
+        self.factory.connections.add(self)
         self.transport.registerProducer(self, True)
         self._quiet_since = self._clock.seconds()
         self._idle = self._clock.callLater(self.limits.idle_timeout, self._idle_check)
 
     def connectionLost(self, reason) -> None:
-        self.factory.connections -= 1
+        self.factory.connections.discard(self)
         for call in (self._deadline, self._idle):
             if call is not None and call.active():
                 call.cancel()
@@ -199,6 +199,11 @@ class Connection(Protocol):
         if current is not None:
             current.gone = True
             self.factory.gone(current)
+
+    def close_when_idle(self) -> None:
+        if self._current is None and self._began is None:
+            self._reading_done = True
+            self.transport.loseConnection()
 
     def _idle_check(self) -> None:
         now = self._clock.seconds()
@@ -373,6 +378,8 @@ class Connection(Protocol):
             text.append(self.factory.date_header())
         if status not in _NO_BODY_STATUSES and status >= 200:
             text.append(f"Content-Length: {len(body)}\r\n")
+        if self.factory.closing:
+            request.persistent = False
         if not request.persistent:
             text.append("Connection: close\r\n\r\n")
         else:
@@ -438,14 +445,21 @@ class HTTP1Factory(Factory):
     def __init__(self, clock, limits: InboundLimits = InboundLimits()) -> None:
         self.clock = clock
         self.limits = limits
-        self.connections = 0
+        self.connections: set[Connection] = set()
+        self.closing = False  # shutting down: answer what is asked with Connection: close
         self._date_second = None
         self._date = ""
 
     def buildProtocol(self, addr):
-        if self.connections >= self.limits.max_connections:
+        if len(self.connections) >= self.limits.max_connections:
             return _Overloaded(self)
         return Connection(self)
+
+    def close_connections(self) -> None:
+        """For a shutdown: idle connections close now, the others after their answer."""
+        self.closing = True
+        for connection in list(self.connections):
+            connection.close_when_idle()
 
     def date_header(self) -> str:
         """``Date: ...`` for now, formatted once a second."""

@@ -178,6 +178,7 @@ class ProxyFactory(http1.HTTP1Factory):
         """Fires when no request is in flight, or after ``grace_period`` seconds, whichever is first."""
         log.info("Draining {count} requests in flight (up to {grace} s)", count=len(self._in_flight),
                  grace=grace_period)
+        self.close_connections()  # callers reconnect elsewhere (or to the replacement) instead of waiting
         self._drained = defer.Deferred()
         self._drained.addTimeout(grace_period, self.clock)
         self._drained.addErrback(lambda _: log.warn("Grace period over with {count} requests unfinished",

@@ -223,11 +223,28 @@ def test_the_idle_timeout_waits_while_a_request_is_being_answered():
     assert transport.disconnecting
 
 
-def test_the_factory_counts_connections():
+def test_the_factory_knows_its_connections():
     factory, connection, _ = connect()
-    assert factory.connections == 1
+    assert factory.connections == {connection}
     connection.connectionLost(None)
-    assert factory.connections == 0
+    assert factory.connections == set()
+
+
+def test_closing_ends_idle_connections_now_and_busy_ones_after_their_answer():
+    factory, idle, idle_transport = connect(at_once=False)
+    busy, busy_transport = factory.buildProtocol(None), HalfClosableTransport()
+    busy.makeConnection(busy_transport)
+    reading, reading_transport = factory.buildProtocol(None), HalfClosableTransport()
+    reading.makeConnection(reading_transport)
+    busy.dataReceived(b"GET /busy HTTP/1.1\r\n\r\n")
+    reading.dataReceived(b"GET /reading HTTP/1.1\r\n")  # half a request
+    factory.close_connections()
+    assert idle_transport.disconnecting and not busy_transport.disconnecting and not reading_transport.disconnecting
+    answer(factory.served[0])
+    assert parse_response(busy_transport.value())[1]["connection"] == "close" and busy_transport.disconnecting
+    reading.dataReceived(b"\r\n")
+    answer(factory.served[1])
+    assert parse_response(reading_transport.value())[1]["connection"] == "close" and reading_transport.disconnecting
 
 
 PIPELINE = [  # (bytes on the wire, what the factory must be given)

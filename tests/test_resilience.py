@@ -17,7 +17,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
 from ambassador.resilience import Policy, RateLimited, TokenBucket, retry_after_seconds
-from conftest import get, header, reactor_turns_until, tmdb_env
+from conftest import connect_raw, get, header, parse_response, reactor_turns_until, tmdb_env
 
 KEY = {"TMDB_API_KEY": "test-api-key"}
 JSON = {"Content-Type": "application/json"}
@@ -276,14 +276,18 @@ async def test_in_flight_cap_queues_briefly_then_503(fake_tmdb, start_ambassador
 async def test_graceful_stop_finishes_requests_in_flight_and_refuses_new_ones(fake_tmdb, start_ambassador, clock):
     ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), clock=clock, grace_period=25)
     fake_tmdb.fault = "hang"
-    in_flight = call(ambassador)
+    in_flight = await connect_raw(ambassador.url)
+    in_flight.transport.write(b"GET /movies HTTP/1.1\r\n\r\n")  # on a kept-alive connection
     await fake_tmdb.next_request()
     stopped = ambassador.service.stopService()
     with pytest.raises(Exception):
         await get(ambassador.url + "/movies")  # no longer accepting
     assert not stopped.called
     fake_tmdb.release()
-    assert (await in_flight)[0].code == 200
+    await reactor_turns_until(lambda: in_flight.received.count(b"\r\n\r\n") == 1 and in_flight.received.endswith(b"}"))
+    status, headers, _ = parse_response(in_flight.received)
+    assert status == 200 and headers["connection"] == "close"  # so the caller reconnects elsewhere
+    await reactor_turns_until(lambda: in_flight.closed.called)  # and the ambassador closed it
     await stopped
 
 
