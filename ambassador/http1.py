@@ -8,7 +8,8 @@ length written in one piece. This protocol does that and keeps the limits of
 (400, 408, 413, 414, 431; 503 beyond ``max_connections``), a read
 deadline from a request's first byte to its last, an idle timeout between
 requests, pipelining, ``Expect: 100-continue``, HEAD, keep-alive for
-HTTP/1.1 and opt-in keep-alive for HTTP/1.0, and flow control both ways.
+HTTP/1.1 and opt-in keep-alive for HTTP/1.0, flow control both ways, and
+closing kept-alive connections for a shutdown (``close_connections``).
 
 What a request means is the factory's business: ``serve(request)`` when one
 has been read whole, ``gone(request)`` when its caller left before the answer.
