@@ -20,18 +20,17 @@ from __future__ import annotations
 import re
 from email.utils import formatdate
 from http import HTTPStatus
-from random import getrandbits
 
 from twisted.internet.protocol import Factory, Protocol
 
 from .limits import (
     InboundLimits,
+    Overloaded,
     bad_request,
     body_too_large,
     headers_too_large,
-    problem_response,
+    refuse_and_linger,
     target_too_long,
-    too_many_connections,
     too_slow,
 )
 from .problems import Problem
@@ -47,12 +46,6 @@ _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})[ \t]*(;[^\r\n]*)?\r?\n")
 _MAX_CHUNK_LINE = 1024
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _NO_BODY_STATUSES = frozenset({204, 304})
-
-
-def new_request_id() -> str:
-    # 128 random bits like uuid4().hex, without a getrandom system call per request: an id
-    # must be unique, not unpredictable.
-    return f"{getrandbits(128):032x}"
 
 
 # Names as twisted.web wrote them (Header-Case, with its exceptions), remembered for the first
@@ -403,39 +396,17 @@ class Connection(Protocol):
             self._read_on()  # pipelined requests
 
     def refuse(self, problem: Problem) -> None:
-        """Answer ``problem`` and close, dropping whatever else the caller sends.
-
-        Closing at once while the caller is still sending would make the kernel
-        reset the connection, and the caller could lose the answer before
-        reading it. So only our side is closed; what still arrives is read and
-        dropped until the caller closes, or for at most ``read_timeout``.
-        """
+        """Answer ``problem`` and close, dropping whatever else the caller sends (``refuse_and_linger``)."""
         if self._reading_done:
             return
         self._reading_done = True
         self._buffer = b""
         self._stop_deadline()
-        request_id = new_request_id()
-        self.factory.refused(problem, request_id)
-        self.transport.write(problem_response(problem, request_id))
-        self.transport.loseWriteConnection()
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resumeProducing()
-        self._deadline = self._clock.callLater(self.limits.read_timeout, self.transport.abortConnection)
-
-
-class _Overloaded(Protocol):
-    """Stands in for a connection beyond ``max_connections``: answers 503 and closes."""
-
-    def __init__(self, factory: "HTTP1Factory") -> None:
-        self._factory = factory
-
-    def connectionMade(self) -> None:
-        problem, request_id = too_many_connections(self._factory.limits), new_request_id()
-        self._factory.refused(problem, request_id)
-        self.transport.write(problem_response(problem, request_id))
-        self.transport.loseConnection()
+        self._deadline = refuse_and_linger(self.transport, problem, self.factory.refused, self.limits.read_timeout,
+                                           self._clock.callLater)
 
 
 class HTTP1Factory(Factory):
@@ -453,7 +424,7 @@ class HTTP1Factory(Factory):
 
     def buildProtocol(self, addr):
         if len(self.connections) >= self.limits.max_connections:
-            return _Overloaded(self)
+            return Overloaded(self)
         return Connection(self)
 
     def close_connections(self) -> None:

@@ -10,19 +10,17 @@ gives a caller ``read_timeout`` seconds to send a whole request.
 
 from __future__ import annotations
 
-import uuid
 from http import HTTPStatus
 from io import BytesIO
+from random import getrandbits
 
 from attrs import frozen
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
-from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
 from .problems import PROBLEM_CONTENT_TYPE, Problem
-from .sockets import send_now
 
 access_log = Logger(namespace="ambassador.access")
 
@@ -72,6 +70,27 @@ def too_many_connections(limits: InboundLimits) -> Problem:
                    "close idle ones or retry shortly.", headers=[("Retry-After", "1")])
 
 
+def new_request_id() -> str:
+    # 128 random bits like uuid4().hex, without a getrandom system call per request: an id
+    # must be unique, not unpredictable.
+    return f"{getrandbits(128):032x}"
+
+
+def refuse_and_linger(transport, problem: Problem, refused, linger: float, call_later):
+    """Answer ``problem`` (after telling ``refused``) and close; returns the call that cuts the caller off.
+
+    Closing at once while the caller is still sending would make the kernel
+    reset the connection, and the caller could lose the answer before
+    reading it. So only our side is closed; what still arrives is read and
+    dropped (by the protocol) until the caller closes, or for at most ``linger`` seconds.
+    """
+    request_id = new_request_id()
+    refused(problem, request_id)
+    transport.write(problem_response(problem, request_id))
+    transport.loseWriteConnection()
+    return call_later(linger, transport.abortConnection)
+
+
 def problem_response(problem: Problem, request_id: str) -> bytes:
     """A whole HTTP/1.1 response for ``problem``, written before (or instead of) any Request."""
     body = problem.body(request_id=request_id)
@@ -119,42 +138,6 @@ class LimitedChannel(HTTPChannel):
         self.site.connections += 1
         super().connectionMade()
 
-    _host = None
-
-    def getHost(self):
-        # Every Request asks (twisted.web's Request.__init__); the local address of a connection does not
-        # change, and asking the transport is a getsockname system call each time.
-        if self._host is None:
-            self._host = self.transport.getHost()
-        return self._host
-
-    # An answer goes out in one write, sent at once when nothing is queued before it
-    # (ambassador.sockets): the head waits for the body, or for the end of the request.
-    _head = None
-
-    def writeHeaders(self, version, code, reason, headers) -> None:
-        if not isinstance(headers, Headers):
-            return super().writeHeaders(version, code, reason, headers)
-        parts = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                parts += (name, b": ", value, b"\r\n")
-        parts.append(b"\r\n")
-        self._head = b"".join(parts)
-
-    def write(self, data: bytes) -> None:
-        head, self._head = self._head, None
-        send_now(self.transport, head + data if head is not None else data)
-
-    def writeSequence(self, iovec) -> None:
-        head, self._head = self._head, None
-        send_now(self.transport, b"".join([head, *iovec] if head is not None else iovec))
-
-    def requestDone(self, request) -> None:
-        if self._head is not None:  # an answer without a body (HEAD, 204, 304)
-            self.write(b"")
-        super().requestDone(request)
-
     def connectionLost(self, reason) -> None:
         self.site.connections -= 1
         self._stop_deadline()
@@ -164,11 +147,8 @@ class LimitedChannel(HTTPChannel):
         if self._refused:
             return  # lingering after a refusal: read and drop
         if self._deadline is None and not self._handlingRequest:
-            self._deadline = self.callLater(self.limits.read_timeout, self._too_slow)
+            self._deadline = self.callLater(self.limits.read_timeout, self.refuse, too_slow(self.limits))
         super().dataReceived(data)
-
-    def _too_slow(self) -> None:
-        self.refuse(too_slow(self.limits))
 
     def headerReceived(self, line: bytes) -> bool:
         name, _, value = line.partition(b":")
@@ -195,23 +175,14 @@ class LimitedChannel(HTTPChannel):
                     else bad_request())
 
     def refuse(self, problem: Problem) -> None:
-        """Answer ``problem`` and close, dropping whatever else the caller sends.
-
-        Closing at once while the caller is still sending would make the kernel
-        reset the connection, and the caller could lose the answer before
-        reading it. So only our side is closed; what still arrives is read and
-        dropped until the caller closes, or for at most ``read_timeout``.
-        """
+        """Answer ``problem`` and close, dropping whatever else the caller sends (``refuse_and_linger``)."""
         if self._refused:
             return
         self._refused = True
         self.clearLineBuffer()  # parse nothing more of what already arrived
         self._stop_deadline()
-        request_id = uuid.uuid4().hex
-        self.site.refused(problem, request_id)
-        self.transport.write(problem_response(problem, request_id))
-        self.transport.loseWriteConnection()
-        self._deadline = self.callLater(self.limits.read_timeout, self.transport.abortConnection)
+        self._deadline = refuse_and_linger(self.transport, problem, self.site.refused, self.limits.read_timeout,
+                                           self.callLater)
 
     def _stop_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -220,13 +191,14 @@ class LimitedChannel(HTTPChannel):
 
 
 class Overloaded(Protocol):
-    """Stands in for a channel beyond ``max_connections``: answers 503 and closes."""
+    """Stands in for a connection beyond ``max_connections`` (of ``site``, which has ``limits`` and
+    ``refused``): answers 503 and closes."""
 
     def __init__(self, site) -> None:
         self._site = site
 
     def connectionMade(self) -> None:
-        problem, request_id = too_many_connections(self._site.limits), uuid.uuid4().hex
+        problem, request_id = too_many_connections(self._site.limits), new_request_id()
         self._site.refused(problem, request_id)
         self.transport.write(problem_response(problem, request_id))
         self.transport.loseConnection()

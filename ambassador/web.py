@@ -19,7 +19,7 @@ from .answers import HOP_BY_HOP_HEADERS, hop_by_hop
 from .credentials import FileSecret
 from .exchange import Answer, InboundRequest, Route, Trace
 from .interfaces import ConfigurationError, IExternalAdapter
-from .limits import InboundLimits
+from .limits import InboundLimits, new_request_id
 from .metrics import Metrics, RouteMetrics
 from .problems import PROBLEM_CONTENT_TYPE, Problem, not_found
 from .upstream import Gateway
@@ -126,7 +126,7 @@ def _request_id(request: http1.Request) -> str:
     offered = request.headers.get("x-request-id")
     if offered is not None and _ACCEPTABLE_REQUEST_ID.match(offered):
         return offered
-    return http1.new_request_id()
+    return new_request_id()
 
 
 def _segments(request: http1.Request) -> list[bytes]:
