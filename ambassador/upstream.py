@@ -174,12 +174,11 @@ class Gateway:
         if inbound.request_id and adapter.name in self._forward_request_id:
             request = evolve(request, headers={**request.headers, "X-Request-ID": inbound.request_id})
         guard = self._guards[adapter.name]
-        if self._cache is None or not guard.policy.cache or request.method not in ("GET", "HEAD") or request.body:
-            return self._exchange(adapter, guard, request, trace).addCallback(self._interpret, adapter, inbound)
-        wish = CallerWish.of(inbound.headers)
-        if wish.bypass:
+        cacheable = request.method in ("GET", "HEAD") and not request.body
+        wish = CallerWish.of(inbound.headers) if self._cache is not None and guard.policy.cache and cacheable else None
+        if wish is None or wish.bypass:
             answered = self._exchange(adapter, guard, request, trace).addCallback(self._interpret, adapter, inbound)
-            return answered.addCallback(_bypassed, trace)
+            return answered if wish is None else answered.addCallback(_bypassed, trace)
 
         def fetch(conditional: dict[str, str]) -> defer.Deferred:
             sent = evolve(request, headers={**request.headers, **conditional}) if conditional else request
