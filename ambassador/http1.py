@@ -33,6 +33,7 @@ from .limits import (
     target_too_long,
     too_slow,
 )
+from .logs import PerSecond
 from .problems import Problem
 from .sockets import send_now
 
@@ -419,8 +420,7 @@ class HTTP1Factory(Factory):
         self.limits = limits
         self.connections: set[Connection] = set()
         self.closing = False  # shutting down: answer what is asked with Connection: close
-        self._date_second = None
-        self._date = ""
+        self._date = PerSecond(lambda second: f"Date: {formatdate(second, usegmt=True)}\r\n")
 
     def buildProtocol(self, addr):
         if len(self.connections) >= self.limits.max_connections:
@@ -435,10 +435,7 @@ class HTTP1Factory(Factory):
 
     def date_header(self) -> str:
         """``Date: ...`` for now, formatted once a second."""
-        second = int(self.clock.seconds())
-        if second != self._date_second:
-            self._date_second, self._date = second, f"Date: {formatdate(second, usegmt=True)}\r\n"
-        return self._date
+        return self._date.at(self.clock.seconds())
 
     def serve(self, request: Request) -> None:
         raise NotImplementedError

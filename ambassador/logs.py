@@ -88,27 +88,28 @@ def format_event(event: dict) -> str:
         return formatEvent(event)  # Twisted says why it could not
 
 
-class _SecondsCache:
-    """Formats timestamps with a per-second prefix computed once."""
+class PerSecond:
+    """A text that depends on the time only to the second (a timestamp's prefix, a Date header),
+    made by ``text_of(second)`` once a second."""
 
-    def __init__(self, prefix_of) -> None:
-        self._prefix_of = prefix_of
+    def __init__(self, text_of) -> None:
+        self._text_of = text_of
         self._second: int | None = None
-        self._prefix = ""
+        self._text = ""
 
-    def prefix(self, when: float) -> str:
+    def at(self, when: float) -> str:
         second = int(when)
         if second != self._second:
-            self._second, self._prefix = second, self._prefix_of(second)
-        return self._prefix
+            self._second, self._text = second, self._text_of(second)
+        return self._text
 
 
-_utc_seconds = _SecondsCache(lambda second: datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+_utc_seconds = PerSecond(lambda second: datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 def _utc_time(when: float) -> str:
     milliseconds = int((when - int(when)) * 1000)
-    return f"{_utc_seconds.prefix(when)}.{milliseconds:03d}+00:00"
+    return f"{_utc_seconds.at(when)}.{milliseconds:03d}+00:00"
 
 
 def event_as_json(event: dict) -> str:
@@ -205,7 +206,7 @@ def json_observer(stream=None):
 
 
 # What twistd's own text observer writes: local time, RFC 3339 without fractions.
-_local_seconds = _SecondsCache(lambda second: time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second)))
+_local_seconds = PerSecond(lambda second: time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second)))
 
 
 def event_as_text(event: dict) -> str | None:
@@ -219,7 +220,7 @@ def event_as_text(event: dict) -> str | None:
     if system is None:
         level = event.get("log_level")
         system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
-    return f"{_local_seconds.prefix(event['log_time'])} [{system}] {text.replace(chr(10), chr(10) + chr(9))}\n"
+    return f"{_local_seconds.at(event['log_time'])} [{system}] {text.replace(chr(10), chr(10) + chr(9))}\n"
 
 
 def text_observer(stream=None):
