@@ -39,6 +39,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import BrowserLikePolicyForHTTPS, ResponseFailed, ResponseNeverReceived
 
+from .chunked import BadChunks, BodyTooLarge, ChunkedBody, TrailerTooLong
 from .exchange import UpstreamRequest, UpstreamResponse
 from .sockets import send_now
 
@@ -49,7 +50,6 @@ MAX_HEAD_BYTES = 65536
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
 _STATUS = re.compile(r"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: |\Z)")
 # What may stand in a request target unquoted (RFC 3986 pchar, "/" and "?" for the query).
 _PLAIN_TARGET = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*\Z")
@@ -163,7 +163,7 @@ class _Exchange:
             self.deferred.errback(failure)
 
 
-_HEAD, _LENGTH, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE = range(7)
+_HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
 
 
 class _Connection(Protocol):
@@ -177,6 +177,7 @@ class _Connection(Protocol):
         self._state = _HEAD
         self._buffer = b""
         self._received = False
+        self._chunked: ChunkedBody | None = None
 
     def send(self, exchange: _Exchange) -> None:
         self.exchange = exchange
@@ -249,7 +250,7 @@ class _Connection(Protocol):
             if length is not None:
                 self._reusable = False  # both framings: read as chunked, never reuse (RFC 9112 §6.3)
             if encoding.rsplit(",", 1)[-1].strip().lower() == "chunked":
-                self._state = _CHUNK_SIZE_LINE
+                self._state, self._chunked = _CHUNKED, ChunkedBody(limit, MAX_HEAD_BYTES)
             else:
                 self._state, self._reusable = _UNTIL_CLOSE, False
             return rest
@@ -280,54 +281,20 @@ class _Connection(Protocol):
             self._finish(b"".join(self._chunks), leftover=rest)
         return b""
 
-    def _parse_chunk_size(self, data: bytes) -> bytes:
-        end = data.find(b"\r\n")
-        if end < 0:
-            if len(data) > 1024:
-                raise BadResponse("chunk size line too long")
-            self._buffer = data
-            return b""
-        size = data[:end].split(b";", 1)[0].strip(b" \t")
-        if not _CHUNK_SIZE.match(size):
-            raise BadResponse("bad chunk size")
-        self._left = int(size, 16)
-        if self._left == 0:
-            self._state = _TRAILERS
+    def _parse_chunked(self, data: bytes) -> bytes:
+        try:
+            body, rest = self._chunked.feed(data)
+        except BadChunks as e:
+            raise BadResponse(str(e))
+        except TrailerTooLong:
+            raise BadResponse("trailers too long")
+        except BodyTooLarge:
+            raise ResponseTooLarge(self.exchange.limit)
+        if body is None:
+            self._buffer = rest
         else:
-            if self._size + self._left > self.exchange.limit:
-                raise ResponseTooLarge(self.exchange.limit)
-            self._state = _CHUNK_DATA
-        return data[end + 2:]
-
-    def _parse_chunk_data(self, data: bytes) -> bytes:
-        part, rest = data[:self._left], data[self._left:]
-        self._chunks.append(part)
-        self._size += len(part)
-        self._left -= len(part)
-        if self._left == 0:
-            self._state = _CHUNK_END
-        return rest
-
-    def _parse_chunk_end(self, data: bytes) -> bytes:
-        if len(data) < 2:
-            self._buffer = data
-            return b""
-        if data[:2] != b"\r\n":
-            raise BadResponse("chunk not ended by CRLF")
-        self._state = _CHUNK_SIZE_LINE
-        return data[2:]
-
-    def _parse_trailers(self, data: bytes) -> bytes:
-        end = data.find(b"\r\n")
-        if end < 0:
-            if len(data) > MAX_HEAD_BYTES:
-                raise BadResponse("trailers too long")
-            self._buffer = data
-            return b""
-        if end == 0:
-            self._finish(b"".join(self._chunks), leftover=data[2:])
-            return b""
-        return data[end + 2:]  # a trailer field: not passed on
+            self._finish(body, leftover=rest)
+        return b""
 
     def _parse_until_close(self, data: bytes) -> bytes:
         self._size += len(data)
@@ -336,15 +303,11 @@ class _Connection(Protocol):
         self._chunks.append(data)
         return b""
 
-    _parsers = {
-        _HEAD: _parse_head, _LENGTH: _parse_length, _CHUNK_SIZE_LINE: _parse_chunk_size,
-        _CHUNK_DATA: _parse_chunk_data, _CHUNK_END: _parse_chunk_end, _TRAILERS: _parse_trailers,
-        _UNTIL_CLOSE: _parse_until_close,
-    }
+    _parsers = {_HEAD: _parse_head, _LENGTH: _parse_length, _CHUNKED: _parse_chunked, _UNTIL_CLOSE: _parse_until_close}
 
     def _finish(self, body: bytes, leftover: bytes = b"") -> None:
         exchange, self.exchange = self.exchange, None
-        self._state, self._chunks = _HEAD, None
+        self._state, self._chunks, self._chunked = _HEAD, None, None
         if self._reusable and not leftover:
             self._pool._put(self)
         else:

@@ -23,6 +23,7 @@ from http import HTTPStatus
 
 from twisted.internet.protocol import Factory, Protocol
 
+from .chunked import BadChunks, BodyTooLarge, ChunkedBody, TrailerTooLong
 from .limits import (
     InboundLimits,
     Overloaded,
@@ -43,8 +44,6 @@ _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) (HTTP
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 # Control characters other than tab, anywhere in the head once line ends are LF (so a bare CR too).
 _CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})[ \t]*(;[^\r\n]*)?\r?\n")
-_MAX_CHUNK_LINE = 1024
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -100,60 +99,6 @@ class Request:
             self.connection.send_answer(self, status, headers, body)
 
 
-class _ChunkedBody:
-    """Decodes a chunked body as it arrives (RFC 9112 section 7.1); trailers are read and dropped."""
-
-    def __init__(self, limits: InboundLimits) -> None:
-        self._limits = limits
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._left = 0  # data bytes of the current chunk still to come
-        self._state = "size"  # size, data, data-end, trailers
-
-    def feed(self, data: bytes) -> tuple[bytes | None, bytes]:
-        """(the whole body or None while incomplete, what is left unread)."""
-        at = 0
-        while True:
-            if self._state == "size":
-                match = _CHUNK_SIZE.match(data, at)
-                if match is None:
-                    if b"\n" in data[at:at + _MAX_CHUNK_LINE] or len(data) - at > _MAX_CHUNK_LINE:
-                        raise _Refusal(bad_request())
-                    return None, data[at:]
-                self._left, at = int(match.group(1), 16), match.end()
-                if self._size + self._left > self._limits.max_body:
-                    raise _Refusal(body_too_large(self._limits))
-                self._state = "data" if self._left else "trailers"
-            elif self._state == "data":
-                piece = data[at:at + self._left]
-                self._parts.append(piece)
-                self._size += len(piece)
-                self._left -= len(piece)
-                at += len(piece)
-                if self._left:
-                    return None, b""
-                self._state = "data-end"
-            elif self._state == "data-end":
-                if data.startswith(b"\r\n", at):
-                    at += 2
-                elif data.startswith(b"\n", at):
-                    at += 1
-                elif data[at:] in (b"", b"\r"):
-                    return None, data[at:]
-                else:
-                    raise _Refusal(bad_request())
-                self._state = "size"
-            else:  # trailers: lines up to an empty one
-                end = data.find(b"\n", at)
-                if end < 0:
-                    if len(data) - at > self._limits.max_line:
-                        raise _Refusal(headers_too_large(self._limits))
-                    return None, data[at:]
-                line, at = data[at:end].rstrip(b"\r"), end + 1
-                if not line:
-                    return b"".join(self._parts), data[at:]
-
-
 class Connection(Protocol):
     """One caller's connection: reads requests one at a time and hands each to the factory."""
 
@@ -166,7 +111,7 @@ class Connection(Protocol):
         self._began: float | None = None  # when the first byte of the request being read arrived
         self._head = None  # (method, target, version, persistent, headers) once the head is read
         self._body_length = 0
-        self._chunked: _ChunkedBody | None = None
+        self._chunked: ChunkedBody | None = None
         self._current: Request | None = None  # read whole, not answered yet
         self._deadline = None  # the read deadline, or after a refusal the lingering limit
         self._idle = None
@@ -282,7 +227,14 @@ class Connection(Protocol):
             head, self._buffer = self._buffer[:match.start()], self._buffer[match.end():]
             self._head = self._read_head(head)
         if self._chunked is not None:
-            body, self._buffer = self._chunked.feed(self._buffer)
+            try:
+                body, self._buffer = self._chunked.feed(self._buffer)
+            except BadChunks:
+                raise _Refusal(bad_request())
+            except BodyTooLarge:
+                raise _Refusal(body_too_large(self.limits))
+            except TrailerTooLong:
+                raise _Refusal(headers_too_large(self.limits))
             if body is not None:
                 self._chunked = None
         elif len(self._buffer) >= self._body_length:
@@ -342,7 +294,7 @@ class Connection(Protocol):
         if coding is not None:
             if length is not None or version != b"HTTP/1.1" or coding.lower() != "chunked":
                 raise _Refusal(bad_request())
-            self._chunked = _ChunkedBody(self.limits)
+            self._chunked = ChunkedBody(self.limits.max_body, self.limits.max_line)
         elif length is not None:
             if not length.isdigit() or not length.isascii():
                 raise _Refusal(bad_request())
