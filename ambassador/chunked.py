@@ -72,9 +72,9 @@ class ChunkedBody:
                 self._state = "size"
             else:  # trailers: lines up to an empty one
                 end = data.find(b"\n", at)
+                if (end if end >= 0 else len(data)) - at > self._max_trailer_line + 1:  # the line and its CR
+                    raise TrailerTooLong(self._max_trailer_line)
                 if end < 0:
-                    if len(data) - at > self._max_trailer_line:
-                        raise TrailerTooLong(self._max_trailer_line)
                     return None, data[at:]
                 line, at = data[at:end].rstrip(b"\r"), end + 1
                 if not line:

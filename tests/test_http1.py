@@ -153,6 +153,16 @@ def test_what_is_not_http_1_1_is_refused_with_400(data):
     assert factory.refusals == [400] and not factory.served
 
 
+@pytest.mark.parametrize("tail, status", [
+    (b"0\r\nX-Trailer: " + b"a" * 200 + b"\r\n\r\n", 431),  # a trailer line beyond max_line
+    (b"80\r\n" + b"a" * 128 + b"\r\n0\r\n\r\n", 413),  # chunks beyond max_body
+])
+def test_chunked_bodies_keep_to_the_limits(tail, status):
+    factory, connection, transport = connect(max_line=100, max_body=100)
+    connection.dataReceived(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + tail)
+    assert parse_response(transport.value())[0] == status and factory.refusals == [status] and not factory.served
+
+
 def test_head_answers_carry_the_length_but_no_body_and_204_304_neither():
     factory, connection, transport = connect(at_once=False)
     connection.dataReceived(b"HEAD /h HTTP/1.1\r\n\r\nGET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
