@@ -24,6 +24,7 @@ from .interfaces import ConfigurationError
 from .limits import InboundLimits
 from .metrics import Metrics
 from .mounting import Mount, check_mount_names, describe_adapters, mounted, select_adapters
+from .reactor import install_unless_chosen
 from .resilience import POLICY_HELP, Guard, Policy, resolve_policies
 from .redisstore import RedisStore, parse_redis_url
 from .upstream import Gateway, UpstreamClient
@@ -157,6 +158,7 @@ class Options(usage.Options):
         return super().getUsage(width) + "\n".join(lines)
 
     def postOptions(self) -> None:
+        install_unless_chosen()  # before the first use of the reactor
         from twisted.internet import reactor
 
         for name in ("connect-timeout", "grace-period", "idle-timeout", "read-timeout"):

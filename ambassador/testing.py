@@ -164,13 +164,13 @@ class TwistdProcess(protocol.ProcessProtocol):
         self.ended.callback((reason.value.exitCode, reason.value.signal))
 
 
-def spawn_ambassador(*args: str, env: dict[str, str], cwd) -> TwistdProcess:
-    """Start ``twistd -n ambassador ARGS`` with only ``env`` (plus PATH) in its environment."""
+def spawn_ambassador(*args: str, env: dict[str, str], cwd, twistd_options: Iterable[str] = ()) -> TwistdProcess:
+    """Start ``twistd -n [TWISTD_OPTIONS] ambassador ARGS`` with only ``env`` (plus PATH) in its environment."""
     from twisted.internet import reactor
 
     admin_off = "--admin-port=none" in args or ("--admin-port", "none") in zip(args, args[1:])
     process = TwistdProcess(admin=not admin_off)
-    reactor.spawnProcess(process, TWISTD, [TWISTD, "-n", "ambassador", *args], env={**BASE_ENV, **env},
+    reactor.spawnProcess(process, TWISTD, [TWISTD, "-n", *twistd_options, "ambassador", *args], env={**BASE_ENV, **env},
                          path=str(cwd))
     return process
 

@@ -32,6 +32,7 @@ async def test_readme_command_serves_and_never_logs_the_key(fake_tmdb, tmp_path)
     log = process.output.decode()
     assert await process.ended == (0, None), log
     assert "ambassador proxy listening on 127.0.0.1:" in log
+    assert "reactor class: ambassador.reactor.EPollReactor." in log
     assert "GET /tmdb/3/movie/550?api_key=[REDACTED]" in log
     for secret in SECRETS:
         assert secret not in log
@@ -79,6 +80,20 @@ async def test_binding_beyond_loopback_warns(fake_tmdb, tmp_path):
         process.transport.signalProcess(signal.SIGTERM)
     assert await process.ended == (0, None)
     assert "which is not loopback" in process.output.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reactor_chosen_with_twistd_r_is_used(fake_tmdb, tmp_path):
+    process = spawn_ambassador("--port", "0", "--admin-port", "none", twistd_options=["-r", "poll"],
+                               env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), cwd=tmp_path)
+    try:
+        port = await process.listening
+        response, _ = await get(f"http://127.0.0.1:{port}/movies")
+        assert response.code == 200
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+    assert await process.ended == (0, None)
+    assert "reactor class: twisted.internet.pollreactor.PollReactor." in process.output.decode()
 
 
 @pytest_twisted.ensureDeferred
