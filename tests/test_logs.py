@@ -6,8 +6,9 @@ from datetime import datetime, timezone
 import pytest
 import pytest_twisted
 from twisted.logger import Logger, formatEvent, formatEventAsClassicLogText
+from twisted.python.failure import Failure
 
-from ambassador.logs import event_as_json, event_as_text, format_event
+from ambassador.logs import event_as_json, event_as_text, format_event, info
 
 
 def emitted(text, /, **fields):
@@ -41,6 +42,88 @@ def test_json_time_is_utc_with_milliseconds():
     assert (document["message"], document["y"]) == ("x 1", 1)
 
 
+def test_info_makes_the_event_logger_info_makes():
+    events = []
+    logger = Logger(namespace="n", observer=events.append)
+    info(logger, "x {y}", y=1, z=None)
+    logger.info("x {y}", y=1, z=None)
+    ours, twisteds = events
+    assert list(ours) == list(twisteds)
+    assert {**ours, "log_time": 0} == {**twisteds, "log_time": 0}
+
+
+ACCESS_FORMAT = ("{method} {path} {status} {duration_ms}ms adapter={adapter} route={route} "
+                 "upstream={upstream_status} attempts={attempts} cache={cache} id={request_id}")
+
+
+def access_event(**fields):
+    events = []
+    info(Logger(namespace="ambassador.access", observer=events.append), ACCESS_FORMAT,
+         **{"request_id": "5d03ede44434f09b25ca74ec61f01b01", "method": "GET", "path": "/movies?q=\u00e9\"\\",
+            "status": 200, "adapter": "tmdb", "route": "movies", "upstream_status": None, "attempts": 0,
+            "cache": "hit", "problem": None, "duration_ms": 12.3, **fields})
+    events[0]["log_time"] = 1795707805.0429
+    return events[0]
+
+
+def test_access_event_as_json_line():
+    assert event_as_json(access_event()) == (
+        '{"time": "2026-11-26T15:43:25.042+00:00", "level": "info", "logger": "ambassador.access", '
+        '"message": "GET /movies?q=\u00e9\\"\\\\ 200 12.3ms adapter=tmdb route=movies upstream=None attempts=0 '
+        'cache=hit id=5d03ede44434f09b25ca74ec61f01b01", "request_id": "5d03ede44434f09b25ca74ec61f01b01", '
+        '"method": "GET", "path": "/movies?q=\u00e9\\"\\\\", "status": 200, "adapter": "tmdb", "route": "movies", '
+        '"upstream_status": null, "attempts": 0, "cache": "hit", "problem": null, "duration_ms": 12.3}')
+    assert json.loads(event_as_json(access_event(status=502, upstream_status=503, attempts=2, cache=None,
+                                                 problem="upstream-error")))["upstream_status"] == 503
+
+
+def test_json_fields_keep_their_order_whatever_the_keys_before():
+    first = emitted("x", a=1, b=2)
+    second = emitted("x", b=2, a=1)
+    third = {"log_format": "x", "b": 2, "log_custom": "left out", "a": 1, "message": "left out", "c": 3}
+    assert list(json.loads(event_as_json(first))) == ["time", "level", "logger", "message", "a", "b"]
+    assert list(json.loads(event_as_json(second))) == ["time", "level", "logger", "message", "b", "a"]
+    assert json.loads(event_as_json(third)) == {"time": "1970-01-01T00:00:00.000+00:00", "level": "info",
+                                                "logger": "-", "message": "x", "b": 2, "a": 1, "c": 3}
+    assert list(json.loads(event_as_json(third)))[-3:] == ["b", "a", "c"]
+
+
+class Opaque:
+    def __repr__(self):
+        return "<opaque>"
+
+
+def test_json_writes_what_it_has_no_word_for_as_its_repr():
+    holds_itself, also_itself = [], {}
+    holds_itself.append(holds_itself)
+    also_itself["me"] = also_itself
+    document = json.loads(event_as_json(emitted(
+        "odd", raw=b"x", thing=Opaque(), pair=(1, "a"), inside=[b"y", {"k": Opaque()}], nan=float("nan"))))
+    assert (document["raw"], document["thing"], document["pair"], document["inside"]) == (
+        "b'x'", "<opaque>", [1, "a"], ["b'y'", {"k": "<opaque>"}])
+    assert document["nan"] != document["nan"]
+    # a container JSON cannot write at all: the whole value as its repr()
+    document = json.loads(event_as_json(emitted("odd", keys={(1, 2): "tuple key"}, loop=holds_itself,
+                                                also=also_itself, fine=[1])))
+    assert (document["keys"], document["loop"], document["also"], document["fine"]) == (
+        "{(1, 2): 'tuple key'}", "[[...]]", "{'me': {...}}", "[1]")
+    assert json.loads(event_as_json(emitted("again", fine=[1], raw={1: b"z"})))["raw"] == {"1": "b'z'"}
+
+
+def test_json_failure_has_error_and_traceback():
+    try:
+        raise ValueError("no good")
+    except ValueError:
+        failure = Failure()
+    events = []
+    Logger(namespace="ambassador", observer=events.append).failure("Failed {what}", failure, what="dividing")
+    document = json.loads(event_as_json(events[0]))
+    assert (document["level"], document["message"], document["what"]) == ("critical", "Failed dividing", "dividing")
+    assert document["error"] == "no good"
+    assert document["traceback"].startswith("Traceback") and "ValueError: no good" in document["traceback"]
+    assert event_as_text(events[0]) == formatEventAsClassicLogText(events[0])
+
+
 @pytest_twisted.ensureDeferred
 async def test_lines_written_in_one_reactor_iteration_go_out_together_in_whole_lines():
     from io import StringIO
@@ -66,3 +149,23 @@ async def test_lines_written_in_one_reactor_iteration_go_out_together_in_whole_l
     assert stream.getvalue() == "".join(lines)
     assert all(len(w) <= _PIPE_BUF and w.endswith("\n") for w in stream.writes)
     assert len(stream.writes) < len(lines) / 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_line_written_outside_the_reactor_thread_goes_out_at_once():
+    from io import StringIO
+
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+    from twisted.internet.threads import deferToThread
+
+    from ambassador.logs import _LineWriter
+
+    stream = StringIO()
+    writer = _LineWriter(stream)
+    await deferToThread(writer.write, "from a thread\n")
+    assert stream.getvalue() == "from a thread\n"  # no reactor turn has flushed anything yet
+    writer.write("from the reactor\n")
+    assert stream.getvalue() == "from a thread\n"
+    await deferLater(reactor, 0, lambda: None)
+    assert stream.getvalue() == "from a thread\nfrom the reactor\n"
