@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import json.encoder
 import os
 import re
 import sys
@@ -31,8 +32,17 @@ from twisted.python.threadable import isInIOThread
 from zope.interface import provider
 
 _PLAIN = (str, int, float, bool, type(None))
-# One encoder: json.dumps builds a new one on every call when given any option.
-_to_json = json.JSONEncoder(ensure_ascii=False, default=repr).encode
+if json.encoder.c_make_encoder is not None:
+    # The C encoder JSONEncoder(ensure_ascii=False, default=repr).encode makes on every call, made once.
+    # Arguments: markers, default, encoder, indent, separators, sort_keys, skipkeys, allow_nan. Without
+    # markers it does not look for circular references: a container holding itself raises RecursionError.
+    _encoder = json.encoder.c_make_encoder(None, repr, json.encoder.c_encode_basestring, None, ": ", ", ",
+                                           False, False, True)
+
+    def _to_json(document: dict) -> str:
+        return "".join(_encoder(document, 0))
+else:  # no C accelerator
+    _to_json = json.JSONEncoder(ensure_ascii=False, default=repr).encode
 _NOT_FIELDS = frozenset({"format", "message", "time", "level", "logger"})
 _CONVERSIONS = ("r", "s", "a")
 _SIMPLE_SPEC = re.compile(r"[^{}\\\n'\"]*\Z")
@@ -128,7 +138,7 @@ def event_as_json(event: dict) -> str:
         document["traceback"] = failure.getTraceback()
     try:
         return _to_json(document)  # a value JSON has no word for is written as its repr()
-    except (TypeError, ValueError):  # a container holding such a value, or itself
+    except (TypeError, ValueError, RecursionError):  # a container holding such a value, or itself
         return _to_json({key: value if isinstance(value, _PLAIN) else repr(value) for key, value in document.items()})
 
 
