@@ -23,12 +23,13 @@ import json.encoder
 import os
 import re
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from string import Formatter
 
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, formatEventAsClassicLogText
-from twisted.python.threadable import isInIOThread
+from twisted.python import threadable
 from zope.interface import provider
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -73,9 +74,14 @@ def _compile_format(text: str):
 
 def info(logger: Logger, format: str, **fields: object) -> None:
     """``logger.info(format, **fields)`` without Logger.emit's check of the level against every
-    LogLevel (it sorts them, each call): for the access log, one event per request."""
-    fields.update(log_logger=logger, log_level=LogLevel.info, log_namespace=logger.namespace,
-                  log_source=logger.source, log_format=format, log_time=time.time())
+    LogLevel (it sorts them, each call): for the access log, one event per request. (Six stores
+    cost less than an ``update`` with keywords.)"""
+    fields["log_logger"] = logger
+    fields["log_level"] = LogLevel.info
+    fields["log_namespace"] = logger.namespace
+    fields["log_source"] = logger.source
+    fields["log_format"] = format
+    fields["log_time"] = time.time()
     logger.observer(fields)
 
 
@@ -182,7 +188,8 @@ class _LineWriter:
             from twisted.internet import reactor
 
             self._reactor = reactor
-        if not (reactor.running and isInIOThread()):
+        # isInIOThread()'s own test, without its three Python calls (current_thread().ident)
+        if not (reactor.running and threading.get_ident() == threadable.ioThread):
             self.flush()
             self._stream.write(line)
             self._stream.flush()
@@ -246,7 +253,8 @@ def event_as_text(event: dict) -> str | None:
     if system is None:
         level = event.get("log_level")
         system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
-    return f"{_local_seconds.at(event['log_time'])} [{system}] {text.replace(chr(10), chr(10) + chr(9))}\n"
+    text = text.replace("\n", "\n\t")
+    return f"{_local_seconds.at(event['log_time'])} [{system}] {text}\n"
 
 
 def text_observer(stream=None):
