@@ -19,7 +19,7 @@ import os
 from typing import Callable, Protocol
 from urllib.parse import quote_plus, urlencode, urlsplit
 
-from attrs import define, evolve, field
+from attrs import define, field
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -183,7 +183,7 @@ def as_query_parameter(name: str) -> Injector:
     lowered = frozenset([name.lower()])
 
     def inject(request: UpstreamRequest, secret: str) -> UpstreamRequest:
-        return evolve(request, query=without_params(request.query, lowered) + ((name, secret),))
+        return request.with_query(without_params(request.query, lowered) + ((name, secret),))
 
     return inject
 
@@ -194,7 +194,7 @@ def as_header(name: str, prefix: str = "") -> Injector:
     def inject(request: UpstreamRequest, secret: str) -> UpstreamRequest:
         headers = {k: v for k, v in request.headers.items() if k.lower() != name.lower()}
         headers[name] = prefix + secret
-        return evolve(request, headers=headers)
+        return request.with_headers(headers)
 
     return inject
 

@@ -52,6 +52,13 @@ class UpstreamRequest:
     headers: Mapping[str, str] = field(factory=dict)
     body: bytes | None = None
 
+    # What attrs.evolve does, without its look at the fields on every request.
+    def with_query(self, query: Query) -> UpstreamRequest:
+        return UpstreamRequest(self.method, self.path, query, self.headers, self.body)
+
+    def with_headers(self, headers: Mapping[str, str]) -> UpstreamRequest:
+        return UpstreamRequest(self.method, self.path, self.query, headers, self.body)
+
 
 @frozen
 class UpstreamResponse:

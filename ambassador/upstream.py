@@ -172,7 +172,7 @@ class Gateway:
         except Problem:
             return defer.fail()
         if inbound.request_id and adapter.name in self._forward_request_id:
-            request = evolve(request, headers={**request.headers, "X-Request-ID": inbound.request_id})
+            request = request.with_headers({**request.headers, "X-Request-ID": inbound.request_id})
         guard = self._guards[adapter.name]
         cacheable = request.method in ("GET", "HEAD") and not request.body
         wish = CallerWish.of(inbound.headers) if self._cache is not None and guard.policy.cache and cacheable else None
@@ -181,7 +181,7 @@ class Gateway:
             return answered if wish is None else answered.addCallback(_bypassed, trace)
 
         def fetch(conditional: dict[str, str]) -> defer.Deferred:
-            sent = evolve(request, headers={**request.headers, **conditional}) if conditional else request
+            sent = request.with_headers({**request.headers, **conditional}) if conditional else request
             return self._exchange(adapter, guard, sent, trace)
 
         served = self._cache.serve(cache_key(adapter.name, inbound.route.name, request), guard.policy,
