@@ -47,6 +47,8 @@ from .sockets import send_now
 LEAN_METHODS = frozenset({"GET", "HEAD"})
 #: The most the status line and headers of an answer may take.
 MAX_HEAD_BYTES = 65536
+#: How many request heads a pool keeps ready to send again (the hot URLs).
+HEADS_KEPT = 256
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
@@ -360,6 +362,9 @@ class ConnectionPool:
         self._tls_policy = tls_policy or BrowserLikePolicyForHTTPS()
         self._user_agent = user_agent
         self._origins: dict[str, Origin] = {}
+        # Request heads already written, by everything they are made of: the same request (a hot URL,
+        # the same credential) is not encoded again; a rotated secret makes a new key, so a new head.
+        self._heads: dict[tuple, bytes] = {}
         self._idle: dict[tuple, list[_Connection]] = {}
         self._sweep_call = None
         self._closing: list[defer.Deferred] = []
@@ -369,7 +374,13 @@ class ConnectionPool:
         origin = self._origins.get(base_url)
         if origin is None:
             origin = self._origins[base_url] = Origin(base_url)
-        head = request_head(origin, request, self._user_agent)
+        key = (base_url, request.method, request.path, request.query, tuple(request.headers.items()))
+        head = self._heads.get(key)
+        if head is None:
+            head = request_head(origin, request, self._user_agent)
+            if len(self._heads) >= HEADS_KEPT:
+                del self._heads[next(iter(self._heads))]  # the oldest
+            self._heads[key] = head
         exchange = _Exchange(self, origin, head, request.method == "HEAD", max_body)
         exchange.start()
         return exchange.deferred

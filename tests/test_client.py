@@ -373,6 +373,24 @@ def test_request_head_keeps_header_values_on_one_line():
         request_head(origin, UpstreamRequest("GET", "/", (), {"Bad Name": "x"}), "ua")
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_head_is_written_again_for_whatever_changed_in_its_request(server, pool, monkeypatch):
+    monkeypatch.setattr("ambassador.client.HEADS_KEPT", 2)
+    upstream = server()
+    client = pool()
+    sent = [GET, GET, UpstreamRequest("GET", "/3/movie/550", (("api_key", "rotated"),)),
+            UpstreamRequest("GET", "/3/movie/550", (), {"Authorization": "Bearer t"}),
+            UpstreamRequest("GET", "/3/movie/550", (), {"Authorization": "Bearer rotated"}), GET]
+    for request in sent:
+        await client.request(upstream.url, request, 100)
+    assert [head.split(b"\r\n")[0] for head, _ in upstream.requests] == [
+        b"GET /3/movie/550?api_key=k&q=a+b%26c HTTP/1.1"] * 2 + [b"GET /3/movie/550?api_key=rotated HTTP/1.1"] + [
+        b"GET /3/movie/550 HTTP/1.1"] * 2 + [b"GET /3/movie/550?api_key=k&q=a+b%26c HTTP/1.1"]
+    assert [head.split(b"\r\n")[2] for head, _ in upstream.requests[3:5]] == [
+        b"Authorization: Bearer t", b"Authorization: Bearer rotated"]
+    assert len(client._heads) == 2  # the most it keeps
+
+
 def test_request_head_host_and_user_agent_can_be_given():
     head = request_head(Origin("http://[::1]:8080"), UpstreamRequest("GET", "/", (), {"user-agent": "mine"}), "ua")
     assert head == b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\nuser-agent: mine\r\n\r\n"
