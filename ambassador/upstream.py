@@ -6,6 +6,7 @@ the call itself, and the mapping of network failures to problem answers.
 
 from __future__ import annotations
 
+import math
 import random
 from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urlencode
@@ -163,6 +164,7 @@ class Gateway:
         self._rng = rng or random.Random()
         self._cache = cache
         self._cache_metrics: dict[str, dict] = {}  # label children bound once per adapter
+        self._timeouts = Timeouts(clock)
 
     def answer(self, adapter: IExternalAdapter, inbound: InboundRequest, trace: Trace) -> Answer | defer.Deferred:
         """The Answer at once (a fresh hit in the memory cache), or a Deferred firing with it or
@@ -398,17 +400,15 @@ class Gateway:
         limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
         # maybeDeferred: a request the client refuses at once (a bad header) fails like any other attempt.
         call = defer.maybeDeferred(self._client.fetch, adapter.base_url, request, max_body=limit)
-        # The timeout cancels the call (which drops its connection); _attempted stops the timer, or sees
-        # that it fired. (Deferred.addTimeout does the same with three closures and two more callbacks.)
-        timer = self._clock.callLater(timeout, call.cancel)
-        call.addBoth(self._attempted, adapter, started, trace, timer)
+        # The timeout cancels the call (which drops its connection); _attempted stops it, or sees that it
+        # cancelled the call.
+        self._timeouts.start(call, started + timeout)
+        call.addBoth(self._attempted, adapter, started, trace, call)
         call.addErrback(self._explain_failure, adapter, timeout)
         return call
 
-    def _attempted(self, result, adapter: IExternalAdapter, started: float, trace: Trace, timer):
-        if timer.active():
-            timer.cancel()
-        else:  # the timer fired and cancelled the call: whatever came of that, the attempt timed out
+    def _attempted(self, result, adapter: IExternalAdapter, started: float, trace: Trace, call: defer.Deferred):
+        if not self._timeouts.stop(call):  # the call timed out: whatever came of cancelling it
             result = Failure(AttemptTimedOut())
         if isinstance(result, UpstreamResponse):
             trace.upstream_status = result.status
@@ -481,6 +481,48 @@ def _cancelled_as_such(failure: Failure) -> Failure:
     if not failure.check(defer.CancelledError) and _caused_by(failure.value, defer.CancelledError):
         return Failure(defer.CancelledError())
     return failure
+
+
+class Timeouts:
+    """Timeouts of the calls in flight, kept with one timer of the clock rather than one per call.
+
+    Nearly every call ends long before its timeout, and a timer per call would be armed, pushed
+    into the reactor's heap (ordered by a Python ``__lt__``) and cancelled each time. This one timer
+    is armed for the earliest timeout only; when it goes off, it cancels the calls that are due and
+    is armed again for the next one.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._due: dict[defer.Deferred, float] = {}  # each call in flight and when it times out
+        self._timer = None
+        self._timer_due = math.inf
+
+    def start(self, call: defer.Deferred, due: float) -> None:
+        """Cancel ``call`` at ``due`` (on the clock) unless it is stopped before."""
+        self._due[call] = due
+        if due < self._timer_due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._arm(due)
+
+    def stop(self, call: defer.Deferred) -> bool:
+        """Forget ``call``'s timeout: True, or False when the timeout has cancelled it already."""
+        return self._due.pop(call, None) is not None
+
+    def _arm(self, due: float) -> None:
+        self._timer, self._timer_due = self._clock.callLater(due - self._clock.seconds(), self._expire), due
+
+    def _expire(self) -> None:
+        now = max(self._clock.seconds(), self._timer_due)  # the timer may run a rounding error early
+        self._timer, self._timer_due = None, math.inf
+        expired = [call for call, due in self._due.items() if due <= now]
+        for call in expired:
+            del self._due[call]
+        if self._due:
+            self._arm(min(self._due.values()))
+        for call in expired:  # after re-arming: a cancelled call may start the next attempt at once
+            call.cancel()
 
 
 class AttemptTimedOut(Exception):

@@ -11,12 +11,13 @@ from email.utils import formatdate
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.task import Clock, deferLater
 
 from twisted.python.failure import Failure
 
 from ambassador.resilience import Policy, RateLimited, TokenBucket, retry_after_seconds
+from ambassador.upstream import Timeouts
 from conftest import connect_raw, get, header, parse_response, reactor_turns_until, tmdb_env
 
 KEY = {"TMDB_API_KEY": "test-api-key"}
@@ -311,6 +312,33 @@ async def test_graceful_stop_gives_up_after_the_grace_period(fake_tmdb, start_am
 
 def waiting_for_drain(clock) -> bool:
     return any(call.getTime() - clock.seconds() == 25 for call in clock.getDelayedCalls())
+
+
+def test_timeouts_cancel_each_call_at_its_time_on_one_timer():
+    clock = Clock()
+    clock.advance(100)
+    timeouts = Timeouts(clock)
+    calls = {name: Deferred() for name in ("a", "b", "c", "d")}
+    for call in calls.values():
+        call.addErrback(lambda failure: failure.trap(CancelledError))
+    timeouts.start(calls["a"], 105)
+    timeouts.start(calls["b"], 110)
+    timeouts.start(calls["c"], 102)  # earlier than the timer: it is armed again, for 102
+    timeouts.start(calls["d"], 103)
+    assert len(clock.getDelayedCalls()) == 1
+    assert timeouts.stop(calls["d"])  # answered in time: never cancelled
+    clock.advance(1.5)
+    assert not any(call.called for call in calls.values())
+    clock.advance(0.5)
+    assert [name for name, call in calls.items() if call.called] == ["c"]
+    assert not timeouts.stop(calls["c"])  # its timeout came first
+    clock.advance(3)
+    assert [name for name, call in calls.items() if call.called] == ["a", "c"]
+    clock.advance(4.5)
+    assert not calls["b"].called
+    clock.advance(0.5)
+    assert calls["b"].called and not calls["d"].called
+    assert not clock.getDelayedCalls()  # nothing in flight, no timer
 
 
 def test_retry_after_values():
