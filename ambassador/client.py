@@ -52,7 +52,9 @@ HEADS_KEPT = 256
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
-_STATUS = re.compile(r"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: |\Z)")
+_STATUS = re.compile(r"HTTP/1\.([01]) ([1-9][0-9][0-9])(?= |\r\n|\Z)")
+# A header line: its name, and its value after the spaces and tabs that open it.
+_HEADER_LINE = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r]*)")
 # What may stand in a request target unquoted (RFC 3986 pchar, "/" and "?" for the query).
 _PLAIN_TARGET = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*\Z")
 _LINE_BREAKS = str.maketrans({"\r": " ", "\n": " ", "\0": " "})
@@ -220,21 +222,21 @@ class _Connection(Protocol):
         if end > MAX_HEAD_BYTES:
             raise BadResponse("status line and headers too long")
         head = data[:end].decode("latin-1")  # once: latin-1 maps each byte to one character
-        lines = head.split("\r\n")
-        status = _STATUS.match(lines[0])
+        status = _STATUS.match(head)
         if status is None:
             raise BadResponse("bad status line")
         code = int(status.group(2))
-        if head.count("\r") != len(lines) - 1 or head.count("\n") != len(lines) - 1 or "\0" in head:
-            raise BadResponse("bad header value")  # a bare CR or LF, or a NUL
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon or not _TOKEN.match(name):
-                raise BadResponse("bad header line")
-            name = name.lower()
-            value = value.strip(" \t")
-            headers[name] = headers[name] + ", " + value if name in headers else value
+        fields = _HEADER_LINE.findall(head, status.end())
+        # Every CR and LF must be the CRLF that opens one of these lines: then each line is a name, a colon
+        # and a value, and there is no bare CR or LF (RFC 9112 §2.2). (One regex call: they cost.)
+        if head.count("\r") != len(fields) or head.count("\n") != len(fields) or "\0" in head:
+            raise BadResponse("bad header line or value")
+        headers = {name.lower(): value.rstrip(" \t") for name, value in fields}
+        if len(headers) < len(fields):  # a name more than once: its values joined, in order
+            headers = {}
+            for name, value in fields:
+                name, value = name.lower(), value.rstrip(" \t")
+                headers[name] = headers[name] + ", " + value if name in headers else value
         rest = data[end + 4:]
         if code < 200:
             if code == 101:
@@ -259,12 +261,13 @@ class _Connection(Protocol):
         if length is None:
             self._state, self._reusable = _UNTIL_CLOSE, False
             return rest
-        values = {v.strip() for v in length.split(",")}
-        if len(values) != 1:
-            raise BadResponse("conflicting Content-Length")
-        (length,) = values
-        if not _DIGITS.match(length):
-            raise BadResponse("bad Content-Length")
+        if not (length.isdigit() and length.isascii()):  # "2, 2": one length said twice is that length
+            values = {v.strip() for v in length.split(",")}
+            if len(values) != 1:
+                raise BadResponse("conflicting Content-Length")
+            (length,) = values
+            if not _DIGITS.match(length):
+                raise BadResponse("bad Content-Length")
         self._left = int(length)
         if self._left > limit:
             raise ResponseTooLarge(limit)
