@@ -238,6 +238,8 @@ def test_doubtful_framing_is_read_but_the_connection_is_not_kept(answer):
     b"HTTP/1.1 200 OK\r\nX: a\nY: b\r\n\r\n",  # a bare LF
     b"HTTP/1.1 200 OK\r\nX: a\rY: b\r\n\r\n",  # a bare CR
     b"HTTP/1.1 200 OK\r\nX: a\x00b\r\n\r\n",
+    b"HTTP/1.1 200 O\rK\r\nX: a\r\n\r\n",  # a bare CR in the status line
+    b"HTTP/1.1 200 O\x00K\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n{}",
     b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n{}",
