@@ -179,7 +179,7 @@ class Gateway:
         cacheable = request.method in ("GET", "HEAD") and not request.body
         wish = CallerWish.of(inbound.headers) if self._cache is not None and guard.policy.cache and cacheable else None
         if wish is None or wish.bypass:
-            answered = self._exchange(adapter, guard, request, trace).addCallback(self._interpret, adapter, inbound)
+            answered = self._exchange(adapter, guard, request, trace, inbound)
             return answered if wish is None else answered.addCallback(_bypassed, trace)
 
         def fetch(conditional: dict[str, str]) -> defer.Deferred:
@@ -219,39 +219,50 @@ class Gateway:
         )
         return call
 
-    def _exchange(self, adapter, guard: Guard, request: UpstreamRequest, trace: Trace) -> defer.Deferred:
-        """A Deferred firing with the upstream's answer to ``request`` after the policy's retries, or
-        failing with a Problem when there is none. Cancel it to abandon the exchange.
+    def _exchange(self, adapter, guard: Guard, request: UpstreamRequest, trace: Trace,
+                  inbound: InboundRequest | None = None) -> defer.Deferred:
+        """A Deferred firing with the upstream's answer to ``request`` after the policy's retries (with
+        ``inbound``, the adapter's Answer to it made of that), or failing with a Problem when there is
+        none. Cancel it to abandon the exchange.
 
         The common case waits for nothing before its first attempt: the circuit is closed, the
         credential is attached at once, a rate token and an in-flight slot are free. That attempt is
         sent from here and an answer that ends the exchange comes back through plain callbacks
         (``_first_attempted``), without a coroutine. Everything else, a wait before the first attempt,
-        a fresh credential or a retry after it, goes through ``_exchange_generally``.
+        a fresh credential or a retry after it, goes through ``_exchange_generally``. (Each callback on
+        a Deferred costs several times a plain call: the fast path's attempt has only one.)
         """
         policy, breaker, bucket, slots = guard.policy, guard.breaker, guard.bucket, guard.slots
         deadline = self._clock.seconds() + policy.timeout
         if breaker is not None and breaker.state != CLOSED:
-            return defer.ensureDeferred(self._exchange_generally(adapter, guard, request, trace, deadline))
+            return self._exchanged_generally(inbound, adapter, guard, request, trace, deadline)
         try:
             sent = adapter.credential.attach(request, adapter.name)
         except Exception:
             return defer.fail()
         if not isinstance(sent, UpstreamRequest):  # a Deferred: the credential is being fetched (OAuth2)
             attached = defer.maybeDeferred(lambda: sent)
-            return defer.ensureDeferred(self._exchange_generally(adapter, guard, request, trace, deadline, attached))
+            return self._exchanged_generally(inbound, adapter, guard, request, trace, deadline, attached)
         remaining = deadline - self._clock.seconds()
         # A rate token and a slot both now, or neither: the slot is taken only once the token is.
         if remaining <= 0 or not slots.tokens or (bucket is not None and not bucket.take_now()):
             attached = defer.succeed(sent)
-            return defer.ensureDeferred(self._exchange_generally(adapter, guard, request, trace, deadline, attached))
+            return self._exchanged_generally(inbound, adapter, guard, request, trace, deadline, attached)
         slots.take_now()
-        attempt = self._attempt(adapter, sent, trace, min(remaining, policy.attempt_timeout or remaining))
-        return attempt.addBoth(self._first_attempted, adapter, guard, request, trace, deadline, sent)
+        timeout = min(remaining, policy.attempt_timeout or remaining)
+        call, started = self._call(adapter, sent, trace, timeout)
+        return call.addBoth(self._first_attempted, call, started, timeout, adapter, guard, request, trace, deadline,
+                            sent, inbound)
 
-    def _first_attempted(self, outcome, adapter, guard: Guard, request: UpstreamRequest, trace: Trace,
-                         deadline: float, sent: UpstreamRequest):
-        """The fast path's first attempt is over: what ``_exchange_generally`` would make of it."""
+    def _first_attempted(self, result, call: defer.Deferred, started: float, timeout: float, adapter, guard: Guard,
+                         request: UpstreamRequest, trace: Trace, deadline: float, sent: UpstreamRequest,
+                         inbound: InboundRequest | None):
+        """The fast path's first attempt is over: what ``_attempted``, then ``_exchange_generally`` and
+        ``_interpret`` would make of it."""
+        try:
+            outcome = self._attempted(result, adapter, trace, call, started, timeout)
+        except Exception:
+            outcome = Failure()
         breaker = guard.breaker
         if isinstance(outcome, Failure):
             if outcome.check(defer.CancelledError):
@@ -269,9 +280,16 @@ class Gateway:
                 # No fresh credential, no retry, nothing to hold back: the breaker's success is all.
                 if breaker is not None:
                     breaker.succeeded()
-                return outcome
-        return defer.ensureDeferred(
-            self._exchange_generally(adapter, guard, request, trace, deadline, first=(sent, outcome)))
+                return outcome if inbound is None else self._interpret(outcome, adapter, inbound)
+        return self._exchanged_generally(inbound, adapter, guard, request, trace, deadline, first=(sent, outcome))
+
+    def _exchanged_generally(self, inbound: InboundRequest | None, adapter, guard: Guard, request: UpstreamRequest,
+                             trace: Trace, deadline: float, attached: defer.Deferred | None = None,
+                             first: tuple | None = None) -> defer.Deferred:
+        """``_exchange_generally`` as a Deferred; with ``inbound``, of the adapter's Answer."""
+        exchanged = defer.ensureDeferred(self._exchange_generally(adapter, guard, request, trace, deadline, attached,
+                                                                  first))
+        return exchanged if inbound is None else exchanged.addCallback(self._interpret, adapter, inbound)
 
     async def _exchange_generally(self, adapter, guard: Guard, request: UpstreamRequest, trace: Trace,
                                   deadline: float, attached: defer.Deferred | None = None,
@@ -395,19 +413,27 @@ class Gateway:
                  timeout: float) -> defer.Deferred:
         """One upstream call, a Deferred firing with the UpstreamResponse; network failures and its own
         timeout come back as Problems."""
+        call, started = self._call(adapter, request, trace, timeout)
+        return call.addBoth(self._attempted, adapter, trace, call, started, timeout)
+
+    def _call(self, adapter: IExternalAdapter, request: UpstreamRequest, trace: Trace,
+              timeout: float) -> tuple[defer.Deferred, float]:
+        """An attempt's call to the upstream, cancelled after ``timeout``, and when it started."""
         trace.attempts += 1
         started = self._clock.seconds()
         limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
-        # maybeDeferred: a request the client refuses at once (a bad header) fails like any other attempt.
-        call = defer.maybeDeferred(self._client.fetch, adapter.base_url, request, max_body=limit)
+        try:
+            call = self._client.fetch(adapter.base_url, request, max_body=limit)
+        except Exception:  # a request the client refuses at once (a bad header) fails like any other attempt
+            call = defer.fail()
         # The timeout cancels the call (which drops its connection); _attempted stops it, or sees that it
         # cancelled the call.
         self._timeouts.start(call, started + timeout)
-        call.addBoth(self._attempted, adapter, started, trace, call)
-        call.addErrback(self._explain_failure, adapter, timeout)
-        return call
+        return call, started
 
-    def _attempted(self, result, adapter: IExternalAdapter, started: float, trace: Trace, call: defer.Deferred):
+    def _attempted(self, result, adapter: IExternalAdapter, trace: Trace, call: defer.Deferred, started: float,
+                   timeout: float):
+        """The attempt's call is over: its outcome counted, a failure explained as a Problem (raised)."""
         if not self._timeouts.stop(call):  # the call timed out: whatever came of cancelling it
             result = Failure(AttemptTimedOut())
         if isinstance(result, UpstreamResponse):
@@ -425,7 +451,7 @@ class Gateway:
         if observed is None:
             observed = self._upstream_metrics[adapter.name] = self._metrics.upstream(adapter.name)
         observed.attempted(outcome, self._clock.seconds() - started)
-        return result
+        return result if isinstance(result, UpstreamResponse) else self._explain_failure(result, adapter, timeout)
 
     def _interpret(self, response: UpstreamResponse, adapter: IExternalAdapter, inbound: InboundRequest):
         state = self._readiness[adapter.name]
