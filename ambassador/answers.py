@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Mapping
 
@@ -37,9 +38,20 @@ def forward(response: UpstreamResponse, header_names: frozenset[str] = PASSED_RE
     Hop-by-hop headers are never passed, even when an adapter names them (an
     adapter opts in to ``set-cookie`` the same way: by naming it).
     """
-    passed = header_names - hop_by_hop(response.headers)
+    connection = response.headers.get("connection", "")
+    if isinstance(header_names, frozenset):
+        passed = _passed(header_names, connection)
+    else:
+        passed = header_names - hop_by_hop(response.headers)
     headers = [(name, value) for name, value in response.headers.items() if name in passed]
     return Answer(response.status, headers, response.body)
+
+
+@functools.lru_cache(maxsize=32)
+def _passed(header_names: frozenset[str], connection: str) -> frozenset[str]:
+    """``header_names`` without the hop-by-hop ones of an answer whose Connection header is ``connection``:
+    the same few pairs for every answer (``keep-alive``), so remembered rather than worked out each time."""
+    return header_names - hop_by_hop({"connection": connection})
 
 
 def is_json_type(response: UpstreamResponse) -> bool:
