@@ -101,4 +101,6 @@ class Trace:
 
 def without_params(query: Query, names: frozenset[str]) -> Query:
     """The query with every parameter named in ``names`` removed (case-insensitive)."""
-    return tuple((k, v) for k, v in query if k.lower() not in names)
+    if not query:  # most requests have none: nothing to build
+        return query
+    return tuple([(k, v) for k, v in query if k.lower() not in names])
