@@ -269,8 +269,8 @@ class Connection(Protocol):
         lines = head.decode("latin-1").split("\n")  # one decoding: latin-1 maps each byte to one character
         if len(lines[0]) > limits.max_line:
             raise _Refusal(target_too_long(limits))
-        if len(head) > limits.max_header_bytes or len(lines) - 1 > limits.max_headers or max(
-                map(len, lines)) > limits.max_line:
+        if len(head) > limits.max_header_bytes or len(lines) - 1 > limits.max_headers or (
+                len(head) > limits.max_line and max(map(len, lines)) > limits.max_line):  # no line outgrows the head
             raise _Refusal(headers_too_large(limits))
         checked = _HEAD.match(head)
         if checked is None:
@@ -287,8 +287,12 @@ class Connection(Protocol):
             elif key in ("content-length", "transfer-encoding", "host"):
                 raise _Refusal(bad_request())  # two framings, two hosts: a smuggling attempt
         self._framing(headers, version)
-        tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-        persistent = "close" not in tokens if version == b"HTTP/1.1" else "keep-alive" in tokens
+        connection = headers.get("connection")
+        if connection is None:
+            persistent = version == b"HTTP/1.1"
+        else:
+            tokens = {t.strip().lower() for t in connection.split(",")}
+            persistent = "close" not in tokens if version == b"HTTP/1.1" else "keep-alive" in tokens
         self._continue = version == b"HTTP/1.1" and headers.get("expect", "").lower() == "100-continue"
         return method, target, version, persistent, headers
 
