@@ -69,7 +69,8 @@ class RouteHandler:
         if segments and not self.route.prefix:
             raise not_found()
         try:
-            pairs = tuple(parse_qsl(request.query.decode("utf-8"), keep_blank_values=True, errors="strict"))
+            pairs = tuple(parse_qsl(request.query.decode("utf-8"), keep_blank_values=True,
+                                    errors="strict")) if request.query else ()
         except (UnicodeDecodeError, ValueError):
             pairs = None
         if pairs is None or any(_CONTROL.search(name + value) for name, value in pairs):
@@ -81,7 +82,7 @@ class RouteHandler:
         return InboundRequest(
             method=method,
             route=self.route,
-            segments=tuple(s.decode("ascii") for s in segments),
+            segments=tuple(s.decode("ascii") for s in segments) if segments else (),
             query=pairs,
             headers=headers,
             request_id=request.id,
@@ -138,7 +139,7 @@ def _segments(request: http1.Request) -> list[bytes]:
     segments = request.path[1:].split(b"/")
     if segments[-1] == b"":
         segments.pop()  # one trailing slash means the same path
-    if not _PLAIN_PATH.match(request.path) or (b"." in request.path and (b"." in segments or b".." in segments)):
+    if not _PLAIN_PATH.match(request.path) or b"." in segments or b".." in segments:
         raise Problem(400, "bad-path", "Path not forwarded",
                       "Path segments may hold only letters, digits and _ . , : ~ - "
                       "(no percent-encoding, empty segments, '.' or '..').")
