@@ -201,12 +201,15 @@ class ProxyFactory(http1.HTTP1Factory):
             if problem is not None:
                 raise problem
             segments = _segments(request)
-            for depth in range(1, min(len(segments), self._deepest) + 1):
-                handler = self._routes.get(tuple(segments[:depth]))
-                if handler is not None:
-                    break
-            else:
-                raise not_found()
+            depth = len(segments)
+            handler = self._routes.get(tuple(segments))  # routes never nest, so at most one is found
+            if handler is None:  # a prefix route above the path?
+                for depth in range(1, min(len(segments), self._deepest) + 1):
+                    handler = self._routes.get(tuple(segments[:depth]))
+                    if handler is not None:
+                        break
+                else:
+                    raise not_found()
             request.handler = handler
             handler.metrics.in_flight.inc()
             inbound = handler.inbound(request, segments[depth:])
