@@ -68,14 +68,15 @@ class RouteHandler:
             )
         if segments and not self.route.prefix:
             raise not_found()
-        try:
-            pairs = tuple(parse_qsl(request.query.decode("utf-8"), keep_blank_values=True,
-                                    errors="strict")) if request.query else ()
-        except (UnicodeDecodeError, ValueError):
-            pairs = None
-        if pairs is None or any(_CONTROL.search(name + value) for name, value in pairs):
-            raise Problem(400, "bad-query", "Query not understood",
-                          "The query string is not valid UTF-8 form data without control characters.")
+        pairs = ()
+        if request.query:
+            try:
+                pairs = tuple(_form_pairs(request.query.decode("utf-8"), errors="strict"))
+            except (UnicodeDecodeError, ValueError):
+                pairs = None
+            if pairs is None or _CONTROL.search("".join(map("".join, pairs))):  # in any name or value
+                raise Problem(400, "bad-query", "Query not understood",
+                              "The query string is not valid UTF-8 form data without control characters.")
         hidden = _CALLER_ONLY_HEADERS | hop_by_hop(request.headers) if "connection" in request.headers else _HIDDEN
         headers = {name: value for name, value in request.headers.items()
                    if name not in hidden and not name.startswith(("proxy-", "x-forwarded-"))}
@@ -113,12 +114,19 @@ def mount_table(adapters: Iterable[IExternalAdapter]) -> dict[tuple[str, ...], t
     return table
 
 
+def _form_pairs(query: str, errors: str = "replace") -> list[tuple[str, str]]:
+    """``parse_qsl(query, keep_blank_values=True, errors=errors)``, at C speed when nothing is escaped."""
+    if "%" in query or "+" in query:
+        return parse_qsl(query, keep_blank_values=True, errors=errors)
+    return [pair.partition("=")[::2] for pair in query.split("&") if pair]
+
+
 def _redacted_uri(target: bytes, secret_params: frozenset[str]) -> str:
     path, _, query = target.partition(b"?")
     text = path.decode("latin-1")
     if not query:
         return text
-    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    pairs = _form_pairs(query.decode("latin-1"))
     shown = "&".join(f"{k}={'[REDACTED]' if k.lower() in secret_params else v}" for k, v in pairs)
     return f"{text}?{shown}"
 
