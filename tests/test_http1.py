@@ -264,6 +264,8 @@ PIPELINE = [  # (bytes on the wire, what the factory must be given)
      (b"POST", b"/c", b"hello")),
     (b"\r\nHEAD /d HTTP/1.1\nX-A: 1\n\n", (b"HEAD", b"/d", b"")),
     (b"GET /e HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", (b"GET", b"/e", b"")),
+    (b"GET /f HTTP/1.1\r\nX-A: 1\r\n\n", (b"GET", b"/f", b"")),  # heads ending in mixed line ends
+    (b"GET /g HTTP/1.1\nX-A: 1\n\r\n", (b"GET", b"/g", b"")),
 ]
 
 

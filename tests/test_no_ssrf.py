@@ -6,10 +6,14 @@ Request targets are sent as raw bytes over TCP: an HTTP client would normalise m
 
 import json
 import uuid
+from functools import partial
+from urllib.parse import parse_qsl
 
 import pytest
 import pytest_twisted
 from attrs import asdict, evolve
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from ambassador.adapters.tmdb import TMDBAdapter, TMDBPlugin
@@ -17,6 +21,7 @@ from ambassador.answers import PASSED_RESPONSE_HEADERS, forward
 from ambassador.credentials import FILE_POLL_INTERVAL, FileSecret
 from ambassador.exchange import UpstreamResponse
 from ambassador.testing import FakeTMDB, serve
+from ambassador.web import _form_pairs
 from conftest import get, header, raw_exchange, tmdb_env
 
 KEY = {"TMDB_API_KEY": "test-api-key"}
@@ -116,6 +121,19 @@ async def test_duplicate_and_malformed_query_parameters(fake_tmdb, start_ambassa
     assert seen.path == "/3/discover/movie"
     assert seen.query == (("page", "1"), ("page", "2"), ("", "e"), ("f", ""), ("g", "%zz"), ("h", "1;i=2"),
                           ("j", "\u202e"), ("api_key", "test-api-key"))
+
+
+@given(query=st.text(st.sampled_from("ab=&;%+\xe9\x00"), max_size=16))
+def test_a_query_reads_as_parse_qsl_reads_it(query):
+    """web._form_pairs, parse_qsl at C speed for a query without escapes, says the same, or fails the same."""
+    for errors in ("strict", "replace"):
+        read = []
+        for parse in (partial(parse_qsl, keep_blank_values=True, errors=errors), partial(_form_pairs, errors=errors)):
+            try:
+                read.append(parse(query))
+            except UnicodeDecodeError:
+                read.append("not UTF-8")
+        assert read[0] == read[1]
 
 
 @pytest.mark.parametrize("query", [b"q=%00", b"q=%0d%0aX:1", b"q%09=1", b"q=%ff", b"q=%c0%ae"])
