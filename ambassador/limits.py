@@ -72,8 +72,8 @@ def too_many_connections(limits: InboundLimits) -> Problem:
 
 def new_request_id() -> str:
     # 128 random bits like uuid4().hex, without a getrandom system call per request: an id
-    # must be unique, not unpredictable.
-    return f"{getrandbits(128):032x}"
+    # must be unique, not unpredictable. (%-formatting is about twice as fast as an f-string here.)
+    return "%032x" % getrandbits(128)
 
 
 def refuse_and_linger(transport, problem: Problem, refused, linger: float, call_later):

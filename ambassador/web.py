@@ -219,7 +219,7 @@ class ProxyFactory(http1.HTTP1Factory):
                 else:
                     raise not_found()
             request.handler = handler
-            handler.metrics.in_flight.inc()
+            handler.metrics.in_flight.value += 1  # inc() without the call
             inbound = handler.inbound(request, segments[depth:])
         except Problem as problem:
             self._answer_problem(request, problem)
@@ -271,7 +271,7 @@ class ProxyFactory(http1.HTTP1Factory):
 
     def _done(self, request: http1.Request) -> None:
         if request.handler is not None:
-            request.handler.metrics.in_flight.dec()
+            request.handler.metrics.in_flight.value -= 1
         self._in_flight.discard(request)
         self._check_drained()
 
