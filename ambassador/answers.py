@@ -38,11 +38,7 @@ def forward(response: UpstreamResponse, header_names: frozenset[str] = PASSED_RE
     Hop-by-hop headers are never passed, even when an adapter names them (an
     adapter opts in to ``set-cookie`` the same way: by naming it).
     """
-    connection = response.headers.get("connection", "")
-    if isinstance(header_names, frozenset):
-        passed = _passed(header_names, connection)
-    else:
-        passed = header_names - hop_by_hop(response.headers)
+    passed = _passed(frozenset(header_names), response.headers.get("connection", ""))  # no copy of a frozenset
     headers = [(name, value) for name, value in response.headers.items() if name in passed]
     return Answer(response.status, headers, response.body)
 
