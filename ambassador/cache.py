@@ -246,6 +246,8 @@ class Served:
     upstream_status: int | None = None
 
     def collapsed(self) -> "Served":
+        if self.outcome == "collapsed":  # relayed by another process, collapsed there already
+            return self
         return evolve(self, status=self.status + "; collapsed", outcome="collapsed")
 
     def unchanged_for(self, if_none_match: str | None) -> bool:
@@ -273,6 +275,8 @@ def _hit(entry: Entry, now: float, detail: str = "") -> Served:
 
 class MemoryStore:
     """Entries in this process, least recently used evicted first, within ``max_bytes`` in all."""
+
+    shared = False  # each process has its own
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -323,6 +327,14 @@ class _Flight:
 
 Fetch = Callable[[dict[str, str]], defer.Deferred]  # extra request headers → UpstreamResponse, or a Problem
 Interpret = Callable[[UpstreamResponse], Answer]  # may raise a Problem
+# Asks the process that owns the key instead of fetching: None when this process owns it, else a Deferred
+# firing with (Served, the Entry to store or None), failing with a Problem (the owner's answer) or with
+# ForwardFailed (nobody answered: fetch instead).
+Forward = Callable[[], "defer.Deferred | None"]
+
+
+class ForwardFailed(Exception):
+    """The process owning a key could not be asked (or its answer not read); the asker fetches itself."""
 
 
 class ResponseCache:
@@ -334,15 +346,24 @@ class ResponseCache:
         self._flights: dict[str, _Flight] = {}
 
     def serve(self, key: str, policy, request_headers: Mapping[str, str], wish: CallerWish,
-              fetch: Fetch, interpret: Interpret) -> Served | defer.Deferred:
-        """A Served at once (a fresh hit), or a Deferred firing with one or failing with a Problem."""
+              fetch: Fetch, interpret: Interpret, forward: Forward | None = None) -> Served | defer.Deferred:
+        """A Served at once (a fresh hit), or a Deferred firing with one or failing with a Problem.
+        With ``forward``, an upstream fetch is first offered to the process owning ``key``."""
         found = self.store.get(key, self._clock.seconds())
         if isinstance(found, defer.Deferred):  # a shared store answers later
-            return found.addCallback(self._decide, key, policy, request_headers, wish, fetch, interpret)
-        return self._decide(found, key, policy, request_headers, wish, fetch, interpret)
+            return found.addCallback(self._decide, key, policy, request_headers, wish, fetch, interpret, forward)
+        return self._decide(found, key, policy, request_headers, wish, fetch, interpret, forward)
+
+    def kept_for(self, key: str, served: Served) -> Entry | None:
+        """The entry this process keeps for ``key`` if ``served`` was answered from it (None with a shared
+        store: the other processes read it there)."""
+        if self.store.shared:
+            return None
+        entry = self.store.get(key, self._clock.seconds())
+        return entry if entry is not None and entry.answer is served.answer else None
 
     def _decide(self, entry: Entry | None, key, policy, request_headers, wish: CallerWish, fetch: Fetch,
-                interpret: Interpret) -> Served | defer.Deferred:
+                interpret: Interpret, forward: Forward | None) -> Served | defer.Deferred:
         now = self._clock.seconds()
         if entry is not None and not entry.matches(request_headers):
             entry, reason = None, "vary-miss"
@@ -355,24 +376,46 @@ class ResponseCache:
             if -ttl <= entry.while_revalidate:
                 if key not in self._flights:
                     flight = self._flights[key] = _Flight(background=True)
-                    self._launch(flight, key, entry, "stale", policy, request_headers, fetch, interpret)
+                    self._launch(flight, key, entry, "stale", policy, request_headers, fetch, interpret, forward)
                 return _hit(entry, now, "stale-while-revalidate")
         flight = self._flights.get(key)
         if flight is not None:
             return self._wait(flight)
         flight = self._flights[key] = _Flight(background=False)
         waiter = self._wait(flight)  # before launching: the fetch may fail at once
-        self._launch(flight, key, entry, reason, policy, request_headers, fetch, interpret)
+        self._launch(flight, key, entry, reason, policy, request_headers, fetch, interpret, forward)
         return waiter
 
-    def _launch(self, flight: _Flight, key, entry, reason, policy, request_headers, fetch, interpret) -> None:
+    def _launch(self, flight: _Flight, key, entry, reason, policy, request_headers, fetch, interpret,
+                forward: Forward | None) -> None:
+        asked = forward() if forward is not None else None
+        if asked is None:
+            flight.call = self._fetch(key, entry, reason, policy, request_headers, fetch, interpret)
+        else:
+            flight.call = asked.addCallbacks(
+                self._relayed, self._not_relayed, callbackArgs=(key,),
+                errbackArgs=(key, entry, reason, policy, request_headers, fetch, interpret))
+        flight.call.addBoth(self._landed, key, flight)
+
+    def _fetch(self, key, entry, reason, policy, request_headers, fetch, interpret) -> defer.Deferred:
         conditional = entry.validators() if entry is not None else {}
         fwd = f"fwd={reason}"
-        flight.call = defer.maybeDeferred(fetch, conditional).addCallbacks(
+        return defer.maybeDeferred(fetch, conditional).addCallbacks(
             self._fetched, self._not_fetched,
             callbackArgs=(key, entry, fwd, conditional, policy, request_headers, interpret),
             errbackArgs=(entry, fwd))
-        flight.call.addBoth(self._landed, key, flight)
+
+    def _relayed(self, relayed: tuple, key: str) -> Served:
+        """The owner's answer: its entry kept here too, so that the next hits are this process's own."""
+        served, entry = relayed
+        if entry is not None and not self.store.shared:  # a shared store has it already
+            self.store.put(key, entry, self._clock.seconds())
+        return served
+
+    def _not_relayed(self, failure: Failure, key, entry, reason, policy, request_headers, fetch, interpret):
+        if failure.check(ForwardFailed):  # correctness over coalescing: fetch it here
+            return self._fetch(key, entry, reason, policy, request_headers, fetch, interpret)
+        return self._not_fetched(failure, entry, f"fwd={reason}")  # the owner's Problem, or a cancellation
 
     def _wait(self, flight: _Flight) -> defer.Deferred:
         waiter = defer.Deferred(lambda d: self._left(flight, d))
@@ -436,6 +479,7 @@ class SharedStore:
     """
 
     PREFIX = b"ambassador:cache:v1:"
+    shared = True
 
     def __init__(self, redis, max_entry_bytes: int) -> None:
         self.redis = redis
@@ -469,22 +513,30 @@ def _unavailable(failure: Failure) -> None:
 
 def encode_entry(entry: Entry) -> bytes:
     """An entry as bytes for a shared store: one JSON line of metadata, then the body."""
-    meta = {
-        "status": entry.answer.status, "headers": entry.answer.headers, "stored_at": entry.stored_at,
-        "initial_age": entry.initial_age, "lifetime": entry.lifetime, "swr": entry.while_revalidate,
-        "sie": entry.if_error, "etag": entry.etag, "last_modified": entry.last_modified, "vary": entry.vary,
-    }
-    return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + entry.answer.body
+    return json.dumps(entry_meta(entry), separators=(",", ":")).encode() + b"\n" + entry.answer.body
 
 
 def decode_entry(data: bytes) -> Entry | None:
     """The entry ``encode_entry`` wrote, or None when ``data`` is not one."""
     meta_line, newline, body = data.partition(b"\n")
     try:
-        meta = json.loads(meta_line) if newline else None
-        answer = Answer(int(meta["status"]), [(str(n), str(v)) for n, v in meta["headers"]], body)
-        return Entry(answer, float(meta["stored_at"]), float(meta["initial_age"]), float(meta["lifetime"]),
-                     float(meta["swr"]), float(meta["sie"]), meta["etag"], meta["last_modified"],
-                     tuple((str(n), str(v)) for n, v in meta["vary"]))
+        return entry_of(json.loads(meta_line) if newline else None, body)
     except (ValueError, TypeError, KeyError):
         return None
+
+
+def entry_meta(entry: Entry) -> dict:
+    """What is known about an entry besides its body, as JSON-able values."""
+    return {
+        "status": entry.answer.status, "headers": entry.answer.headers, "stored_at": entry.stored_at,
+        "initial_age": entry.initial_age, "lifetime": entry.lifetime, "swr": entry.while_revalidate,
+        "sie": entry.if_error, "etag": entry.etag, "last_modified": entry.last_modified, "vary": entry.vary,
+    }
+
+
+def entry_of(meta: dict, body: bytes) -> Entry:
+    """The entry ``entry_meta`` described; ValueError, TypeError or KeyError when ``meta`` is not that."""
+    answer = Answer(int(meta["status"]), [(str(n), str(v)) for n, v in meta["headers"]], body)
+    return Entry(answer, float(meta["stored_at"]), float(meta["initial_age"]), float(meta["lifetime"]),
+                 float(meta["swr"]), float(meta["sie"]), meta["etag"], meta["last_modified"],
+                 tuple((str(n), str(v)) for n, v in meta["vary"]))

@@ -51,6 +51,9 @@ class Metrics:
         self.cache_answers = i.counter("ambassador_cache_answers", "GET/HEAD answers by what the response cache "
                                        "did: hit, miss, refreshed, revalidated, stale-while-revalidate, "
                                        "stale-if-error, collapsed, bypass.", ["adapter", "outcome"])
+        self.peer_asks = i.counter("ambassador_peer_asks", "Cache misses asked of the process owning the key "
+                                   "(--workers), by outcome: relayed (it answered), fallback (it could not be "
+                                   "asked; this process fetched from the upstream itself).", ["outcome"])
         self.registry.register(i)
 
     def cache_answers_of(self, adapter: str) -> dict:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import signal
 import sys
+import tempfile
 
 from attrs import define
 from twisted.application.service import MultiService, Service
@@ -24,13 +26,14 @@ from .interfaces import ConfigurationError
 from .limits import InboundLimits
 from .metrics import Metrics
 from .mounting import Mount, check_mount_names, describe_adapters, mounted, select_adapters
+from .peers import PeerFactory, Peers
 from .reactor import install_unless_chosen
 from .resilience import POLICY_HELP, Guard, Policy, resolve_policies
 from .redisstore import RedisStore, parse_redis_url
 from .upstream import Gateway, UpstreamClient
 from .web import ProxyFactory, mount_table
-from .workers import (WORKER_VARIABLE, AdoptedEndpoint, WorkerPool, accept_one_at_a_time, report_admin_port,
-                      share_of, stop_when_primary_ends, worker_index)
+from .workers import (PEER_DIR_VARIABLE, WORKER_VARIABLE, AdoptedEndpoint, WorkerPool, accept_one_at_a_time,
+                      report_admin_port, share_of, stop_when_primary_ends, worker_index)
 
 log = Logger(namespace="ambassador")
 DEFAULT_LIMITS = InboundLimits()
@@ -267,6 +270,8 @@ class Listener(Service):
         address = self.port.getHost()
         host = getattr(address, "host", None)
         where = f"{host}:{address.port}" if host is not None else getattr(address, "name", str(address))
+        if isinstance(where, bytes):  # a UNIX socket's path
+            where = where.decode(errors="replace")
         log.info("ambassador {label} listening on {address}", label=self._label, address=where)
         if self._warn_if_exposed and host is not None and not ipaddress.ip_address(host.split("%")[0]).is_loopback:
             log.warn(
@@ -357,12 +362,19 @@ def assemble(
     workers: int = 1,
     worker: int = 0,
     worker_args: tuple[str, ...] = (),
+    peers: tuple[str, int, int] | None = None,
 ) -> Ambassador:
     """Wire adapters, pipeline, proxy and admin listeners together. ``clock`` drives every timer,
     ``rng`` (a random.Random) the retry jitter. ``cache_bytes`` None turns the response cache off;
     ``cache_url`` (redis://…) keeps its entries in Redis instead of this process. With ``workers`` > 1
-    the primary (``worker`` 0) starts the others with ``worker_args`` (see ambassador.workers)."""
+    the primary (``worker`` 0) starts the others with ``worker_args`` (see ambassador.workers), and
+    each asks the others for the keys they own (ambassador.peers). ``peers`` (directory, index,
+    count) sets that up without workers (tests)."""
     clock = clock or reactor
+    peer_dir = None
+    if workers > 1 and peers is None and cache_bytes is not None:
+        peer_dir = _peer_directory(reactor, worker)
+        peers = (peer_dir, worker, workers) if peer_dir is not None else None
     label, report = "", None
     if worker > 0:  # a worker: the primary's socket, a loopback admin listener for the primary only
         endpoint, label, probe_interval = AdoptedEndpoint(reactor), f"worker {worker} ", 0.0
@@ -384,11 +396,18 @@ def assemble(
         store = MemoryStore(cache_bytes)
         metrics.watch_cache(store)
         cache = ResponseCache(store, clock)
+    peering = None
+    if peers is not None and cache is not None:
+        peering = Peers(reactor, *peers, metrics, clock=clock)
     gateway = Gateway(client, clock, metrics, readiness, guards, forward_request_id=frozenset(forward_request_id),
-                      rng=rng, cache=cache)
+                      rng=rng, cache=cache, peers=peering)
     prober = Prober(readiness, gateway, clock, probe_interval) if probe_interval > 0 else None
     service = MultiService()
     Upkeep(clock, adapters, client, prober, redis).setServiceParent(service)
+    if peering is not None:
+        peering.setServiceParent(service)
+        Listener(reactor, peering.listening_endpoint(reactor), PeerFactory(adapters, gateway, clock, limits=limits),
+                 label + "peers", grace_period=grace_period).setServiceParent(service)
     routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in adapters for route in adapter.routes)
     log.info("Routes: {routes}", routes=routes or "none")
     site = ProxyFactory(adapters, gateway, metrics, clock, limits=limits, token=token)
@@ -397,7 +416,7 @@ def assemble(
     proxy.setServiceParent(service)
     pool = None
     if workers > 1 and worker == 0:
-        pool = WorkerPool(reactor, workers, list(worker_args), proxy, grace_period=grace_period)
+        pool = WorkerPool(reactor, workers, list(worker_args), proxy, grace_period=grace_period, peer_dir=peer_dir)
         pool.setServiceParent(service)
     admin = None
     if admin_endpoint is not None:
@@ -405,6 +424,22 @@ def assemble(
                          on_listening=report)
         admin.setServiceParent(service)
     return Ambassador(service, proxy, admin, metrics, readiness, cache)
+
+
+def _peer_directory(reactor, worker: int) -> str | None:
+    """Where the processes' peer sockets are: the primary makes the directory (mode 0700, only this
+    user's processes can connect), a worker is told it."""
+    if worker > 0:
+        return os.environ.get(PEER_DIR_VARIABLE) or None
+    try:
+        directory = tempfile.mkdtemp(prefix="ambassador-peers-")
+    except OSError as e:
+        log.warn("No directory for the workers' sockets ({error}; set TMPDIR to a writable directory): "
+                 "each process fetches its own cache misses", error=e.strerror)
+        return None
+    # Once every service has stopped: the workers have ended, and each listener removed its socket.
+    reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, directory, True)
+    return directory
 
 
 def makeService(options: Options) -> MultiService:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from functools import partial
 from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urlencode
 
@@ -153,6 +154,7 @@ class Gateway:
         forward_request_id: frozenset[str] = frozenset(),
         rng: random.Random | None = None,
         cache: ResponseCache | None = None,
+        peers=None,
     ) -> None:
         self._client = client
         self._clock = clock
@@ -163,12 +165,17 @@ class Gateway:
         self._forward_request_id = forward_request_id
         self._rng = rng or random.Random()
         self._cache = cache
+        self._peers = peers  # ambassador.peers.Peers with --workers: misses of keys others own are asked of them
         self._cache_metrics: dict[str, dict] = {}  # label children bound once per adapter
         self._timeouts = Timeouts(clock)
 
-    def answer(self, adapter: IExternalAdapter, inbound: InboundRequest, trace: Trace) -> Answer | defer.Deferred:
+    def answer(self, adapter: IExternalAdapter, inbound: InboundRequest, trace: Trace, *,
+               for_peer: bool = False) -> Answer | defer.Deferred:
         """The Answer at once (a fresh hit in the memory cache), or a Deferred firing with it or
-        failing with a Problem. Cancel the Deferred to abandon."""
+        failing with a Problem. Cancel the Deferred to abandon.
+
+        ``for_peer``: ``inbound`` was forwarded by another process (``ambassador.peers``); a Deferred
+        firing with (Served, the Entry kept for it or None), and never forwarded again."""
         try:
             request = adapter.upstream_request(inbound)
         except Problem:
@@ -179,6 +186,8 @@ class Gateway:
         cacheable = request.method in ("GET", "HEAD") and not request.body
         wish = CallerWish.of(inbound.headers) if self._cache is not None and guard.policy.cache and cacheable else None
         if wish is None or wish.bypass:
+            if for_peer:  # the asker forwards only what its cache would fetch: the same settings say no here
+                return defer.fail(RuntimeError("a request forwarded by another process does not go through the cache"))
             answered = self._exchange(adapter, guard, request, trace, inbound)
             return answered if wish is None else answered.addCallback(_bypassed, trace)
 
@@ -186,9 +195,15 @@ class Gateway:
             sent = request.with_headers({**request.headers, **conditional}) if conditional else request
             return self._exchange(adapter, guard, sent, trace)
 
-        served = self._cache.serve(cache_key(adapter.name, inbound.route.name, request), guard.policy,
-                                   request.headers, wish, fetch,
-                                   lambda response: self._interpret(response, adapter, inbound))
+        key = cache_key(adapter.name, inbound.route.name, request)
+        forward = None
+        if self._peers is not None and not for_peer and request.method == "GET":  # the owner is sent a GET
+            forward = partial(self._peers.ask, adapter, inbound, key, guard.policy.timeout)
+        served = self._cache.serve(key, guard.policy, request.headers, wish, fetch,
+                                   lambda response: self._interpret(response, adapter, inbound), forward)
+        if for_peer:
+            kept = served if isinstance(served, defer.Deferred) else defer.succeed(served)
+            return kept.addCallback(lambda served: (served, self._cache.kept_for(key, served)))
         if isinstance(served, defer.Deferred):
             return served.addCallback(self._served, adapter.name, inbound, trace)
         return self._served(served, adapter.name, inbound, trace)

@@ -54,6 +54,8 @@ log = Logger(namespace="ambassador")
 
 #: Set in a worker's environment: its index (1 … N-1). The primary is 0.
 WORKER_VARIABLE = "AMBASSADOR_WORKER"
+#: Set in a worker's environment: the directory of the processes' peer sockets (ambassador.peers).
+PEER_DIR_VARIABLE = "AMBASSADOR_PEER_DIR"
 LISTEN_FD = 3  # in a worker: the proxy's listening socket
 REPORT_FD = 4  # in a worker: where it writes its admin port, then closes
 RESTART_DELAY = 1.0  # seconds before a worker that died is started again
@@ -175,8 +177,10 @@ class _Worker(ProcessProtocol):
 class WorkerPool(Service):
     """Starts, watches, restarts and stops the workers of a primary."""
 
-    def __init__(self, reactor, count: int, args: list[str], listener, *, grace_period: float) -> None:
+    def __init__(self, reactor, count: int, args: list[str], listener, *, grace_period: float,
+                 peer_dir: str | None = None) -> None:
         self._reactor = reactor
+        self._peer_dir = peer_dir  # told to each worker
         self.count = count
         self._args = args
         self._listener = listener
@@ -200,6 +204,8 @@ class WorkerPool(Service):
         self.workers[index] = worker
         argv = [sys.executable, "-c", _WORKER_MAIN, "--nodaemon", "--pidfile=", "ambassador", *self._args]
         env = {**os.environ, WORKER_VARIABLE: str(index)}
+        if self._peer_dir is not None:
+            env[PEER_DIR_VARIABLE] = self._peer_dir
         self._reactor.spawnProcess(worker, sys.executable, argv, env=env,
                                    childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: self._listener.port.fileno(),
                                              REPORT_FD: "r"})

@@ -4,14 +4,17 @@ import json
 import os
 import re
 import signal
+import stat
 
 import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 
 from ambassador.resilience import Policy
 from ambassador.testing import spawn_ambassador
 from ambassador.workers import merge_expositions, share_of
 from conftest import SECRETS, get, tmdb_env
+from test_cache import page
 
 
 def test_each_process_gets_its_share_of_the_pods_limits():
@@ -117,6 +120,51 @@ async def test_workers_serve_one_port_and_the_primary_reports_for_all(fake_tmdb,
     assert {e["worker"] for e in events if e["logger"] == "ambassador.access"} <= {0, 1}
     for secret in SECRETS:
         assert secret not in output
+
+
+async def by_worker(admin: str, name: str, **labels: str) -> dict[str, float]:
+    """The value of sample ``name`` with ``labels`` in each process, by its worker label."""
+    _, body = await get(admin + "/metrics")
+    return {sample.labels["worker"]: sample.value for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())}
+
+
+@pytest_twisted.ensureDeferred
+async def test_simultaneous_cold_requests_make_one_upstream_request_from_all_workers(fake_tmdb, tmp_path):
+    process, watched = start_with_workers(fake_tmdb, tmp_path)
+    try:
+        url, admin = await both_serving(process, watched)
+        [directory] = set(re.findall(rb'peers listening on (/[^"]+)/worker-[01]\.sock', process.output))
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        fake_tmdb.fault = "hang"
+        calls = [defer.ensureDeferred(get(url + "/movies")) for _ in range(40)]
+        for _ in range(10_000):  # until every caller is in one process or the other, waiting
+            waiting = await by_worker(admin, "ambassador_requests_in_flight", adapter="tmdb")
+            if sum(waiting.values()) == 40:
+                break
+        assert len(fake_tmdb.requests) == 1
+        fake_tmdb.fault, fake_tmdb.canned = None, page(Cache_Control="max-age=60")
+        fake_tmdb.release()
+        answers = [await call for call in calls]
+        assert {response.code for response, _ in answers} == {200} and len({body for _, body in answers}) == 1
+        hits = set()
+        for _ in range(200):  # new connections, to either process: each answers from its own memory
+            response, _ = await get(url + "/movies")
+            assert response.headers.getRawHeaders("cache-status")[0].startswith("ambassador; hit")
+            hits = {e["worker"] for e in map(json.loads, process.output.splitlines())
+                    if e.get("logger") == "ambassador.access" and e.get("cache") == "hit"}
+            if hits == {0, 1}:
+                break
+        assert hits == {0, 1}
+        assert len(fake_tmdb.requests) == 1
+        asked = sum((await by_worker(admin, "ambassador_peer_asks_total", outcome="relayed")).values())
+        assert asked == 1  # once, by the process not owning the key: its later hits are its own
+        assert not any((await by_worker(admin, "ambassador_peer_asks_total", outcome="fallback")).values())
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+    assert await process.ended == (0, None), process.output.decode()
+    assert not os.path.exists(directory)
 
 
 @pytest_twisted.ensureDeferred
