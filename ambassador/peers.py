@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 
 from .cache import ForwardFailed, Served, entry_meta, entry_of
 from .client import ConnectionPool
-from .exchange import Answer, InboundRequest, UpstreamRequest
+from .exchange import Answer, InboundRequest, UpstreamRequest, without_params
 from .metrics import CACHE_OUTCOMES, Metrics
 from .problems import Problem
 from .upstream import DEFAULT_MAX_RESPONSE_BYTES, Gateway
@@ -102,8 +102,9 @@ class Peers(Service):
         headers["X-Request-ID"] = inbound.request_id
         path = "/".join((inbound.route.path.rstrip("/"), *inbound.segments))
         limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES) + _META_ROOM
-        call = self._connections.request(f"http://worker-{owner}", UpstreamRequest("GET", path, inbound.query,
-                                                                                   headers), limit)
+        query = without_params(inbound.query, adapter.secret_params)  # the caller's own key stays here too
+        call = self._connections.request(f"http://worker-{owner}", UpstreamRequest("GET", path, query, headers),
+                                         limit)
         call.addTimeout(timeout + ASK_MARGIN, self._clock)
         return call.addCallbacks(self._answered, self._not_answered, (owner,), None, (owner, timeout + ASK_MARGIN))
 

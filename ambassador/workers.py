@@ -17,6 +17,11 @@ The kernel hands each new connection to whichever process accepts it first.
   ``rate_limit``, ``rate_burst`` and ``max_in_flight`` (rounded up), and of
   ``--cache-size``, so the pod as a whole keeps to them. Circuit breakers,
   OAuth2 tokens and the in-memory response cache are per process.
+- **One upstream fetch per key for the pod** (``ambassador.peers``). Each
+  cache key has an owner process; a miss for a key another process owns is
+  asked of it over its UNIX socket, and the answer kept by both. The primary
+  makes the sockets' directory (``tempfile.mkdtemp``, mode 0700), tells the
+  workers in ``AMBASSADOR_PEER_DIR`` and removes it once all have stopped.
 - **Shutdown.** On SIGTERM the primary stops accepting, sends SIGTERM to each
   worker (each stops accepting and drains its requests within
   ``--grace-period``, like the primary) and exits 0 once all have. A worker

@@ -102,8 +102,8 @@ async def test_simultaneous_cold_requests_in_both_processes_make_one_upstream_re
     fake_tmdb.release()
     answers = [await call for call in calls]
     assert {code for code, _, _ in answers} == {200} and len({body for _, _, body in answers}) == 1
-    assert sorted(status for _, status, _ in answers) == (["ambassador; fwd=miss; fwd-status=200; stored"]
-                                                           + ["ambassador; fwd=miss; fwd-status=200; stored; collapsed"] * 99)
+    fetched = "ambassador; fwd=miss; fwd-status=200; stored"
+    assert sorted(status for _, status, _ in answers) == [fetched] + [fetched + "; collapsed"] * 99
     assert asks(asker, "relayed") == 1 and len(fake_tmdb.requests) == 1
     assert (await ask(asker, path))[1] == "ambassador; hit; ttl=60"
 
@@ -143,8 +143,10 @@ class FakePeer(Resource):
         super().__init__()
         self.answer = answer
         self.hanging = []
+        self.requests = []
 
     def render(self, request):
+        self.requests.append(request)
         if self.answer is None:
             self.hanging.append(request)
             return NOT_DONE_YET
@@ -174,6 +176,26 @@ async def test_an_owner_answering_garbage_is_not_believed(start_peer, fake_tmdb,
 
 
 @pytest_twisted.ensureDeferred
+async def test_no_credential_crosses_to_the_owner(start_peer, fake_tmdb, peer_dir):
+    fake_peer = FakePeer((200, "text/plain", b"no"))
+    port = reactor.listenUNIX(socket_path(peer_dir, 1), QuietSite(fake_peer))
+    try:
+        asker = await start_peer(0)
+        path = owned_by(1)
+        response, _ = await get(asker.url + path + "&api_key=caller-own-key",
+                                headers={"Authorization": "Bearer caller-token", "X-Request-ID": "req-1",
+                                         "Accept-Language": "de"})
+        assert response.code == 200
+        [forwarded] = fake_peer.requests
+        assert (forwarded.method, forwarded.uri) == (b"GET", path.encode())
+        headers = {name.lower(): values for name, values in forwarded.requestHeaders.getAllRawHeaders()}
+        assert headers[b"x-request-id"] == [b"req-1"] and headers[b"accept-language"] == [b"de"]
+        assert b"authorization" not in headers and b"caller-own-key" not in repr(headers).encode()
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_owner_too_slow_is_given_up_after_the_adapters_timeout(start_peer, fake_tmdb, peer_dir, clock,
                                                                          log_events):
     fake_peer = FakePeer()
@@ -188,7 +210,8 @@ async def test_an_owner_too_slow_is_given_up_after_the_adapters_timeout(start_pe
         code, status, _ = await call
         assert (code, status) == (200, "ambassador; fwd=miss; fwd-status=200; stored")
         assert len(fake_tmdb.requests) == 1
-        assert [w["why"] for w in fallback_warnings(log_events)] == [f"it did not answer within {TIMEOUT + ASK_MARGIN:g} s"]
+        [warning] = fallback_warnings(log_events)
+        assert warning["why"] == f"it did not answer within {TIMEOUT + ASK_MARGIN:g} s"
         await reactor_turns_until(lambda: fake_peer.hanging[0]._disconnected)  # the ask's connection is dropped
     finally:
         await port.stopListening()
