@@ -380,7 +380,7 @@ def assemble(
         endpoint, label, probe_interval = AdoptedEndpoint(reactor), f"worker {worker} ", 0.0
         if admin_endpoint is not None:
             admin_endpoint, report = "tcp:0:interface=127.0.0.1", lambda port: report_admin_port(port.getHost().port)
-        reactor.callWhenRunning(stop_when_primary_ends, reactor)
+        reactor.callWhenRunning(stop_when_primary_ends, reactor, peer_dir)
     policies = policies or resolve_policies(adapters, [])
     guards = {adapter.name: Guard.of(policies[adapter.name], clock) for adapter in adapters}
     metrics = Metrics()

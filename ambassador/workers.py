@@ -21,7 +21,8 @@ The kernel hands each new connection to whichever process accepts it first.
   cache key has an owner process; a miss for a key another process owns is
   asked of it over its UNIX socket, and the answer kept by both. The primary
   makes the sockets' directory (``tempfile.mkdtemp``, mode 0700), tells the
-  workers in ``AMBASSADOR_PEER_DIR`` and removes it once all have stopped.
+  workers in ``AMBASSADOR_PEER_DIR`` and removes it once all have stopped
+  (a primary killed cannot: then the last worker to stop does).
 - **Shutdown.** On SIGTERM the primary stops accepting, sends SIGTERM to each
   worker (each stops accepting and drains its requests within
   ``--grace-period``, like the primary) and exits 0 once all have. A worker
@@ -53,6 +54,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 
 from .client import ConnectionPool
 from .exchange import UpstreamRequest
+from .peers import socket_path
 from .resilience import Policy
 
 log = Logger(namespace="ambassador")
@@ -288,12 +290,28 @@ def merge_expositions(expositions) -> bytes:
     return generate_latest(registry)
 
 
-def stop_when_primary_ends(reactor) -> ParentWatch:
+def stop_when_primary_ends(reactor, peer_dir: str | None = None) -> ParentWatch:
     """In a worker: stop (gracefully, as on SIGTERM) when the primary's end of stdin closes."""
 
     def gone() -> None:
         if reactor.running:
             log.warn("The primary process ended; stopping")
+            if peer_dir is not None:  # the primary cannot remove it now
+                reactor.addSystemEventTrigger("after", "shutdown", _remove_peer_dir, peer_dir)
             os.kill(os.getpid(), signal.SIGTERM)
 
     return ParentWatch(reactor, gone)
+
+
+def _remove_peer_dir(directory: str) -> None:
+    """The peer sockets' directory, once the last worker has stopped: the primary's socket, left when
+    it was killed, goes; the directory goes unless another worker's socket is still there (that
+    worker then removes it)."""
+    try:
+        os.unlink(socket_path(directory, 0))
+    except OSError:
+        pass
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass

@@ -193,6 +193,8 @@ async def test_workers_stop_when_the_primary_is_gone(fake_tmdb, tmp_path):
     await process.ended  # only once every process holding its output has ended: the worker too
     assert b"The primary process ended; stopping" in process.output
     assert b'"message": "Server Shut Down.", "worker": 1}' in process.output  # it stopped cleanly
+    [directory] = set(re.findall(rb'peers listening on (/[^"]+)/worker-[01]\.sock', process.output))
+    assert not os.path.exists(directory)  # removed by the worker, the last process out
 
 
 @pytest_twisted.ensureDeferred
