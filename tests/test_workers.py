@@ -143,6 +143,8 @@ async def test_simultaneous_cold_requests_make_one_upstream_request_from_all_wor
             waiting = await by_worker(admin, "ambassador_requests_in_flight", adapter="tmdb")
             if sum(waiting.values()) == 40:
                 break
+        else:
+            raise AssertionError(f"not every caller is waiting: {waiting}")
         assert len(fake_tmdb.requests) == 1
         fake_tmdb.fault, fake_tmdb.canned = None, page(Cache_Control="max-age=60")
         fake_tmdb.release()
