@@ -31,7 +31,7 @@ from .reactor import install_unless_chosen
 from .resilience import POLICY_HELP, Guard, Policy, resolve_policies
 from .redisstore import RedisStore, parse_redis_url
 from .upstream import Gateway, UpstreamClient
-from .web import ProxyFactory, mount_table
+from .web import ACCESS_LOG_FROM, ProxyFactory, mount_table
 from .workers import (PEER_DIR_VARIABLE, WORKER_VARIABLE, AdoptedEndpoint, WorkerPool, accept_one_at_a_time,
                       report_admin_port, share_of, stop_when_primary_ends, worker_index)
 
@@ -76,6 +76,9 @@ class Options(usage.Options):
          "Seconds between readiness probes of each adapter's upstream (adapters that name a cheap probe "
          "path, e.g. TMDB's /3/configuration); 0 turns probing off.", float],
         ["log-format", None, "text", "text (for people) or json (one JSON object per line, for log collectors)."],
+        ["access-log", None, "all",
+         "Which answers get an access-log line: all, errors (status 400 and above) or none. Metrics count "
+         "every answer either way."],
         ["max-connections", None, DEFAULT_LIMITS.max_connections,
          "Inbound connections served at once; beyond this a new connection gets 503 and is closed.", int],
         ["idle-timeout", None, DEFAULT_LIMITS.idle_timeout,
@@ -198,6 +201,8 @@ class Options(usage.Options):
             raise usage.UsageError("--probe-interval must be 0 (off) or a positive number of seconds")
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format must be text or json")
+        if self["access-log"] not in ACCESS_LOG_FROM:
+            raise usage.UsageError("--access-log must be all, errors or none")
         parent = getattr(self, "parent", None)
         if parent is not None and parent.get("logger") is None:
             if self["log-format"] == "json":
@@ -363,13 +368,15 @@ def assemble(
     worker: int = 0,
     worker_args: tuple[str, ...] = (),
     peers: tuple[str, int, int] | None = None,
+    access_log: str = "all",
 ) -> Ambassador:
     """Wire adapters, pipeline, proxy and admin listeners together. ``clock`` drives every timer,
     ``rng`` (a random.Random) the retry jitter. ``cache_bytes`` None turns the response cache off;
     ``cache_url`` (redis://…) keeps its entries in Redis instead of this process. With ``workers`` > 1
     the primary (``worker`` 0) starts the others with ``worker_args`` (see ambassador.workers), and
     each asks the others for the keys they own (ambassador.peers). ``peers`` (directory, index,
-    count) sets that up without workers (tests)."""
+    count) sets that up without workers (tests). ``access_log``: which answers are logged (all, errors,
+    none)."""
     clock = clock or reactor
     peer_dir = None
     if workers > 1 and peers is None and cache_bytes is not None:
@@ -410,7 +417,7 @@ def assemble(
                  label + "peers", grace_period=grace_period).setServiceParent(service)
     routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in adapters for route in adapter.routes)
     log.info("Routes: {routes}", routes=routes or "none")
-    site = ProxyFactory(adapters, gateway, metrics, clock, limits=limits, token=token)
+    site = ProxyFactory(adapters, gateway, metrics, clock, limits=limits, token=token, access_log=access_log)
     proxy = Listener(reactor, endpoint, site, label + "proxy", warn_if_exposed=worker == 0, grace_period=grace_period,
                      on_listening=accept_one_at_a_time if workers > 1 or worker > 0 else None)
     proxy.setServiceParent(service)
@@ -462,4 +469,5 @@ def makeService(options: Options) -> MultiService:
         workers=options["workers"],
         worker=options["worker"],
         worker_args=tuple(options.arguments),
+        access_log=options["access-log"],
     ).service

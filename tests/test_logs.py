@@ -6,9 +6,14 @@ from datetime import datetime, timezone
 import pytest
 import pytest_twisted
 from twisted.logger import Logger, formatEvent, formatEventAsClassicLogText
+from twisted.python import usage
 from twisted.python.failure import Failure
 
+from ambassador.limits import InboundLimits
 from ambassador.logs import event_as_json, event_as_text, format_event, info
+from ambassador.service import Options
+from conftest import get, raw_exchange, tmdb_env
+from test_metrics import samples
 
 
 def emitted(text, /, **fields):
@@ -169,3 +174,23 @@ async def test_a_line_written_outside_the_reactor_thread_goes_out_at_once():
     assert stream.getvalue() == "from a thread\n"
     await deferLater(reactor, 0, lambda: None)
     assert stream.getvalue() == "from a thread\nfrom the reactor\n"
+
+
+@pytest.mark.parametrize("choice, logged", [("all", [200, 404, 431]), ("errors", [404, 431]), ("none", [])])
+@pytest_twisted.ensureDeferred
+async def test_access_log_says_which_answers_get_a_line_and_metrics_count_all(fake_tmdb, start_ambassador, log_events,
+                                                                               choice, logged):
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), access_log=choice)
+    assert (await get(ambassador.url + "/movies"))[0].code == 200
+    assert (await get(ambassador.url + "/unknown"))[0].code == 404
+    too_large = b"GET /movies HTTP/1.1\r\nX-Big: " + b"a" * (InboundLimits().max_line + 1) + b"\r\n\r\n"
+    assert (await raw_exchange(ambassador.url, too_large))[0] == 431  # refused before it was read whole
+    assert [e["status"] for e in log_events if e.get("log_namespace") == "ambassador.access"] == logged
+    counted = samples(ambassador.metrics.exposition())
+    assert sum(v for (name, _), v in counted.items() if name == "ambassador_requests_total") == 3
+
+
+def test_access_log_choices_are_checked():
+    assert Options().parseOptions(["--access-log", "errors"]) is None
+    with pytest.raises(usage.UsageError, match="--access-log must be all, errors or none"):
+        Options().parseOptions(["--access-log", "some"])
