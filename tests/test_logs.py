@@ -146,7 +146,7 @@ async def test_lines_written_in_one_reactor_iteration_go_out_together_in_whole_l
             return super().write(text)
 
     stream = Recording()
-    writer = _LineWriter(stream)
+    writer = _LineWriter(stream, lambda line: line)
     lines = [f"line {i} " + "x" * 100 + "\n" for i in range(60)]
     for line in lines:
         writer.write(line)
@@ -154,6 +154,33 @@ async def test_lines_written_in_one_reactor_iteration_go_out_together_in_whole_l
     assert stream.getvalue() == "".join(lines)
     assert all(len(w) <= _PIPE_BUF and w.endswith("\n") for w in stream.writes)
     assert len(stream.writes) < len(lines) / 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_are_formatted_at_the_end_of_the_iteration_and_at_most_so_many_are_held():
+    from io import StringIO
+
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from ambassador.logs import _MOST_EVENTS, _LineWriter
+
+    formatted = []
+
+    def line_of(event):
+        formatted.append(event["n"])
+        return None if event["n"] % 2 else f"{event['n']}\n"  # odd events have no line
+
+    stream = StringIO()
+    writer = _LineWriter(stream, line_of)
+    for n in range(3):
+        writer.write({"n": n})
+    assert formatted == [] and stream.getvalue() == ""
+    await deferLater(reactor, 0, lambda: None)
+    assert formatted == [0, 1, 2] and stream.getvalue() == "0\n2\n"
+    for n in range(_MOST_EVENTS):
+        writer.write({"n": 10 + n})
+    assert len(formatted) == 3 + _MOST_EVENTS  # the bound reached: written without waiting for the iteration's end
 
 
 @pytest_twisted.ensureDeferred
@@ -167,7 +194,7 @@ async def test_a_line_written_outside_the_reactor_thread_goes_out_at_once():
     from ambassador.logs import _LineWriter
 
     stream = StringIO()
-    writer = _LineWriter(stream)
+    writer = _LineWriter(stream, lambda line: line)
     await deferToThread(writer.write, "from a thread\n")
     assert stream.getvalue() == "from a thread\n"  # no reactor turn has flushed anything yet
     writer.write("from the reactor\n")
