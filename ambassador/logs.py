@@ -171,9 +171,10 @@ class _LineWriter:
     ``line_of`` makes an event's line (ending with a newline) or None for none. Events of one
     iteration are formatted together at its end: in a row, the formatting code stays in the CPU's
     caches (a cache hit costs 52 µs of CPU instead of 60 with its line formatted in the middle of
-    the request). So an event's fields are read then: log values, not objects that change. They go out in writes of at most PIPE_BUF bytes ending at a line end (several
-    processes writing one pipe, as ``--workers`` do, cannot split each other's lines). Outside the
-    reactor thread, or when the reactor is not running, each event is written at once.
+    the request). So an event's fields are read then: log values, not objects that change. Lines
+    go out in writes of at most PIPE_BUF bytes ending at a line end (several processes writing one
+    pipe, as ``--workers`` do, cannot split each other's lines). Outside the reactor thread, or
+    when the reactor is not running, each event is written at once.
     """
 
     def __init__(self, stream, line_of) -> None:

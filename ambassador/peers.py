@@ -143,13 +143,10 @@ class PeerFactory(ProxyFactory):
     """The peer socket's listener: requests other processes forwarded, routed like any other and
     answered with a relay of what this process's cache made of them (never forwarded again).
     They are counted and logged by the process that asked: here, in metrics nobody reads, and no
-    access-log line."""
+    access-log line (the asker warns when an ask fails)."""
 
     def __init__(self, adapters, gateway: Gateway, clock, *, limits) -> None:
-        super().__init__(adapters, _Relaying(gateway), Metrics(), clock, limits=limits)
-
-    def _log(self, request, status: int) -> None:
-        pass
+        super().__init__(adapters, _Relaying(gateway), Metrics(), clock, limits=limits, access_log="none")
 
 
 class _Relaying:
