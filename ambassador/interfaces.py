@@ -51,12 +51,12 @@ class IExternalAdapter(Interface):
     credential = Attribute("The ICredential attached to every upstream request.")
     secret_params = Attribute("Lower-case query parameter names that carry credentials: removed from "
                               "what callers send and redacted in logs.")
-    policy_defaults = Attribute("Optional: (key, value) pairs of ambassador.resilience.Policy defaults "
+    policy_defaults = Attribute("Optional: (key, value) pairs of ambassador.pipeline.resilience.Policy defaults "
                                 "that suit this service (e.g. its documented rate limit).")
     probe_path = Attribute("Optional: an upstream path that is cheap to GET and fails when the "
                            "credential is bad; used by --probe-interval. Absent or None: not probed.")
     max_response_bytes = Attribute("Optional: the longest upstream answer read, in bytes; a longer one is "
-                                   "a 502. Absent: ambassador.upstream.DEFAULT_MAX_RESPONSE_BYTES (10 MiB).")
+                                   "a 502. Absent: ambassador.pipeline.gateway.DEFAULT_MAX_RESPONSE_BYTES (10 MiB).")
 
     def upstream_request(inbound):
         """
@@ -75,7 +75,7 @@ class IExternalAdapter(Interface):
 
 
 class ICredential(Interface):
-    """Where an adapter's secret comes from and how it is attached (ambassador.credentials)."""
+    """Where an adapter's secret comes from and how it is attached (ambassador.credentials.sources)."""
 
     def attach(request, adapter):
         """

@@ -11,8 +11,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .instruments import Instruments
-from .resilience import CLOSED, HALF_OPEN, OPEN
+from ambassador.instruments import Instruments
+from ambassador.pipeline.resilience import CLOSED, HALF_OPEN, OPEN
 
 # Latencies of a sidecar in front of an internet API: sub-millisecond cache
 # hits up to the 10 s default deadline.

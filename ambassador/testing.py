@@ -37,7 +37,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from .service import Ambassador, assemble, endpoint_description
+from ambassador.app.service import Ambassador, assemble, endpoint_description
 
 
 @frozen
@@ -101,7 +101,7 @@ def serving(fake: Resource) -> Iterator[Resource]:
 
 def start_ambassador(adapters: Iterable, **settings) -> Ambassador:
     """Serve configured ``adapters`` as ``twistd ambassador`` does, proxy and admin listeners on
-    ephemeral loopback ports; keywords go to ``ambassador.service.assemble`` (``clock=Clock()``
+    ephemeral loopback ports; keywords go to ``ambassador.app.service.assemble`` (``clock=Clock()``
     drives every timer). The result's ``url`` and ``admin_url`` say where; stop it with
     ``service.stopService()``."""
     from twisted.internet import reactor

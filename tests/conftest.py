@@ -14,8 +14,8 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
 
 from ambassador.adapters.tmdb import TMDBPlugin
-from ambassador.configfile import adapters_from_file
-from ambassador.discovery import discover_adapters
+from ambassador.app.configfile import adapters_from_file
+from ambassador.app.discovery import discover_adapters
 from ambassador.testing import FakeTMDB, RedisServer, logged_events, serve, serving
 from ambassador.testing import start_ambassador as serve_adapters
 

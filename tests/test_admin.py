@@ -6,8 +6,8 @@ import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
-from ambassador.credentials import FILE_POLL_INTERVAL
-from ambassador.resilience import Policy
+from ambassador.credentials.sources import FILE_POLL_INTERVAL
+from ambassador.pipeline.resilience import Policy
 from conftest import SECRETS, get, header, tmdb_env
 
 KEY = {"TMDB_API_KEY": "test-api-key"}

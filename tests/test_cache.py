@@ -9,10 +9,10 @@ import pytest_twisted
 from twisted.internet.defer import ensureDeferred
 from twisted.python import usage
 
-from ambassador.cache import CallerWish, Entry, MemoryStore, decode_entry, encode_entry, parse_size
+from ambassador.cache.responses import CallerWish, Entry, MemoryStore, decode_entry, encode_entry, parse_size
 from ambassador.exchange import Answer
-from ambassador.resilience import Policy, resolve_policies
-from ambassador.service import Options
+from ambassador.pipeline.resilience import Policy, resolve_policies
+from ambassador.app.service import Options
 from conftest import adapters_from_yaml, get, header, raw_exchange, reactor_turns_until, tmdb_env
 
 KEY = {"TMDB_API_KEY": "test-api-key"}

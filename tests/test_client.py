@@ -1,4 +1,4 @@
-"""The lean upstream client (ambassador.client): framing, size cap, connection reuse, stale
+"""The lean upstream client (ambassador.pipeline.http1client): framing, size cap, connection reuse, stale
 connections, cancellation, idle expiry.
 
 Network behaviour is tested over loopback against scripted Twisted servers; how an answer is
@@ -15,9 +15,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from ambassador.client import ConnectionPool, Origin, ResponseTooLarge, _Connection, _Exchange, request_head
+from ambassador.pipeline.http1client import ConnectionPool, Origin, ResponseTooLarge, _Connection, _Exchange, request_head
 from ambassador.exchange import UpstreamRequest
-from ambassador.upstream import UpstreamClient
+from ambassador.pipeline.gateway import UpstreamClient
 from conftest import reactor_turns_until
 
 GET = UpstreamRequest("GET", "/3/movie/550", (("api_key", "k"), ("q", "a b&c")))
@@ -377,7 +377,7 @@ def test_request_head_keeps_header_values_on_one_line():
 
 @pytest_twisted.ensureDeferred
 async def test_a_head_is_written_again_for_whatever_changed_in_its_request(server, pool, monkeypatch):
-    monkeypatch.setattr("ambassador.client.HEADS_KEPT", 2)
+    monkeypatch.setattr("ambassador.pipeline.http1client.HEADS_KEPT", 2)
     upstream = server()
     client = pool()
     sent = [GET, GET, UpstreamRequest("GET", "/3/movie/550", (("api_key", "rotated"),)),

@@ -5,7 +5,7 @@ import os
 import pytest
 from twisted.internet.task import Clock
 
-from ambassador.credentials import FILE_POLL_INTERVAL, Credential, FileSecret, as_query_parameter, secret_from_environment
+from ambassador.credentials.sources import FILE_POLL_INTERVAL, Credential, FileSecret, as_query_parameter, secret_from_environment
 from ambassador.exchange import UpstreamRequest
 from ambassador.interfaces import ConfigurationError
 
@@ -89,7 +89,7 @@ def test_secrets_do_not_show_in_reprs(tmp_path):
 
 
 def test_basic_password_from_a_secret_volume_rotates_and_is_redacted(tmp_path):
-    from ambassador.credentials import BasicPair, PlainValue, as_basic
+    from ambassador.credentials.sources import BasicPair, PlainValue, as_basic
 
     kubelet_secret_volume(tmp_path, {"password": "basic-password"}, "..2026_11_26_09_00_00.1")
     credential = Credential(BasicPair(PlainValue("username", "reader"), FileSecret(str(tmp_path / "password"))),

@@ -7,7 +7,7 @@ import pytest_twisted
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 
-from ambassador.resilience import Policy
+from ambassador.pipeline.resilience import Policy
 from ambassador.testing import serve
 from conftest import get, header, tmdb_env
 

@@ -11,7 +11,7 @@ import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ambassador.limits import InboundLimits
+from ambassador.web.limits import InboundLimits
 from conftest import connect_raw, parse_response, tmdb_env
 from test_no_ssrf import UPSTREAM_HEADERS, still_serves
 

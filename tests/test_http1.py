@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from ambassador.http1 import HTTP1Factory
-from ambassador.limits import InboundLimits
+from ambassador.web.http1 import HTTP1Factory
+from ambassador.web.limits import InboundLimits
 from conftest import parse_response
 from test_limits import HalfClosableTransport
 

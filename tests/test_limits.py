@@ -11,9 +11,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from ambassador.limits import InboundLimits
+from ambassador.web.limits import InboundLimits
 from ambassador.metrics import Metrics
-from ambassador.web import ProxyFactory
+from ambassador.web.proxy import ProxyFactory
 from conftest import connect_raw, parse_response, raw_exchange, tmdb_env
 from test_no_ssrf import assert_problem, still_serves
 

@@ -9,9 +9,9 @@ from twisted.logger import Logger, formatEvent, formatEventAsClassicLogText
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from ambassador.limits import InboundLimits
+from ambassador.web.limits import InboundLimits
 from ambassador.logs import event_as_json, event_as_text, format_event, info
-from ambassador.service import Options
+from ambassador.app.service import Options
 from conftest import get, raw_exchange, tmdb_env
 from test_metrics import samples
 

@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from ambassador.adapters.tmdb import TMDBAdapter, TMDBPlugin
-from ambassador.answers import PASSED_RESPONSE_HEADERS, forward
-from ambassador.credentials import FILE_POLL_INTERVAL, FileSecret
+from ambassador.pipeline.answers import PASSED_RESPONSE_HEADERS, forward
+from ambassador.credentials.sources import FILE_POLL_INTERVAL, FileSecret
 from ambassador.exchange import UpstreamResponse
 from ambassador.testing import FakeTMDB, serve
-from ambassador.web import _form_pairs
+from ambassador.web.proxy import _form_pairs
 from conftest import get, header, raw_exchange, tmdb_env
 
 KEY = {"TMDB_API_KEY": "test-api-key"}

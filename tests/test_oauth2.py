@@ -9,10 +9,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, DeferredList, ensureDeferred
 from twisted.internet.task import Clock
 
-from ambassador.credentials import REFRESH_MARGIN
+from ambassador.credentials.sources import REFRESH_MARGIN
 from ambassador.exchange import UpstreamRequest
 from ambassador.testing import FakeAPI, FakeOAuth2TokenEndpoint, serve
-from ambassador.upstream import UpstreamClient
+from ambassador.pipeline.gateway import UpstreamClient
 from conftest import adapters_from_yaml, get, header
 
 ENVIRON = {"CLIENT_SECRET": "test-client-secret"}

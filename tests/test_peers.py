@@ -1,4 +1,4 @@
-"""One upstream fetch per key across processes (ambassador.peers): two ambassadors in this process
+"""One upstream fetch per key across processes (ambassador.cache.peers): two ambassadors in this process
 play worker 0 and worker 1 over real UNIX sockets in a private directory; a fake TMDB counts what
 reaches it; a Clock times the asks."""
 
@@ -13,10 +13,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, c
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ambassador.cache import cache_key
+from ambassador.cache.responses import cache_key
 from ambassador.exchange import UpstreamRequest
-from ambassador.peers import ASK_MARGIN, RELAY_TYPE, decode_relay, owner_of, socket_path
-from ambassador.resilience import Policy
+from ambassador.cache.peers import ASK_MARGIN, RELAY_TYPE, decode_relay, owner_of, socket_path
+from ambassador.pipeline.resilience import Policy
 from ambassador.testing import QuietSite
 from conftest import RawClient, get, header, parse_response, reactor_turns_until, tmdb_env
 from test_cache import page

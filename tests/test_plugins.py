@@ -8,7 +8,7 @@ import pytest
 import pytest_twisted
 from twisted.python import usage
 
-from ambassador.service import Options
+from ambassador.app.service import Options
 from ambassador.testing import run_twistd, spawn_ambassador, start_ambassador
 from conftest import get, tmdb_env
 

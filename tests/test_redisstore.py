@@ -17,7 +17,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent
 
-from ambassador.redisstore import (BACKOFF_FIRST, BACKOFF_MAX, RedisStore, RESPConnection, StoreUnavailable,
+from ambassador.cache.redisstore import (BACKOFF_FIRST, BACKOFF_MAX, RedisStore, RESPConnection, StoreUnavailable,
                                    parse_redis_url)
 
 PASSWORD = "test-redis-password"

@@ -16,8 +16,8 @@ from twisted.internet.task import Clock, deferLater
 
 from twisted.python.failure import Failure
 
-from ambassador.resilience import Policy, RateLimited, TokenBucket, retry_after_seconds
-from ambassador.upstream import Timeouts
+from ambassador.pipeline.resilience import Policy, RateLimited, TokenBucket, retry_after_seconds
+from ambassador.pipeline.gateway import Timeouts
 from conftest import connect_raw, get, header, parse_response, reactor_turns_until, tmdb_env
 
 KEY = {"TMDB_API_KEY": "test-api-key"}

@@ -10,9 +10,9 @@ import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 
-from ambassador.resilience import Policy
+from ambassador.pipeline.resilience import Policy
 from ambassador.testing import spawn_ambassador
-from ambassador.workers import merge_expositions, share_of
+from ambassador.app.workers import merge_expositions, share_of
 from conftest import SECRETS, get, tmdb_env
 from test_cache import page
 
@@ -204,7 +204,7 @@ async def test_a_shared_port_accepts_one_connection_each_time_it_is_ready():
     from twisted.internet import reactor
     from twisted.internet.protocol import Factory, Protocol
 
-    from ambassador.workers import accept_one_at_a_time
+    from ambassador.app.workers import accept_one_at_a_time
 
     port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
     try:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from attrs import frozen
 from zope.interface import implementer
 
-from ..answers import forward, outside_failure
-from ..exchange import Answer, InboundRequest, Route, UpstreamRequest, UpstreamResponse, without_params
-from ..interfaces import ICredential, IExternalAdapter
-from ..problems import credential_rejected, not_found
+from ambassador.pipeline.answers import forward, outside_failure
+from ambassador.exchange import Answer, InboundRequest, Route, UpstreamRequest, UpstreamResponse, without_params
+from ambassador.interfaces import ICredential, IExternalAdapter
+from ambassador.problems import credential_rejected, not_found
 
 #: Caller headers sent upstream: what describes the body and the answer wanted. No
 #: Authorization, no Cookie, nothing conditional (a 304 cannot be checked).
@@ -33,7 +33,7 @@ class HTTPAdapter:
     paths: tuple[str, ...] = ()  # allowed path prefixes below the base path, no trailing slash; () allows all
     secret_params: frozenset[str] = frozenset()
     probe_path: str | None = None
-    #: (key, value) pairs of ambassador.resilience.Policy from the config file (timeout, retries …).
+    #: (key, value) pairs of ambassador.pipeline.resilience.Policy from the config file (timeout, retries …).
     policy_defaults: tuple[tuple[str, str], ...] = ()
 
     @property

@@ -6,17 +6,17 @@ from attrs import frozen
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ..answers import bad_answer, forward, is_json_type, looks_like_json, outside_failure, parse_json_object
-from ..config import base_url_from_environment
-from ..credentials import (
+from ambassador.pipeline.answers import bad_answer, forward, is_json_type, looks_like_json, outside_failure, parse_json_object
+from ambassador.app.base_urls import base_url_from_environment
+from ambassador.credentials.sources import (
     Credential,
     as_bearer_token,
     as_query_parameter,
     secret_from_environment,
 )
-from ..exchange import Answer, InboundRequest, Route, UpstreamRequest, UpstreamResponse, without_params
-from ..interfaces import IAdapterPlugin, IExternalAdapter, Setting
-from ..problems import credential_rejected, not_found
+from ambassador.exchange import Answer, InboundRequest, Route, UpstreamRequest, UpstreamResponse, without_params
+from ambassador.interfaces import IAdapterPlugin, IExternalAdapter, Setting
+from ambassador.problems import credential_rejected, not_found
 
 DEFAULT_BASE_URL = "https://api.themoviedb.org"
 MOVIES = Route("movies", "/movies")

@@ -11,9 +11,9 @@ from attrs import frozen
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ambassador.answers import bad_answer, forward, outside_failure, parse_json_object, retry_after
-from ambassador.config import base_url_from_environment
-from ambassador.credentials import Credential, as_query_parameter, secret_from_environment
+from ambassador.pipeline.answers import bad_answer, forward, outside_failure, parse_json_object, retry_after
+from ambassador.app.base_urls import base_url_from_environment
+from ambassador.credentials.sources import Credential, as_query_parameter, secret_from_environment
 from ambassador.exchange import Answer, InboundRequest, Route, UpstreamRequest, UpstreamResponse
 from ambassador.interfaces import IAdapterPlugin, IExternalAdapter, Setting
 from ambassador.problems import Problem, credential_rejected, not_found

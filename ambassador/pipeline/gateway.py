@@ -25,15 +25,15 @@ from twisted.web._newclient import _WrapperException
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 
-from . import __version__
-from .cache import CACHE_NAME, CallerWish, ResponseCache, Served, cache_key
-from .client import LEAN_METHODS, ConnectionPool, ResponseTooLarge
-from .exchange import Answer, InboundRequest, Trace, UpstreamRequest, UpstreamResponse
-from .health import Readiness
-from .interfaces import IExternalAdapter
-from .metrics import Metrics, UpstreamMetrics
-from .problems import Problem
-from .resilience import (
+from ambassador import __version__
+from ambassador.cache.responses import CACHE_NAME, CallerWish, ResponseCache, Served, cache_key
+from ambassador.pipeline.http1client import LEAN_METHODS, ConnectionPool, ResponseTooLarge
+from ambassador.exchange import Answer, InboundRequest, Trace, UpstreamRequest, UpstreamResponse
+from ambassador.app.health import Readiness
+from ambassador.interfaces import IExternalAdapter
+from ambassador.metrics import Metrics, UpstreamMetrics
+from ambassador.problems import Problem
+from ambassador.pipeline.resilience import (
     CLOSED,
     Guard,
     Policy,
@@ -60,7 +60,7 @@ class UpstreamClient:
     """The process's HTTP client, shared by every adapter.
 
     GET and HEAD without a body (every proxied request) go through the lean
-    client in ``ambassador.client``, over its own kept-alive pool; anything
+    client in ``ambassador.pipeline.http1client``, over its own kept-alive pool; anything
     else (OAuth2 token requests, bodies) through one treq HTTPClient over a
     persistent Agent pool. Each pool keeps up to ``max_idle_per_host`` idle
     connections per upstream (Twisted's default of 2 would reconnect under
@@ -165,7 +165,7 @@ class Gateway:
         self._forward_request_id = forward_request_id
         self._rng = rng or random.Random()
         self._cache = cache
-        self._peers = peers  # ambassador.peers.Peers with --workers: misses of keys others own are asked of them
+        self._peers = peers  # ambassador.cache.peers.Peers with --workers: misses of keys others own are asked of them
         self._cache_metrics: dict[str, dict] = {}  # label children bound once per adapter
         self._timeouts = Timeouts(clock)
 
@@ -174,7 +174,7 @@ class Gateway:
         """The Answer at once (a fresh hit in the memory cache), or a Deferred firing with it or
         failing with a Problem. Cancel the Deferred to abandon.
 
-        ``for_peer``: ``inbound`` was forwarded by another process (``ambassador.peers``); a Deferred
+        ``for_peer``: ``inbound`` was forwarded by another process (``ambassador.cache.peers``); a Deferred
         firing with (Served, the Entry kept for it or None), and never forwarded again."""
         try:
             request = adapter.upstream_request(inbound)

@@ -34,13 +34,13 @@ from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .cache import ForwardFailed, Served, entry_meta, entry_of
-from .client import ConnectionPool
-from .exchange import Answer, InboundRequest, UpstreamRequest, without_params
-from .metrics import CACHE_OUTCOMES, Metrics
-from .problems import Problem
-from .upstream import DEFAULT_MAX_RESPONSE_BYTES, Gateway
-from .web import ProxyFactory
+from ambassador.cache.responses import ForwardFailed, Served, entry_meta, entry_of
+from ambassador.pipeline.http1client import ConnectionPool
+from ambassador.exchange import Answer, InboundRequest, UpstreamRequest, without_params
+from ambassador.metrics import CACHE_OUTCOMES, Metrics
+from ambassador.problems import Problem
+from ambassador.pipeline.gateway import DEFAULT_MAX_RESPONSE_BYTES, Gateway
+from ambassador.web.proxy import ProxyFactory
 
 log = Logger(namespace="ambassador")
 
@@ -93,7 +93,7 @@ class Peers(Service):
         return UNIXServerEndpoint(reactor, path, backlog=511, mode=0o600)
 
     def ask(self, adapter, inbound: InboundRequest, key: str, timeout: float) -> defer.Deferred | None:
-        """Ask the owner of ``key`` for ``inbound``'s answer (see ``ambassador.cache.Forward``); None when
+        """Ask the owner of ``key`` for ``inbound``'s answer (see ``ambassador.cache.responses.Forward``); None when
         this process owns it."""
         owner = owner_of(key, self.count)
         if owner == self.index:

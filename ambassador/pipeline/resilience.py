@@ -18,8 +18,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
-from .interfaces import ConfigurationError
-from .problems import Problem
+from ambassador.interfaces import ConfigurationError
+from ambassador.problems import Problem
 
 
 def _seconds(text: str) -> float:
@@ -69,7 +69,7 @@ class Policy:
     breaker_open_max: float = 60.0
     max_in_flight: int = 1024  # like Envoy's default max_requests: a safety cap, not a throughput limit
     in_flight_queue: float = 0.5  # longest a request waits for a free slot before 503
-    # The response cache (ambassador.cache), per adapter.
+    # The response cache (ambassador.cache.responses), per adapter.
     cache: bool = True
     cache_ttl: float | None = None  # overrides the upstream's freshness; None: the upstream decides
     cache_default_ttl: float = 0.0  # freshness of answers that state none; 0: not stored

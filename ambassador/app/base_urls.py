@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from urllib.parse import SplitResult, urlsplit
 
-from .interfaces import ConfigurationError
+from ambassador.interfaces import ConfigurationError
 
 # A base path forwarded to: /-separated segments of the characters inbound paths may hold.
 _BASE_PATH = re.compile(r"(/[A-Za-z0-9_.,:~-]+)*/?\Z")

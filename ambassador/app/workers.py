@@ -17,7 +17,7 @@ The kernel hands each new connection to whichever process accepts it first.
   ``rate_limit``, ``rate_burst`` and ``max_in_flight`` (rounded up), and of
   ``--cache-size``, so the pod as a whole keeps to them. Circuit breakers,
   OAuth2 tokens and the in-memory response cache are per process.
-- **One upstream fetch per key for the pod** (``ambassador.peers``). Each
+- **One upstream fetch per key for the pod** (``ambassador.cache.peers``). Each
   cache key has an owner process; a miss for a key another process owns is
   asked of it over its UNIX socket, and the answer kept by both. The primary
   makes the sockets' directory (``tempfile.mkdtemp``, mode 0700), tells the
@@ -52,16 +52,16 @@ from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IStreamServerEndpoint
 
-from .client import ConnectionPool
-from .exchange import UpstreamRequest
-from .peers import socket_path
-from .resilience import Policy
+from ambassador.pipeline.http1client import ConnectionPool
+from ambassador.exchange import UpstreamRequest
+from ambassador.cache.peers import socket_path
+from ambassador.pipeline.resilience import Policy
 
 log = Logger(namespace="ambassador")
 
 #: Set in a worker's environment: its index (1 … N-1). The primary is 0.
 WORKER_VARIABLE = "AMBASSADOR_WORKER"
-#: Set in a worker's environment: the directory of the processes' peer sockets (ambassador.peers).
+#: Set in a worker's environment: the directory of the processes' peer sockets (ambassador.cache.peers).
 PEER_DIR_VARIABLE = "AMBASSADOR_PEER_DIR"
 LISTEN_FD = 3  # in a worker: the proxy's listening socket
 REPORT_FD = 4  # in a worker: where it writes its admin port, then closes

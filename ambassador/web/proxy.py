@@ -14,15 +14,16 @@ from urllib.parse import parse_qsl
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from . import http1, logs
-from .answers import HOP_BY_HOP_HEADERS, hop_by_hop
-from .credentials import FileSecret
-from .exchange import Answer, InboundRequest, Route, Trace
-from .interfaces import ConfigurationError, IExternalAdapter
-from .limits import InboundLimits, new_request_id
-from .metrics import Metrics, RouteMetrics
-from .problems import PROBLEM_CONTENT_TYPE, Problem, not_found
-from .upstream import Gateway
+from ambassador import logs
+from ambassador.web import http1
+from ambassador.pipeline.answers import HOP_BY_HOP_HEADERS, hop_by_hop
+from ambassador.credentials.sources import FileSecret
+from ambassador.exchange import Answer, InboundRequest, Route, Trace
+from ambassador.interfaces import ConfigurationError, IExternalAdapter
+from ambassador.web.limits import InboundLimits, new_request_id
+from ambassador.metrics import Metrics, RouteMetrics
+from ambassador.problems import PROBLEM_CONTENT_TYPE, Problem, not_found
+from ambassador.pipeline.gateway import Gateway
 
 log = Logger(namespace="ambassador")
 access_log = Logger(namespace="ambassador.access")

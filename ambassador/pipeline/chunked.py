@@ -1,7 +1,7 @@
 """Decoding a chunked message body (RFC 9112 section 7.1) as its bytes arrive.
 
-Used for both directions: request bodies on the proxy port (``ambassador.http1``) and
-upstream answers (``ambassador.client``). Trailer fields are read and dropped. Line ends
+Used for both directions: request bodies on the proxy port (``ambassador.web.http1``) and
+upstream answers (``ambassador.pipeline.http1client``). Trailer fields are read and dropped. Line ends
 may be CRLF or a bare LF, which RFC 9112 lets a recipient accept.
 """
 

@@ -23,8 +23,8 @@ from http import HTTPStatus
 
 from twisted.internet.protocol import Factory, Protocol
 
-from .chunked import BadChunks, BodyTooLarge, ChunkedBody, TrailerTooLong
-from .limits import (
+from ambassador.pipeline.chunked import BadChunks, BodyTooLarge, ChunkedBody, TrailerTooLong
+from ambassador.web.limits import (
     InboundLimits,
     Overloaded,
     bad_request,
@@ -34,9 +34,9 @@ from .limits import (
     target_too_long,
     too_slow,
 )
-from .logs import PerSecond
-from .problems import Problem
-from .sockets import send_now
+from ambassador.logs import PerSecond
+from ambassador.problems import Problem
+from ambassador.sockets import send_now
 
 # The blank line ending a head, found from its first LF (a literal start sre finds fast); a CR before it
 # belongs to the blank line's match too, as in ``\r?\n\r?\n``.

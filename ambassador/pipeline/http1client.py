@@ -39,9 +39,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import BrowserLikePolicyForHTTPS, ResponseFailed, ResponseNeverReceived
 
-from .chunked import BadChunks, BodyTooLarge, ChunkedBody, TrailerTooLong
-from .exchange import UpstreamRequest, UpstreamResponse
-from .sockets import send_now
+from ambassador.pipeline.chunked import BadChunks, BodyTooLarge, ChunkedBody, TrailerTooLong
+from ambassador.exchange import UpstreamRequest, UpstreamResponse
+from ambassador.sockets import send_now
 
 #: Request methods the lean client sends (idempotent, never with a body here).
 LEAN_METHODS = frozenset({"GET", "HEAD"})

@@ -6,8 +6,8 @@ import functools
 import json
 from typing import Mapping
 
-from .exchange import Answer, UpstreamResponse
-from .problems import Problem
+from ambassador.exchange import Answer, UpstreamResponse
+from ambassador.problems import Problem
 
 #: Response headers passed back to the caller by default: what describes the
 #: body and its freshness. Everything else (Set-Cookie, Server, hop-by-hop,

@@ -25,7 +25,7 @@ from attrs import frozen
 from twisted.plugin import getCache, getPlugins
 from twisted.python.modules import getModule
 
-from .interfaces import ConfigurationError, IAdapterPlugin
+from ambassador.interfaces import ConfigurationError, IAdapterPlugin
 
 #: Directories of dropin files to add to the scan, separated by os.pathsep (like PATH).
 PLUGIN_DIRS_VARIABLE = "AMBASSADOR_PLUGIN_DIRS"

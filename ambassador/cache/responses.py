@@ -26,10 +26,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .exchange import Answer, UpstreamRequest, UpstreamResponse
-from .problems import Problem
-from .redisstore import StoreUnavailable
-from .resilience import http_date
+from ambassador.exchange import Answer, UpstreamRequest, UpstreamResponse
+from ambassador.problems import Problem
+from ambassador.cache.redisstore import StoreUnavailable
+from ambassador.pipeline.resilience import http_date
 
 log = Logger(namespace="ambassador")
 
@@ -471,7 +471,7 @@ class ResponseCache:
 
 
 class SharedStore:
-    """Entries in Redis (``ambassador.redisstore.RedisStore``), shared by every replica.
+    """Entries in Redis (``ambassador.cache.redisstore.RedisStore``), shared by every replica.
 
     A Redis that cannot be asked is a miss on lookup and a skipped write: the
     store logs its own reachability, the request goes to the upstream.

@@ -16,23 +16,23 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from .admin import admin_site
-from .cache import DEFAULT_CACHE_BYTES, ENTRY_SHARE, MemoryStore, ResponseCache, SharedStore, parse_size
-from .credentials import FileSecret
-from .discovery import PLUGIN_DIRS_VARIABLE, add_plugin_dirs, discover_adapters, plugin_dirs_from_environment
-from .configfile import CONFIG_HELP, adapters_from_file
-from .health import Prober, Readiness
-from .interfaces import ConfigurationError
-from .limits import InboundLimits
-from .metrics import Metrics
-from .mounting import Mount, check_mount_names, describe_adapters, mounted, select_adapters
-from .peers import PeerFactory, Peers
-from .reactor import install_unless_chosen
-from .resilience import POLICY_HELP, Guard, Policy, resolve_policies
-from .redisstore import RedisStore, parse_redis_url
-from .upstream import Gateway, UpstreamClient
-from .web import ACCESS_LOG_FROM, ProxyFactory, mount_table
-from .workers import (PEER_DIR_VARIABLE, WORKER_VARIABLE, AdoptedEndpoint, WorkerPool, accept_one_at_a_time,
+from ambassador.web.admin import admin_site
+from ambassador.cache.responses import DEFAULT_CACHE_BYTES, ENTRY_SHARE, MemoryStore, ResponseCache, SharedStore, parse_size
+from ambassador.credentials.sources import FileSecret
+from ambassador.app.discovery import PLUGIN_DIRS_VARIABLE, add_plugin_dirs, discover_adapters, plugin_dirs_from_environment
+from ambassador.app.configfile import CONFIG_HELP, adapters_from_file
+from ambassador.app.health import Prober, Readiness
+from ambassador.interfaces import ConfigurationError
+from ambassador.web.limits import InboundLimits
+from ambassador.metrics import Metrics
+from ambassador.app.mounting import Mount, check_mount_names, describe_adapters, mounted, select_adapters
+from ambassador.cache.peers import PeerFactory, Peers
+from ambassador.reactor import install_unless_chosen
+from ambassador.pipeline.resilience import POLICY_HELP, Guard, Policy, resolve_policies
+from ambassador.cache.redisstore import RedisStore, parse_redis_url
+from ambassador.pipeline.gateway import Gateway, UpstreamClient
+from ambassador.web.proxy import ACCESS_LOG_FROM, ProxyFactory, mount_table
+from ambassador.app.workers import (PEER_DIR_VARIABLE, WORKER_VARIABLE, AdoptedEndpoint, WorkerPool, accept_one_at_a_time,
                       report_admin_port, share_of, stop_when_primary_ends, worker_index)
 
 log = Logger(namespace="ambassador")
@@ -373,8 +373,8 @@ def assemble(
     """Wire adapters, pipeline, proxy and admin listeners together. ``clock`` drives every timer,
     ``rng`` (a random.Random) the retry jitter. ``cache_bytes`` None turns the response cache off;
     ``cache_url`` (redis://…) keeps its entries in Redis instead of this process. With ``workers`` > 1
-    the primary (``worker`` 0) starts the others with ``worker_args`` (see ambassador.workers), and
-    each asks the others for the keys they own (ambassador.peers). ``peers`` (directory, index,
+    the primary (``worker`` 0) starts the others with ``worker_args`` (see ambassador.app.workers), and
+    each asks the others for the keys they own (ambassador.cache.peers). ``peers`` (directory, index,
     count) sets that up without workers (tests). ``access_log``: which answers are logged (all, errors,
     none)."""
     clock = clock or reactor

@@ -12,8 +12,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .interfaces import IExternalAdapter
-from .resilience import OPEN, CircuitBreaker
+from ambassador.interfaces import IExternalAdapter
+from ambassador.pipeline.resilience import OPEN, CircuitBreaker
 
 log = Logger(namespace="ambassador")
 

@@ -12,10 +12,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from .health import Readiness
-from .limits import LimitedSite
-from .metrics import Metrics
-from .problems import PROBLEM_CONTENT_TYPE, Problem, not_found
+from ambassador.app.health import Readiness
+from ambassador.web.limits import LimitedSite
+from ambassador.metrics import Metrics
+from ambassador.problems import PROBLEM_CONTENT_TYPE, Problem, not_found
 
 
 def write_problem(request, problem: Problem) -> None:

@@ -15,9 +15,9 @@ import yaml
 from attrs import frozen
 from zope.interface import implementer
 
-from .adapters.http import HTTPAdapter
-from .config import base_url_with_path
-from .credentials import (
+from ambassador.adapters.http import HTTPAdapter
+from ambassador.app.base_urls import base_url_with_path
+from ambassador.credentials.sources import (
     BasicPair,
     Credential,
     EnvironmentSecret,
@@ -30,8 +30,8 @@ from .credentials import (
     as_header,
     as_query_parameter,
 )
-from .interfaces import ConfigurationError, ICredential, IExternalAdapter
-from .resilience import Policy
+from ambassador.interfaces import ConfigurationError, ICredential, IExternalAdapter
+from ambassador.pipeline.resilience import Policy
 
 CONFIG_HELP = """\
 Config file (--config FILE, YAML; secrets only by reference, never written in it):

@@ -27,9 +27,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .exchange import UpstreamRequest, UpstreamResponse, without_params
-from .interfaces import ConfigurationError, ICredential
-from .problems import Problem
+from ambassador.exchange import UpstreamRequest, UpstreamResponse, without_params
+from ambassador.interfaces import ConfigurationError, ICredential
+from ambassador.problems import Problem
 
 log = Logger()
 

@@ -15,9 +15,9 @@ from typing import Sequence
 from attrs import evolve, frozen
 from twisted.python.components import proxyForInterface
 
-from .discovery import Discovery
-from .exchange import Route
-from .interfaces import ConfigurationError, IExternalAdapter
+from ambassador.app.discovery import Discovery
+from ambassador.exchange import Route
+from ambassador.interfaces import ConfigurationError, IExternalAdapter
 
 _MOUNT_PATH = re.compile(r"(/[A-Za-z0-9_.,:~-]+)+/?\Z")
 

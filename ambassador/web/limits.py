@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
-from .problems import PROBLEM_CONTENT_TYPE, Problem
+from ambassador.problems import PROBLEM_CONTENT_TYPE, Problem
 
 access_log = Logger(namespace="ambassador.access")
 

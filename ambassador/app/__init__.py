@@ -1,0 +1,1 @@
+"""Twistd ambassador: options, config file, discovery, makeService, workers."""

@@ -1,0 +1,1 @@
+"""The response cache: freshness rules, stores, coalescing."""

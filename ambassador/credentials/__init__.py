@@ -1,0 +1,1 @@
+"""Secret sources, how credentials are attached, OAuth2."""

@@ -1,0 +1,1 @@
+"""The stages every upstream request goes through, and the HTTP client."""

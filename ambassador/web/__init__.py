@@ -1,0 +1,1 @@
+"""The proxy port: Site, Resource tree, limits, admin Resources."""
