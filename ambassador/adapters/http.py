@@ -11,10 +11,20 @@ from __future__ import annotations
 from attrs import frozen
 from zope.interface import implementer
 
-from ambassador.pipeline.answers import forward, outside_failure
-from ambassador.exchange import Answer, InboundRequest, Route, UpstreamRequest, UpstreamResponse, without_params
-from ambassador.interfaces import ICredential, IExternalAdapter
-from ambassador.problems import credential_rejected, not_found
+from ambassador.adapter import (
+    Answer,
+    ICredential,
+    IExternalAdapter,
+    InboundRequest,
+    Route,
+    UpstreamRequest,
+    UpstreamResponse,
+    credential_rejected,
+    forward,
+    not_found,
+    outside_failure,
+    without_params,
+)
 
 #: Caller headers sent upstream: what describes the body and the answer wanted. No
 #: Authorization, no Cookie, nothing conditional (a 304 cannot be checked).

@@ -6,17 +6,30 @@ from attrs import frozen
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ambassador.pipeline.answers import bad_answer, forward, is_json_type, looks_like_json, outside_failure, parse_json_object
-from ambassador.app.base_urls import base_url_from_environment
-from ambassador.credentials.sources import (
+from ambassador.adapter import (
+    Answer,
     Credential,
+    IAdapterPlugin,
+    IExternalAdapter,
+    InboundRequest,
+    Route,
+    Setting,
+    UpstreamRequest,
+    UpstreamResponse,
     as_bearer_token,
     as_query_parameter,
+    bad_answer,
+    base_url_from_environment,
+    credential_rejected,
+    forward,
+    is_json_type,
+    looks_like_json,
+    not_found,
+    outside_failure,
+    parse_json_object,
     secret_from_environment,
+    without_params,
 )
-from ambassador.exchange import Answer, InboundRequest, Route, UpstreamRequest, UpstreamResponse, without_params
-from ambassador.interfaces import IAdapterPlugin, IExternalAdapter, Setting
-from ambassador.problems import credential_rejected, not_found
 
 DEFAULT_BASE_URL = "https://api.themoviedb.org"
 MOVIES = Route("movies", "/movies")

@@ -11,12 +11,28 @@ from attrs import frozen
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from ambassador.pipeline.answers import bad_answer, forward, outside_failure, parse_json_object, retry_after
-from ambassador.app.base_urls import base_url_from_environment
-from ambassador.credentials.sources import Credential, as_query_parameter, secret_from_environment
-from ambassador.exchange import Answer, InboundRequest, Route, UpstreamRequest, UpstreamResponse
-from ambassador.interfaces import IAdapterPlugin, IExternalAdapter, Setting
-from ambassador.problems import Problem, credential_rejected, not_found
+from ambassador.adapter import (
+    Answer,
+    Credential,
+    IAdapterPlugin,
+    IExternalAdapter,
+    InboundRequest,
+    Problem,
+    Route,
+    Setting,
+    UpstreamRequest,
+    UpstreamResponse,
+    as_query_parameter,
+    bad_answer,
+    base_url_from_environment,
+    credential_rejected,
+    forward,
+    not_found,
+    outside_failure,
+    parse_json_object,
+    retry_after,
+    secret_from_environment,
+)
 
 DEFAULT_BASE_URL = "https://www.omdbapi.com"
 ROUTE = Route("omdb", "/omdb")
