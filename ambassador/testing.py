@@ -1,17 +1,26 @@
-"""Fake outside services and a running ambassador for tests: real twisted.web servers on loopback.
+"""What an adapter's tests need, and an application's tests against the ambassador: fake outside services.
 
-Our own tests use them, and so can anyone testing an application or an
-adapter against the ambassador without a network::
+Every fake is a ``twisted.web`` Resource that records each request it gets
+(``FakeService``): ``FakeTMDB`` (TMDB v3, with its real error answers and fault
+injection), ``FakeOAuth2TokenEndpoint`` (an OAuth2 token endpoint), ``FakeAPI``
+(any JSON API behind the generic ``http`` adapter). Being Resources, they work
+in memory as they are, through ``treq.testing.StubTreq`` (no sockets)::
 
-    fake = FakeTMDB(api_keys={"my-key"})
-    port = serve(fake)            # http://127.0.0.1:<port>
+    fake = FakeTMDB()
+    client = treq.testing.StubTreq(fake)
+    response = await client.get("http://tmdb.test/3/movie/550?api_key=test-api-key")
+
+or on a loopback port with ``serve`` / ``serving``, with an ambassador in
+front of them, in this process, as ``twistd ambassador`` would serve it::
+
+    port = serve(FakeTMDB(api_keys={"my-key"}))            # port.base_url: http://127.0.0.1:<port>
     ambassador = start_ambassador([TMDBPlugin().configure({"TMDB_BASE_URL": port.base_url, ...}, reactor)])
     # ... requests to ambassador.url ...
     await ambassador.service.stopService()
 
-``FakeOAuth2TokenEndpoint`` and ``FakeAPI`` stand in for an OAuth2
-authorization server and for any API behind the generic ``http`` adapter.
-``RedisServer`` runs a real, throwaway ``redis-server`` for the shared cache.
+``logged_events(secrets=...)`` fails a test in which a secret reaches a log event.
+Running ``twistd`` as a child process and a real ``redis-server`` are the
+ambassador's own test helpers (``tests/processes.py``, ``tests/redis_server.py``).
 """
 
 from __future__ import annotations
@@ -19,25 +28,32 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import re
-import shutil
-import signal
-import socket
-import sys
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 from urllib.parse import parse_qsl, unquote_plus
 
 from attrs import define, field, frozen
-from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from ambassador.app.service import Ambassador, assemble, endpoint_description
+
+__all__ = [
+    "FakeAPI",
+    "FakeOAuth2TokenEndpoint",
+    "FakeService",
+    "FakeTMDB",
+    "QuietSite",
+    "RecordedRequest",
+    "json_answer",
+    "logged_events",
+    "record",
+    "serve",
+    "serving",
+    "start_ambassador",
+]
 
 
 @frozen
@@ -132,55 +148,6 @@ def logged_events(*, secrets: Iterable[str] = ()) -> Iterator[list[dict]]:
             assert secret not in text, f"secret {secret!r} leaked into a log event: {text}"
 
 
-#: The twistd next to the running Python, and the environment child processes start from.
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-BASE_ENV = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
-
-
-class TwistdProcess(protocol.ProcessProtocol):
-    """A child ``twistd``: collects all output; ``listening`` and ``admin_listening`` fire with the
-    ports the ambassador announces, ``ended`` with ``(exit code, signal)``."""
-
-    def __init__(self, *, admin: bool = True) -> None:
-        self.output = b""
-        self.listening = defer.Deferred()
-        self.admin_listening = defer.Deferred()
-        self.ended = defer.Deferred()
-        self._waited_for = (self.listening, self.admin_listening) if admin else (self.listening,)
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        for label, listening in ((b"proxy", self.listening), (b"admin", self.admin_listening)):
-            found = re.search(rb"ambassador %s listening on [\d.]+:(\d+)" % label, self.output)
-            if found and not listening.called:
-                listening.callback(int(found.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        for listening in self._waited_for:  # not an admin listener that was never to be (nobody waits for it)
-            if not listening.called:
-                listening.errback(RuntimeError(self.output.decode()))
-        self.ended.callback((reason.value.exitCode, reason.value.signal))
-
-
-def spawn_ambassador(*args: str, env: dict[str, str], cwd, twistd_options: Iterable[str] = ()) -> TwistdProcess:
-    """Start ``twistd -n [TWISTD_OPTIONS] ambassador ARGS`` with only ``env`` (plus PATH) in its environment."""
-    from twisted.internet import reactor
-
-    admin_off = "--admin-port=none" in args or ("--admin-port", "none") in zip(args, args[1:])
-    process = TwistdProcess(admin=not admin_off)
-    reactor.spawnProcess(process, TWISTD, [TWISTD, "-n", *twistd_options, "ambassador", *args], env={**BASE_ENV, **env},
-                         path=str(cwd))
-    return process
-
-
-async def run_twistd(*args: str, env: dict[str, str], cwd) -> tuple[str, int]:
-    """Run ``twistd ARGS`` to its end; returns its output (stdout and stderr) and exit code."""
-    out, err, code = await getProcessOutputAndValue(TWISTD, args, env={**BASE_ENV, **env}, path=str(cwd))
-    return (out + err).decode(), code
-
-
 def _tmdb_error(status_code: int, message: str) -> dict:
     return {"status_code": status_code, "status_message": message, "success": False}
 
@@ -207,6 +174,7 @@ class FakeService(Resource):
 
     requests: list[RecordedRequest] = field(factory=list)
     _waiting: list[Deferred] = field(factory=list)
+    _lost: set = field(factory=set)  # held requests whose caller went away
     isLeaf = True
 
     def __attrs_post_init__(self) -> None:
@@ -228,6 +196,14 @@ class FakeService(Resource):
         d = Deferred()
         self._waiting.append(d)
         return d
+
+    def hold(self, request) -> None:
+        """``request`` is answered later (its render returns NOT_DONE_YET): watch for its caller leaving."""
+        request.notifyFinish().addErrback(lambda _: self._lost.add(request))
+
+    def connected(self, request) -> bool:
+        """Whether the caller of a held request is still there to be answered."""
+        return request not in self._lost
 
 
 @define
@@ -258,6 +234,7 @@ class FakeTMDB(FakeService):
         recorded = self.record(request)
         step = self.script.pop(0) if self.script else (self.fault or self.canned)
         if step == "hang":
+            self.hold(request)
             self.hanging.append(request)
             return NOT_DONE_YET
         if step == "reset":
@@ -275,7 +252,7 @@ class FakeTMDB(FakeService):
         """Answer every hanging request as if nothing had been wrong (with ``canned`` when set)."""
         hanging, self.hanging = self.hanging, []
         for request in hanging:
-            if not request._disconnected:
+            if self.connected(request):
                 request.write(_canned(request, self.canned) if self.canned else self._json(request, 200, MOVIES[0]))
                 request.finish()
 
@@ -367,13 +344,14 @@ class FakeOAuth2TokenEndpoint(FakeService):
     def release(self) -> None:
         held, self._held = self._held, []
         for request, recorded in held:
-            if not request._disconnected:
+            if self.connected(request):
                 request.write(self._answer(request, recorded))
                 request.finish()
 
     def render(self, request):
         recorded = record(request)
         if self.fault == "hold":  # held before waiters hear of it, so they can release it
+            self.hold(request)
             self._held.append((request, recorded))
             self.keep(recorded)
             return NOT_DONE_YET
@@ -423,138 +401,3 @@ class FakeAPI(FakeService):
             return json_answer(request, *self.answers[recorded.path])
         return json_answer(request, 200, {"method": recorded.method, "path": recorded.path,
                                           "body": recorded.body.decode("latin-1")})
-
-
-class RedisServer(protocol.ProcessProtocol):
-    """A real ``redis-server`` (Debian package ``redis-server``) on a free loopback port, for tests.
-
-    It keeps its files in ``directory`` and persists nothing (``--save ''
-    --appendonly no``). ``password`` sets ``requirepass`` (the default
-    user's password) and ``users`` adds ACL users (name → password, all
-    commands and keys); both go in a config file there, never on the command
-    line. ``start()`` fires once Redis accepts connections; ``stop()`` and
-    ``start()`` again restart it on the same port. ``pause()`` freezes the
-    process (SIGSTOP: connections stay open, nothing is answered) until
-    ``resume()``. ``cli(...)`` runs ``redis-cli`` against it::
-
-        server = RedisServer(tmp_path, password="s3cret")
-        await server.start()
-        store = RedisStore(server.url(db=2), reactor)
-        ...
-        await server.stop()
-    """
-
-    STARTUP_TIMEOUT = 10.0
-
-    def __init__(self, directory, *, password: str | None = None, users: dict[str, str] | None = None,
-                 port: int | None = None) -> None:
-        self.directory = str(directory)
-        self.password = password
-        self.users = dict(users or {})
-        self.port = port
-        self.output = b""
-        self.paused = False
-        self._ready: Deferred | None = None
-        self._ended: Deferred | None = None
-
-    def url(self, *, db: int = 0, user: str = "", password: str | None = None) -> str:
-        """``redis://[user:password@]127.0.0.1:port/db`` (the server's own password unless given)."""
-        password = self.password if password is None else password
-        login = f"{user}:{password}@" if password else ""
-        return f"redis://{login}127.0.0.1:{self.port}/{db}"
-
-    async def start(self) -> None:
-        from twisted.internet import reactor
-
-        executable = shutil.which("redis-server")
-        if executable is None:
-            raise RuntimeError("redis-server is not installed; the Redis cache tests need the Debian package "
-                               "redis-server (./run-tests installs it with apt-get when run as root)")
-        fixed_port = self.port is not None
-        for _ in range(5):  # a free port can be taken by someone else before redis-server binds it
-            if not fixed_port:
-                self.port = _free_port()
-            self.output = b""
-            self._ready, self._ended = Deferred(), Deferred()
-            reactor.spawnProcess(self, executable, [executable, self._config_file(), *self._arguments()],
-                                 env={"PATH": BASE_ENV["PATH"]}, path=self.directory)
-            ready = self._ready.addTimeout(self.STARTUP_TIMEOUT, reactor)
-            try:
-                await ready
-                return
-            except defer.TimeoutError:
-                self.transport.signalProcess("KILL")
-                await self._ended
-                raise RuntimeError(f"redis-server did not start within {self.STARTUP_TIMEOUT:g} s:\n"
-                                   + self.output.decode(errors="replace")) from None
-            except RuntimeError:
-                if fixed_port or b"Address already in use" not in self.output:
-                    raise
-        raise RuntimeError("redis-server found no free port:\n" + self.output.decode(errors="replace"))
-
-    async def stop(self) -> None:
-        """Stop the server (it closes every connection) and wait for it to exit."""
-        if self._ended is None or self._ended.called:
-            return
-        from twisted.internet import reactor
-
-        self.resume()
-        self.transport.signalProcess("TERM")
-        try:
-            await self._ended.addTimeout(self.STARTUP_TIMEOUT, reactor)
-        except defer.TimeoutError:
-            self._ended = Deferred()  # the timeout used up the old one
-            self.transport.signalProcess("KILL")
-            await self._ended
-
-    def pause(self) -> None:
-        self.transport.signalProcess("STOP")
-        self.paused = True
-
-    def resume(self) -> None:
-        if self.paused:
-            self.transport.signalProcess(signal.SIGCONT)
-            self.paused = False
-
-    async def cli(self, *args: str | bytes, db: int = 0) -> bytes:
-        """``redis-cli`` with ``args`` on database ``db``, logged in as the default user; its raw output."""
-        env = {"PATH": BASE_ENV["PATH"], **({"REDISCLI_AUTH": self.password} if self.password else {})}
-        out, err, code = await getProcessOutputAndValue(
-            shutil.which("redis-cli") or "redis-cli",
-            ["-h", "127.0.0.1", "-p", str(self.port), "-n", str(db), *args], env=env)
-        if code != 0:
-            raise RuntimeError(f"redis-cli {args!r} failed: {(out + err).decode(errors='replace')}")
-        return out
-
-    def _arguments(self) -> list[str]:
-        return ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", self.directory, "--daemonize", "no", "--logfile", ""]
-
-    def _config_file(self) -> str:
-        path = os.path.join(self.directory, "redis.conf")
-        lines = [f'requirepass "{self.password}"'] if self.password else []
-        lines += [f"user {name} on >{password} ~* &* +@all" for name, password in self.users.items()]
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-        return path
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        if b"Ready to accept connections" in self.output and not self._ready.called:
-            self._ready.callback(None)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        ready, ended = self._ready, self._ended  # start() may try again (and replace them) from ready's errback
-        ended.callback(None)
-        if not ready.called:
-            code = getattr(reason.value, "exitCode", None)
-            ready.errback(RuntimeError(f"redis-server exited (code {code}) before it was ready:\n"
-                                       + self.output.decode(errors="replace")))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -16,8 +16,9 @@ from twisted.internet.task import Clock, deferLater
 from ambassador.adapters.tmdb import TMDBPlugin
 from ambassador.app.configfile import adapters_from_file
 from ambassador.app.discovery import discover_adapters
-from ambassador.testing import FakeTMDB, RedisServer, logged_events, serve, serving
+from ambassador.testing import FakeTMDB, logged_events, serve, serving
 from ambassador.testing import start_ambassador as serve_adapters
+from redis_server import RedisServer
 
 # Every secret a test hands the ambassador; none may ever show up in a log event.
 SECRETS = ("test-api-key", "test-read-token", "caller-own-key", "file-api-key", "rotated-api-key",

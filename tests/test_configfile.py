@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from ambassador.interfaces import ConfigurationError
 from ambassador.testing import FakeAPI
 from conftest import adapters_from_yaml, get, header
-from ambassador.testing import run_twistd
+from processes import run_twistd
 
 QUERY_KEY = {"QUERY_KEY": "query-secret"}
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest_twisted
 from twisted.internet.utils import getProcessOutputAndValue
 
-from ambassador.testing import BASE_ENV, run_twistd, serve, spawn_ambassador
+from ambassador.testing import serve
 from conftest import get
+from processes import BASE_ENV, run_twistd, spawn_ambassador
 
 GUIDE = Path(__file__).parent.parent / "docs" / "writing-an-adapter.md"
 # A file of the guide: its path in bold code, a blank line, then a fenced block.

@@ -11,8 +11,8 @@ from twisted.internet import reactor
 
 from ambassador.testing import FakeAPI, FakeOAuth2TokenEndpoint, FakeTMDB, serve
 from conftest import SECRETS
+from processes import run_twistd, spawn_ambassador
 from test_credentials import kubelet_secret_volume
-from ambassador.testing import run_twistd, spawn_ambassador
 
 ENVIRON = {"QUERY_KEY": "query-secret", "HEADER_KEY": "header-secret", "BASIC_PASSWORD": "basic-password",
            "CLIENT_SECRET": "test-client-secret", "TMDB_API_KEY": "test-api-key"}

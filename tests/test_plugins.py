@@ -1,5 +1,6 @@
 """Adapters as plugins: --list-adapters, --adapter, --mount, plugin directories, broken and read-only dropins."""
 
+import json
 import os
 import signal
 import textwrap
@@ -9,8 +10,9 @@ import pytest_twisted
 from twisted.python import usage
 
 from ambassador.app.service import Options
-from ambassador.testing import run_twistd, spawn_ambassador, start_ambassador
+from ambassador.testing import serving, start_ambassador
 from conftest import get, tmdb_env
+from processes import run_twistd, spawn_ambassador
 
 # A second adapter for a plugin directory: TMDB's discover route again, at /films.
 FILMS_DROPIN = textwrap.dedent('''
@@ -19,7 +21,7 @@ FILMS_DROPIN = textwrap.dedent('''
     from zope.interface import implementer
 
     from ambassador.adapters.tmdb import MOVIES, TMDBPlugin
-    from ambassador.interfaces import IAdapterPlugin
+    from ambassador.adapter import IAdapterPlugin
 
     FILMS = evolve(MOVIES, path="/films")
 
@@ -73,6 +75,36 @@ async def test_list_adapters_shows_routes_and_which_settings_are_set_never_value
                         "TMDB_API_KEY": "set", "TMDB_API_KEY_FILE": "not", "TMDB_BASE_URL": "set"}
     assert "test-api-key" not in output and "tmdb.internal" not in output
     assert "listening" not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_installed_distribution_is_listed_and_serves_under_twistd(tmp_path):
+    """plugins/ambassador-omdb installed next to the ambassador (./run-tests does) is found with no change to
+    the core: its dropin in site-packages/twisted/plugins is all twistd needs."""
+    from ambassador_omdb.testing import FakeOMDb
+
+    key = "test-omdb-key"
+    with serving(FakeOMDb()) as fake:
+        env = {"OMDB_BASE_URL": fake.base_url, "OMDB_API_KEY": key}
+        listing, code = await run_twistd("ambassador", "--list-adapters", env=env, cwd=tmp_path)
+        assert code == 0
+        assert [line for line in listing.splitlines() if line.startswith("omdb: ")]
+        assert "mounted at: /omdb (omdb)" in listing
+        assert [line.split()[:2] for line in listing.splitlines() if "OMDB_" in line] == [
+            ["OMDB_API_KEY", "set"], ["OMDB_API_KEY_FILE", "not"], ["OMDB_BASE_URL", "set"]]
+        assert key not in listing and fake.base_url not in listing
+
+        process = spawn_ambassador("--port", "0", "--admin-port", "none", "--adapter", "omdb", env=env, cwd=tmp_path)
+        try:
+            port = await process.listening
+            response, body = await get(f"http://127.0.0.1:{port}/omdb?i=tt0133093")
+            assert response.code == 200 and json.loads(body)["Title"] == "The Matrix"
+            response, _ = await get(f"http://127.0.0.1:{port}/movies")
+            assert response.code == 404  # only the adapter named with --adapter is served
+        finally:
+            process.transport.signalProcess(signal.SIGTERM)
+        assert await process.ended == (0, None)
+    assert key not in process.output.decode()
 
 
 @pytest_twisted.ensureDeferred

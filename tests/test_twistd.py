@@ -6,8 +6,8 @@ import signal
 import pytest_twisted
 from twisted.internet import defer
 
-from ambassador.testing import run_twistd, spawn_ambassador
 from conftest import SECRETS, connect_raw, get, parse_response, raw_exchange, tmdb_env
+from processes import run_twistd, spawn_ambassador
 
 
 @pytest_twisted.ensureDeferred

@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 
 from ambassador.pipeline.resilience import Policy
-from ambassador.testing import spawn_ambassador
 from ambassador.app.workers import merge_expositions, share_of
 from conftest import SECRETS, get, tmdb_env
+from processes import spawn_ambassador
 from test_cache import page
 
 

@@ -1,15 +1,17 @@
-"""The OMDb adapter over real HTTP against a fake OMDb, and the installed distribution under twistd."""
+"""The OMDb adapter over real HTTP against a fake OMDb, and its dropin as Twisted's plugin system finds it."""
 
 import json
-import signal
 
 import pytest
 import pytest_twisted
 import treq
+import twisted.plugins
 from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
+from twisted.plugin import getPlugins
 
-from ambassador.testing import logged_events, run_twistd, serving, spawn_ambassador, start_ambassador
+from ambassador.adapter import IAdapterPlugin
+from ambassador.testing import logged_events, serving, start_ambassador
 from ambassador_omdb.adapter import OMDbPlugin
 from ambassador_omdb.testing import FakeOMDb
 
@@ -147,25 +149,10 @@ async def test_key_from_a_secret_file(fake_omdb, omdb, tmp_path):
     assert fake_omdb.requests[0].param("apikey") == "file-omdb-key"
 
 
-@pytest_twisted.ensureDeferred
-async def test_installed_distribution_is_listed_and_serves_under_twistd(fake_omdb, tmp_path):
-    env = {"OMDB_BASE_URL": fake_omdb.base_url, "OMDB_API_KEY": KEY}
-    listing, code = await run_twistd("ambassador", "--list-adapters", env=env, cwd=tmp_path)
-    assert code == 0
-    [omdb_line] = [line for line in listing.splitlines() if line.startswith("omdb: ")]
-    assert "mounted at: /omdb (omdb)" in listing
-    assert [line.split()[:2] for line in listing.splitlines() if "OMDB_" in line] == [
-        ["OMDB_API_KEY", "set"], ["OMDB_API_KEY_FILE", "not"], ["OMDB_BASE_URL", "set"]]
-    assert KEY not in listing and fake_omdb.base_url not in listing
-
-    process = spawn_ambassador("--port", "0", "--admin-port", "none", "--adapter", "omdb", env=env, cwd=tmp_path)
-    try:
-        port = await process.listening
-        response, body = await get(f"http://127.0.0.1:{port}/omdb?i=tt0133093")
-        assert response.code == 200 and json.loads(body)["Title"] == "The Matrix"
-        response, _ = await get(f"http://127.0.0.1:{port}/movies")
-        assert response.code == 404  # only the adapter named with --adapter is served
-    finally:
-        process.transport.signalProcess(signal.SIGTERM)
-    assert await process.ended == (0, None)
-    assert KEY not in process.output.decode()
+def test_the_installed_dropin_registers_the_plugin_with_twisted():
+    """What twistd ambassador finds (the ambassador's tests/test_plugins.py serves it under twistd)."""
+    [plugin] = [plugin for plugin in getPlugins(IAdapterPlugin, twisted.plugins) if plugin.name == "omdb"]
+    assert isinstance(plugin, OMDbPlugin)
+    assert [(route.name, route.path) for route in plugin.routes] == [("omdb", "/omdb")]
+    assert [(s.name, s.secret) for s in plugin.settings] == [
+        ("OMDB_API_KEY", True), ("OMDB_API_KEY_FILE", False), ("OMDB_BASE_URL", False)]
