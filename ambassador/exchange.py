@@ -9,7 +9,7 @@ They are still treated as values: nothing changes one once it is made (``evolve`
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from attrs import define, field, frozen
 

@@ -25,7 +25,7 @@ import re
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from string import Formatter
 
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, formatEventAsClassicLogText
@@ -120,7 +120,7 @@ class PerSecond:
         return self._text
 
 
-_utc_seconds = PerSecond(lambda second: datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+_utc_seconds = PerSecond(lambda second: datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 def _utc_time(when: float) -> str:

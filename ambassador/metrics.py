@@ -68,10 +68,10 @@ class Metrics:
         """Report adapter state (credential, readiness) at scrape time, from ``readiness``."""
         self.registry.register(_StateCollector(readiness))
 
-    def upstream(self, adapter: str) -> "UpstreamMetrics":
+    def upstream(self, adapter: str) -> UpstreamMetrics:
         return UpstreamMetrics(self, adapter)
 
-    def route(self, adapter: str, route: str) -> "RouteMetrics":
+    def route(self, adapter: str, route: str) -> RouteMetrics:
         return RouteMetrics(self, adapter, route)
 
     def exposition(self) -> bytes:

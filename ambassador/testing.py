@@ -29,7 +29,7 @@ import base64
 import hashlib
 import json
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import parse_qsl, unquote_plus
 
 from attrs import define, field, frozen

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 from twisted.internet import defer, protocol
 from twisted.internet.utils import getProcessOutputAndValue

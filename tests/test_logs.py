@@ -1,7 +1,7 @@
 """The log observers write what Twisted's would, formatted once per format instead of per event."""
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 import pytest_twisted
@@ -42,7 +42,7 @@ def test_text_is_what_twisted_writes(text, fields):
 def test_json_time_is_utc_with_milliseconds():
     event = emitted("x {y}", y=1)
     document = json.loads(event_as_json(event))
-    expected = datetime.fromtimestamp(event["log_time"], timezone.utc).isoformat(timespec="milliseconds")
+    expected = datetime.fromtimestamp(event["log_time"], UTC).isoformat(timespec="milliseconds")
     assert document["time"] == expected
     assert (document["message"], document["y"]) == ("x 1", 1)
 

@@ -198,7 +198,7 @@ async def test_unwritable_dropin_cache_is_silent(fake_tmdb, tmp_path):
     (directory / "dropin.cache").mkdir()
     directory.chmod(0o555)
     try:
-        for attempt in range(2):
+        for _attempt in range(2):
             statuses, output = await serve_and_stop(["--plugin-dir", str(directory)],
                                                     tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), tmp_path,
                                                     ["/films"])

@@ -15,7 +15,7 @@ def _split_url(value: str) -> SplitResult | None:
     """``value`` split, when it is http(s)://host[:port]… with no user info, query or fragment."""
     try:
         parts = urlsplit(value)
-        parts.port  # raises ValueError for a port that is not a number
+        _ = parts.port  # raises ValueError for a port that is not a number
     except ValueError:
         return None
     if (

@@ -9,7 +9,8 @@ variable (``{env: VAR}``) or a file (``{file: /path}``, a mounted Secret).
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 import yaml
 from attrs import frozen

@@ -55,7 +55,7 @@ class Readiness:
         self._by_name = {state.adapter.name: state for state in self.adapters}
 
     @classmethod
-    def of(cls, adapters, breakers: dict[str, CircuitBreaker | None]) -> "Readiness":
+    def of(cls, adapters, breakers: dict[str, CircuitBreaker | None]) -> Readiness:
         return cls([AdapterState(adapter, breakers.get(adapter.name)) for adapter in adapters])
 
     def __getitem__(self, name: str) -> AdapterState:

@@ -10,7 +10,7 @@ them), so an adapter needs nothing to be movable.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from attrs import evolve, frozen
 from twisted.python.components import proxyForInterface

@@ -160,7 +160,7 @@ class ParentWatch(FileDescriptor):
 
 
 class _Worker(ProcessProtocol):
-    def __init__(self, pool: "WorkerPool", index: int) -> None:
+    def __init__(self, pool: WorkerPool, index: int) -> None:
         self.pool = pool
         self.index = index
         self.admin_port: int | None = None

@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import urlencode
 
 from attrs import evolve, frozen
@@ -99,7 +99,7 @@ class CallerWish:
     revalidate: bool = False  # no-cache, max-age=0: do not answer from the cache without asking upstream
 
     @classmethod
-    def of(cls, headers: Mapping[str, str]) -> "CallerWish":
+    def of(cls, headers: Mapping[str, str]) -> CallerWish:
         wish = directives(headers.get("cache-control"))
         if not wish:  # most callers: nothing asked, unless HTTP/1.0's Pragma asks to revalidate
             return _REVALIDATE if "no-cache" in headers.get("pragma", "").lower() else _NOTHING_ASKED
@@ -245,7 +245,7 @@ class Served:
     age: float | None = None  # set when the answer came from the cache
     upstream_status: int | None = None
 
-    def collapsed(self) -> "Served":
+    def collapsed(self) -> Served:
         if self.outcome == "collapsed":  # relayed by another process, collapsed there already
             return self
         return evolve(self, status=self.status + "; collapsed", outcome="collapsed")

@@ -16,7 +16,8 @@ import base64
 import json
 import math
 import os
-from typing import Callable, Protocol
+from typing import Protocol
+from collections.abc import Callable
 from urllib.parse import quote_plus, urlencode, urlsplit
 
 from attrs import define, field

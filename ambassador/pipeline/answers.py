@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 from ambassador.exchange import Answer, UpstreamResponse
 from ambassador.problems import Problem

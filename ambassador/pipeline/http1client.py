@@ -115,7 +115,7 @@ class _Exchange:
 
     __slots__ = ("pool", "origin", "head", "head_only", "limit", "deferred", "connecting", "connection", "reused")
 
-    def __init__(self, pool: "ConnectionPool", origin: Origin, head: bytes, head_only: bool, limit: int) -> None:
+    def __init__(self, pool: ConnectionPool, origin: Origin, head: bytes, head_only: bool, limit: int) -> None:
         self.pool, self.origin, self.head, self.head_only, self.limit = pool, origin, head, head_only, limit
         self.deferred = defer.Deferred(self._cancel)
         self.connecting = None
@@ -135,7 +135,7 @@ class _Exchange:
         self.connecting = self.pool._endpoint(self.origin).connect(_ConnectionFactory(self.pool, self.origin))
         self.connecting.addCallbacks(self._connected, self._not_connected)
 
-    def _connected(self, connection: "_Connection") -> None:
+    def _connected(self, connection: _Connection) -> None:
         self.connecting = None
         connection.send(self)
 
@@ -173,7 +173,7 @@ _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
 class _Connection(Protocol):
     """One kept-alive connection to an origin: sends one request at a time and reads its answer."""
 
-    def __init__(self, pool: "ConnectionPool", origin: Origin) -> None:
+    def __init__(self, pool: ConnectionPool, origin: Origin) -> None:
         self._pool = pool
         self.origin = origin
         self.exchange: _Exchange | None = None
@@ -342,7 +342,7 @@ class _Connection(Protocol):
 class _ConnectionFactory(Factory):
     noisy = False  # Twisted would log "Starting factory" for every upstream connection
 
-    def __init__(self, pool: "ConnectionPool", origin: Origin) -> None:
+    def __init__(self, pool: ConnectionPool, origin: Origin) -> None:
         self._pool, self._origin = pool, origin
 
     def buildProtocol(self, addr) -> _Connection:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from email.utils import parsedate_to_datetime
-from typing import Callable
+from collections.abc import Callable
 
 from attrs import define, field, fields, frozen
 from twisted.internet import defer
@@ -76,7 +76,7 @@ class Policy:
     stale_while_revalidate: float = 0.0  # floors under the upstream's own RFC 5861 windows
     stale_if_error: float = 0.0
 
-    def updated(self, settings: dict[str, str], where: str) -> "Policy":
+    def updated(self, settings: dict[str, str], where: str) -> Policy:
         """A copy with ``settings`` (key → text) applied; bad keys or values name ``where``."""
         parsers = {a.name: _PARSERS[a.name] for a in fields(Policy)}
         changes = {}
@@ -285,7 +285,7 @@ class Guard:
     slots: Slots
 
     @classmethod
-    def of(cls, policy: Policy, clock: IReactorTime) -> "Guard":
+    def of(cls, policy: Policy, clock: IReactorTime) -> Guard:
         breaker = None
         if policy.breaker_failures:
             breaker = CircuitBreaker(clock, policy.breaker_failures, policy.breaker_open, policy.breaker_open_max)

@@ -83,7 +83,7 @@ class Request:
     answered = False
     gone = False
 
-    def __init__(self, connection: "Connection", method: bytes, target: bytes, version: bytes, persistent: bool,
+    def __init__(self, connection: Connection, method: bytes, target: bytes, version: bytes, persistent: bool,
                  headers: dict[str, str], body: bytes, started: float) -> None:
         self.connection = connection
         self.method = method
@@ -105,7 +105,7 @@ class Request:
 class Connection(Protocol):
     """One caller's connection: reads requests one at a time and hands each to the factory."""
 
-    def __init__(self, factory: "HTTP1Factory") -> None:
+    def __init__(self, factory: HTTP1Factory) -> None:
         self.factory = factory
         self.limits = factory.limits
         self._clock = factory.clock

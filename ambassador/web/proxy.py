@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import parse_qsl
 
 from twisted.internet import defer
