@@ -96,7 +96,7 @@ def _txredisapi() -> Any:
     """txredisapi, and the protocol the store uses. Imported on first use, not with this module:
     txredisapi imports ``twisted.internet.reactor``, which would install the default reactor before
     twistd (or a test) has chosen one."""
-    import txredisapi
+    import txredisapi  # type: ignore[import-untyped]  # no type information shipped
 
     class Connection(txredisapi.RedisProtocol):
         """txredisapi's protocol, replying in bytes (no decoding, no number conversion), that keeps why
