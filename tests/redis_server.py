@@ -36,8 +36,9 @@ class RedisServer(protocol.ProcessProtocol):
     STARTUP_TIMEOUT = 10.0
 
     def __init__(self, directory, *, password: str | None = None, users: dict[str, str] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, tls: tuple[str, str] | None = None) -> None:
         self.directory = str(directory)
+        self.tls = tls
         self.password = password
         self.users = dict(users or {})
         self.port = port
@@ -47,10 +48,10 @@ class RedisServer(protocol.ProcessProtocol):
         self._ended: Deferred | None = None
 
     def url(self, *, db: int = 0, user: str = "", password: str | None = None) -> str:
-        """``redis://[user:password@]127.0.0.1:port/db`` (the server's own password unless given)."""
+        """``redis[s]://[user:password@]127.0.0.1:port/db`` (the server's own password unless given)."""
         password = self.password if password is None else password
         login = f"{user}:{password}@" if password else ""
-        return f"redis://{login}127.0.0.1:{self.port}/{db}"
+        return f"{'rediss' if self.tls else 'redis'}://{login}127.0.0.1:{self.port}/{db}"
 
     async def start(self) -> None:
         from twisted.internet import reactor
@@ -110,13 +111,16 @@ class RedisServer(protocol.ProcessProtocol):
         env = {"PATH": BASE_ENV["PATH"], **({"REDISCLI_AUTH": self.password} if self.password else {})}
         out, err, code = await getProcessOutputAndValue(
             shutil.which("redis-cli") or "redis-cli",
-            ["-h", "127.0.0.1", "-p", str(self.port), "-n", str(db), *args], env=env)
+            ["-h", "127.0.0.1", "-p", str(self.port), "-n", str(db), *(["--tls", "--insecure"] if self.tls else []),
+             *args], env=env)
         if code != 0:
             raise RuntimeError(f"redis-cli {args!r} failed: {(out + err).decode(errors='replace')}")
         return out
 
     def _arguments(self) -> list[str]:
-        return ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        tls = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls[0], "--tls-key-file",
+               self.tls[1], "--tls-auth-clients", "no"] if self.tls else ["--port", str(self.port)]
+        return [*tls, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", self.directory, "--daemonize", "no", "--logfile", ""]
 
     def _config_file(self) -> str:

@@ -396,9 +396,12 @@ def test_the_cache_url_option_never_shows_the_password(monkeypatch):
     options = Options()
     options.parseOptions(["--cache", "memory"])
     assert options["cache-url"] is None
+    options = Options()
+    options.parseOptions(["--cache", "rediss://:test-redis-password@10.0.0.7"])  # TLS
+    assert options["cache-url"] == "rediss://:test-redis-password@10.0.0.7"
     with pytest.raises(usage.UsageError) as refused:
-        Options().parseOptions(["--cache", "rediss://:test-redis-password@10.0.0.7"])
-    assert "test-redis-password" not in str(refused.value)
+        Options().parseOptions(["--cache", "redis://:test-redis-password@10.0.0.7:port"])
+    assert "port" in str(refused.value) and "test-redis-password" not in str(refused.value)
 
 
 @pytest_twisted.ensureDeferred

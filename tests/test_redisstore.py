@@ -1,24 +1,36 @@
 """The Redis store of the shared cache against a real redis-server on loopback.
 
-Round trips, TTLs, AUTH, SELECT, an outage and a restart, a Redis that does
-not answer. Command timeouts and reconnection waits run on the test's Clock;
-real time is only waited for (with a deadline) where a real process acts.
+Round trips, TTLs, AUTH (default user and ACL user), SELECT, TLS, an outage
+and a restart, a Redis that does not answer, and (a fake Redis written with
+Twisted) one that answers what a Redis never would. Command timeouts and
+reconnection waits run on the test's Clock; real time is only waited for
+(with a deadline) where a real process acts.
 """
 
+import datetime
+import ipaddress
 import math
 import os
+import subprocess
+import sys
 import time
 
+import hiredis
 import pytest
 import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent
 
-from ambassador.cache.redisstore import (BACKOFF_FIRST, BACKOFF_MAX, RedisStore, RESPConnection, StoreUnavailable,
-                                   parse_redis_url)
+from ambassador.cache.redisstore import BACKOFF_FIRST, BACKOFF_MAX, RedisStore, StoreUnavailable, parse_redis_url
 
 PASSWORD = "test-redis-password"
 
@@ -277,6 +289,8 @@ async def test_stop_while_unreachable_stops_reconnecting(open_store, clock):
 
 
 @pytest.mark.parametrize("url, host, port, db, username, password, description", [
+    (f"rediss://alice:{PASSWORD}@cache:6380/1", "cache", 6380, 1, "alice", PASSWORD, "rediss://cache:6380/1"),
+    ("rediss://cache", "cache", 6379, 0, None, None, "rediss://cache:6379/0"),
     ("redis://cache:6380/2", "cache", 6380, 2, None, None, "redis://cache:6380/2"),
     ("redis://cache", "cache", 6379, 0, None, None, "redis://cache:6379/0"),
     ("redis://cache/", "cache", 6379, 0, None, None, "redis://cache:6379/0"),
@@ -289,12 +303,12 @@ def test_url_forms(url, host, port, db, username, password, description):
     address = parse_redis_url(url)
     assert (address.host, address.port, address.db, address.username, address.password) == (
         host, port, db, username, password)
+    assert address.tls == url.startswith("rediss://")
     assert RedisStore(url, reactor).description == description
 
 
 @pytest.mark.parametrize("url, why", [
     (f"http://:{PASSWORD}@cache/0", "redis://"),
-    (f"rediss://:{PASSWORD}@cache/0", "redis://"),
     (f"redis://:{PASSWORD}@/0", "host"),
     (f"redis://:{PASSWORD}@cache:port/0", "port"),
     (f"redis://:{PASSWORD}@cache:70000/0", "port"),
@@ -308,7 +322,7 @@ def test_malformed_urls_are_refused_without_showing_the_password(url, why):
     with pytest.raises(ValueError) as refused:
         RedisStore(url, reactor)
     message = str(refused.value)
-    assert why in message and "redis://[[user]:password@]host[:port][/db]" in message
+    assert why in message and "redis[s]://[[user]:password@]host[:port][/db]" in message
     assert PASSWORD not in message
 
 
@@ -318,38 +332,175 @@ async def test_a_host_name_is_resolved(redis_server, open_store):
     assert store.available and await store.get(b"k") is None
 
 
-def connection_with(clock=None) -> tuple[RESPConnection, StringTransport]:
-    connection, transport = RESPConnection(clock or Clock(), timeout=1.0), StringTransport()
-    connection.makeConnection(transport)
-    return connection, transport
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_acl_password_is_refused_and_shown_nowhere(start_redis, open_store, log_events):
+    server = await start_redis(password=PASSWORD, users={"alice": "alice-redis-password"})
+    changes = []
+    store = await open_store(server.url(user="alice", password="wrong-redis-password"), on_change=changes.append)
+    assert changes == [False] and not store.available
+    [event] = events_about(log_events, store)
+    assert "AUTH failed" in event and "WRONGPASS" in event
+    # the right password of another user does not do either: AUTH names the user
+    other = await open_store(server.url(user="alice", password=PASSWORD))
+    assert not other.available
+    # every logged event is checked for the passwords (conftest's SECRETS) when the test ends
 
 
-def test_every_resp2_reply_kind_is_read_even_a_byte_at_a_time():
-    connection, transport = connection_with()
-    commands = [connection.command(b"X", n) for n in range(7)]
-    assert transport.value().startswith(b"*2\r\n$1\r\nX\r\n$1\r\n0\r\n")
-    replies = b"+OK\r\n-ERR nope\r\n:-42\r\n$5\r\na\r\nb\0\r\n$-1\r\n*3\r\n$1\r\nx\r\n:1\r\n$-1\r\n*-1\r\n"
-    for n in range(len(replies)):
-        connection.dataReceived(replies[n:n + 1])
-    results = []
-    for command in commands:
-        command.addBoth(results.append)
-    assert results[0] == "OK" and results[2:] == [-42, b"a\r\nb\0", None, [b"x", 1, None], None]
-    assert isinstance(results[1].value, StoreUnavailable) and "ERR nope" in str(results[1].value)
-    assert connection.ended is None and not transport.disconnecting
+def test_importing_the_store_installs_no_reactor():
+    """twistd (or a test) chooses the reactor after importing the ambassador; txredisapi would install
+    the default one when imported."""
+    code = ("import sys, ambassador.cache.redisstore, ambassador.app.service; "
+            "print('twisted.internet.reactor' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("garbage", [b"+OK\r\n?what\r\n", b"+OK\r\n:not a number\r\n",
-                                     b"+OK\r\n+OK\r\n+unasked\r\n"])
-def test_a_reply_that_is_not_resp2_drops_the_connection(garbage):
-    connection, transport = connection_with()
-    first, second = connection.command(b"PING"), connection.command(b"PING")
-    lost = []
-    connection.on_lost = lost.append
-    connection.dataReceived(garbage)
-    assert lost and transport.disconnecting
-    assert first.result == "OK"
-    if garbage.count(b"+OK") == 2:  # both answered, then a reply nobody asked for
-        assert second.result == "OK"
-    else:
-        assert isinstance(failure_of(second), StoreUnavailable)
+# TLS: a throwaway CA, and certificates it (or nobody) signed, for redis-server's --tls-port.
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool, names=()) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    """``tls_files(names)``: (certificate file, key file, the CA's PEM) of a server certificate for
+    ``names`` (x509 general names) signed by a CA made for this test."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("ambassador test CA", ca_key, "ambassador test CA", ca_key, ca=True)
+
+    def make(names, *, signed_by_ca: bool = True) -> tuple[str, str, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        if signed_by_ca:
+            certificate = _certificate("redis", key, "ambassador test CA", ca_key, ca=False, names=names)
+        else:  # signed by itself
+            certificate = _certificate("redis", key, "redis", key, ca=False, names=names)
+        directory = tmp_path / f"tls-{len(list(tmp_path.glob('tls-*')))}"
+        directory.mkdir()
+        (directory / "redis.crt").write_bytes(_pem(certificate))
+        (directory / "redis.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        return str(directory / "redis.crt"), str(directory / "redis.key"), _pem(ca)
+
+    return make
+
+
+LOOPBACK = (x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_rediss_speaks_tls_verified_against_the_trust_root(start_redis, open_store, tls_files, log_events):
+    certificate, key, ca = tls_files(LOOPBACK)
+    server = await start_redis(password=PASSWORD, users={"alice": "alice-redis-password"}, tls=(certificate, key))
+    url = server.url(user="alice", password="alice-redis-password")
+    assert url.startswith("rediss://")
+    store = await open_store(url, trust_root=Certificate.loadPEM(ca))
+    assert store.available and store.description == f"rediss://127.0.0.1:{server.port}/0"
+    value = os.urandom(64 * 1024)
+    await store.set(b"k", value, ttl=60)
+    assert await store.get(b"k") == value
+    assert await server.cli("STRLEN", "k") == b"65536\n"
+    by_name = await open_store(f"rediss://alice:alice-redis-password@localhost:{server.port}/0",
+                               trust_root=Certificate.loadPEM(ca))
+    assert await by_name.get(b"k") == value
+    assert events_about(log_events, store)[0] == f"Redis cache {store.description} is connected"
+
+
+@pytest.mark.parametrize("signed_by_ca, names, trusted, said", [
+    (True, LOOPBACK, False, "certificate verify failed"),  # our CA is not in the system's trust store
+    (False, LOOPBACK, True, "certificate verify failed"),  # signed by itself, not by the trusted CA
+    (True, [x509.DNSName("redis.example")], True, "does not match"),  # signed, but for another host
+])
+@pytest_twisted.ensureDeferred
+async def test_rediss_refuses_a_certificate_it_cannot_trust(start_redis, open_store, tls_files, log_events,
+                                                          signed_by_ca, names, trusted, said):
+    certificate, key, ca = tls_files(names, signed_by_ca=signed_by_ca)
+    server = await start_redis(password=PASSWORD, tls=(certificate, key))
+    changes = []
+    store = await open_store(server.url(), on_change=changes.append,
+                             **({"trust_root": Certificate.loadPEM(ca)} if trusted else {}))
+    assert changes == [False] and not store.available
+    [event] = events_about(log_events, store)
+    assert "is unreachable" in event and "TLS" in event and said in event, event
+    assert isinstance(failure_of(store.get(b"k")), StoreUnavailable)
+
+
+# A fake Redis, for what a real one never sends.
+
+class FakeRedis(Protocol):
+    """Reads commands (hiredis parses them) and answers each with ``answers[name]``, default ``+PONG``;
+    an answer that is a list is written a byte per reactor turn."""
+
+    def __init__(self, answers: dict[bytes, bytes | list[bytes]]) -> None:
+        self.answers, self.reader = answers, hiredis.Reader()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (command := self.reader.gets()) is not False:
+            answer = self.answers.get(command[0].upper(), b"+PONG\r\n")
+            if isinstance(answer, list):
+                self.dribble(answer)
+            else:
+                self.transport.write(answer)
+
+    def dribble(self, pieces: list[bytes]) -> None:
+        if pieces:
+            self.transport.write(pieces[0])
+            reactor.callLater(0, self.dribble, pieces[1:])
+
+
+@pytest_twisted.async_yield_fixture
+async def fake_redis():
+    """``await fake_redis(answers)``: the URL of a FakeRedis on loopback."""
+    ports = []
+
+    async def start(answers) -> str:
+        ports.append(await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: FakeRedis(answers))))
+        return f"redis://127.0.0.1:{ports[-1].getHost().port}/0"
+
+    yield start
+    for port in ports:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reply_split_anywhere_is_read_whole(fake_redis, open_store):
+    reply = b"$11\r\na\r\nb\0$-1\r\n+\r\n"  # a bulk string that looks like RESP inside
+    store = await open_store(await fake_redis({b"GET": [reply[n:n + 1] for n in range(len(reply))]}))
+    assert await store.get(b"k") == b"a\r\nb\0$-1\r\n+" and store.available
+
+
+@pytest.mark.parametrize("answer, said", [
+    (b"?what\r\n", "not RESP"),
+    (b"$1\r\nv\r\n+unasked\r\n", "a reply nobody asked for"),
+])
+@pytest_twisted.ensureDeferred
+async def test_what_a_redis_never_sends_drops_the_connection(fake_redis, open_store, clock, log_events,
+                                                             answer, said):
+    changes = []
+    store = await open_store(await fake_redis({b"GET": answer}), on_change=changes.append)
+    got = await store.get(b"k").addErrback(lambda failure: failure.value)
+    if said == "not RESP":
+        assert isinstance(got, StoreUnavailable) and said in str(got)
+    else:  # the reply that was asked for still goes to its command
+        assert got == b"v"
+    await turns_until(lambda: not store.available)  # the unasked reply is nobody's
+    assert changes == [True, False]
+    assert said in events_about(log_events, store)[-1]
+    clock.advance(BACKOFF_FIRST)
+    await turns_until(lambda: store.available)

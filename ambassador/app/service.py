@@ -93,7 +93,7 @@ class Options(usage.Options):
          "Seconds requests in flight may take to finish after SIGTERM before the process exits "
          "(keep it below the Pod's terminationGracePeriodSeconds).", float],
         ["cache", None, None,
-         "Where the response cache keeps answers: 'memory' (this process) or redis://[[user]:password@]host"
+         "Where the response cache keeps answers: 'memory' (this process) or redis[s]://[[user]:password@]host"
          "[:port][/db], shared by every replica. Default: $AMBASSADOR_CACHE_URL, else memory."],
         ["cache-size", None, "64MiB",
          "Most bytes the in-memory response cache holds (e.g. 64MiB, 512KiB, 1000000); least recently used "

@@ -1,10 +1,12 @@
 """The Redis backend of the shared response cache: bytes in, bytes out, never in the way.
 
-``RedisStore`` keeps one connection to Redis, speaking RESP2 itself (a
-small ``Protocol``; replies are matched to commands in order). It connects
-in the background and reconnects forever with a capped backoff. A command
-fails with ``StoreUnavailable`` at once while there is no connection and
-after ``timeout`` seconds without an answer, so a slow or absent Redis
+``RedisStore`` keeps one connection to Redis. The protocol is txredisapi's
+``RedisProtocol`` (RESP, commands pipelined, replies matched to them in
+order, parsed by hiredis); docs/redis-cache.md says why this library. The
+store adds what the cache needs around it: it connects in the background
+(TLS for ``rediss://``) and reconnects forever with a capped backoff, and a
+command fails with ``StoreUnavailable`` at once while there is no connection
+and after ``timeout`` seconds without an answer, so a slow or absent Redis
 costs a request at most ``timeout``: the cache then goes to the upstream.
 
 The password in the URL is sent in ``AUTH`` and nowhere else: not in
@@ -13,18 +15,19 @@ The password in the URL is sent in ``AUTH`` and nowhere else: not in
 
 from __future__ import annotations
 
+import functools
 import math
-from collections import deque
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from attrs import field, frozen
 from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -33,21 +36,13 @@ log = Logger(namespace="ambassador")
 #: Reconnection waits: BACKOFF_FIRST seconds after a failure, doubling up to BACKOFF_MAX.
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
-#: How long a TCP connection attempt may take.
+#: How long each step of connecting (TCP, then AUTH, SELECT, PING; TLS happens during the first) may take.
 CONNECT_TIMEOUT = 1.0
-URL_FORM = "redis://[[user]:password@]host[:port][/db]"
+URL_FORM = "redis[s]://[[user]:password@]host[:port][/db]"
 
 
 class StoreUnavailable(Exception):
     """Redis could not be asked (not connected, timed out, error reply)."""
-
-
-class _ErrorReply(Exception):
-    """Redis answered ``-ERR ...``."""
-
-
-class _ProtocolError(Exception):
-    """What came back is not RESP2."""
 
 
 @frozen
@@ -59,15 +54,16 @@ class RedisAddress:
     db: int
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    tls: bool = False
 
     @property
     def description(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"redis://{host}:{self.port}/{self.db}"
+        return f"{'rediss' if self.tls else 'redis'}://{host}:{self.port}/{self.db}"
 
 
 def parse_redis_url(url: str) -> RedisAddress:
-    """``redis://[[user]:password@]host[:port][/db]``; ValueError (never quoting the URL) otherwise."""
+    """``redis[s]://[[user]:password@]host[:port][/db]``; ValueError (never quoting the URL) otherwise."""
 
     def wrong(why: str) -> ValueError:
         return ValueError(f"the Redis URL must look like {URL_FORM}: {why}")
@@ -80,8 +76,8 @@ def parse_redis_url(url: str) -> RedisAddress:
         port = parts.port
     except ValueError:
         raise wrong("the port is not a number from 0 to 65535") from None
-    if parts.scheme != "redis":
-        raise wrong("it must start with redis://")
+    if parts.scheme not in ("redis", "rediss"):
+        raise wrong("it must start with redis:// (or rediss:// for TLS)")
     if not parts.hostname:
         raise wrong("the host is missing")
     if parts.query or parts.fragment:
@@ -93,124 +89,70 @@ def parse_redis_url(url: str) -> RedisAddress:
     password = unquote(parts.password) if parts.password else None
     if username and not password:
         raise wrong("a user name needs a password (redis://user:password@host)")
-    return RedisAddress(parts.hostname, port or 6379, int(db), username, password)
+    return RedisAddress(parts.hostname, port or 6379, int(db), username, password, tls=parts.scheme == "rediss")
 
 
-def _encode(args: tuple[bytes | str | int, ...]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        arg = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(out)
+@functools.cache
+def _txredisapi() -> Any:
+    """txredisapi, and the protocol the store uses. Imported on first use, not with this module:
+    txredisapi imports ``twisted.internet.reactor``, which would install the default reactor before
+    twistd (or a test) has chosen one."""
+    import txredisapi  # type: ignore[import-untyped]  # no type information shipped
 
+    class Connection(txredisapi.RedisProtocol):
+        """txredisapi's protocol, replying in bytes (no decoding, no number conversion), that keeps why
+        it ended and drops itself rather than let a reply be taken for another command's."""
 
-def _parse(buffer: bytearray, start: int):
-    """The reply at ``start``: ``(reply, where the next one starts)``, or None when it is not all there.
-    Bulk strings are bytes, simple strings str, errors ``_ErrorReply``, nil None."""
-    end = buffer.find(b"\r\n", start)
-    if end < 0:
-        return None
-    kind, line, after = buffer[start:start + 1], bytes(buffer[start + 1:end]), end + 2
-    try:
-        if kind == b"+":
-            return line.decode("utf-8", "replace"), after
-        if kind == b"-":
-            return _ErrorReply(line.decode("utf-8", "replace")), after
-        if kind == b":":
-            return int(line), after
-        if kind == b"$":
-            length = int(line)
-            if length < 0:
-                return None, after
-            if len(buffer) < after + length + 2:
-                return None
-            return bytes(buffer[after:after + length]), after + length + 2
-        if kind == b"*":
-            items = []
-            for _ in range(int(line)):  # *-1 (a nil array) runs no round: []
-                parsed = _parse(buffer, after)
-                if parsed is None:
-                    return None
-                item, after = parsed
-                items.append(item)
-            return (items if int(line) >= 0 else None), after
-    except ValueError:
-        pass
-    raise _ProtocolError(f"unexpected reply {bytes(buffer[start:end])[:40]!r}")
+        def __init__(self) -> None:
+            super().__init__(charset=None, convertNumbers=False)
+            self.ended: str | None = None  # why the connection ended (or is ending), once it has
 
+        def end(self, reason: str) -> None:
+            """Drop the connection now; commands waiting on it fail (``ended`` says why)."""
+            if self.ended is None:
+                self.ended = reason
+                if self.transport is not None:
+                    self.transport.abortConnection()
 
-class RESPConnection(Protocol):
-    """One connection to Redis: commands are pipelined, replies matched to them in order.
-
-    A command not answered within ``timeout`` seconds on ``clock`` fails, and
-    the connection is dropped with everything still waiting on it, so a late
-    reply can never be taken for another command's. ``on_lost(reason)`` is
-    called once when the connection ends; ``closed`` fires when it is gone.
-    """
-
-    def __init__(self, clock: IReactorTime, timeout: float) -> None:
-        self._clock, self._timeout = clock, timeout
-        self._buffer = bytearray()
-        self._waiting: deque[tuple[Deferred, object]] = deque()
-        self.ended: str | None = None  # why the connection ended, once it has
-        self.on_lost: Callable[[str], None] | None = None
-        self.closed = Deferred()
-
-    def command(self, *args: bytes | str | int) -> Deferred:
-        if self.ended is not None:
-            return defer.fail(StoreUnavailable(self.ended))
-        answer = Deferred()
-        timer = self._clock.callLater(self._timeout, self._end, f"no answer within {self._timeout:g} s")
-        self._waiting.append((answer, timer))
-        self.transport.write(_encode(args))
-        return answer
-
-    def dataReceived(self, data: bytes) -> None:
-        self._buffer += data
-        start = 0
-        while self._waiting and self.ended is None:
+        def dataReceived(self, data: bytes, unpause: bool = False) -> None:
             try:
-                parsed = _parse(self._buffer, start)
-            except _ProtocolError as e:
-                self._end(str(e))
-                return
-            if parsed is None:
-                break
-            reply, start = parsed
-            answer, timer = self._waiting.popleft()
-            timer.cancel()
-            if not answer.called:  # its caller may have cancelled it
-                if isinstance(reply, _ErrorReply):
-                    answer.errback(StoreUnavailable(f"Redis answered an error: {reply}"))
-                else:
-                    answer.callback(reply)
-        del self._buffer[:start]
-        if self._buffer and not self._waiting and self.ended is None:
-            self._end("Redis sent a reply nobody asked for")
+                super().dataReceived(data, unpause)
+            except txredisapi.InvalidData as e:  # hiredis met bytes that are not RESP
+                self.end(f"Redis sent something that is not RESP ({e})")
 
-    def close(self, reason: str) -> None:
-        """Drop the connection now; waiting commands fail with ``reason``."""
-        self._end(reason)
+        def replyReceived(self, reply: object) -> None:
+            if self.replyQueue.waiting:
+                super().replyReceived(reply)
+            else:  # txredisapi would keep it and hand it to the next command
+                self.end("Redis sent a reply nobody asked for")
 
-    def connectionLost(self, reason: Failure) -> None:
-        self._end(f"connection lost ({reason.getErrorMessage()})", drop=False)
-        self.closed.callback(None)
+        def connectionLost(self, reason: Failure) -> None:
+            if self.ended is None:
+                self.ended = _why_lost(reason)
+            super().connectionLost(reason)
 
-    def _end(self, reason: str, drop: bool = True) -> None:
-        """Drop the connection, tell ``on_lost``, fail every waiting command with ``reason``."""
-        if self.ended is not None:
-            return
-        self.ended = reason
-        if drop:
-            self.transport.abortConnection()
-        if self.on_lost is not None:
-            self.on_lost(reason)
-        waiting, self._waiting = self._waiting, deque()
-        for answer, timer in waiting:
-            if timer.active():
-                timer.cancel()
-            if not answer.called:
-                answer.errback(StoreUnavailable(reason))
+    return txredisapi, Connection
+
+
+def _quiet_factory(connection) -> Factory:
+    """A factory for the one ``connection``, that does not log each connection's start and stop
+    (``connectProtocol``'s does: a line per reconnection attempt)."""
+    factory = Factory.forProtocol(lambda: connection)
+    factory.noisy = False
+    return factory
+
+
+def _why_lost(reason: Failure) -> str:
+    """Why a connection ended, in a few words: OpenSSL's reasons for TLS, Twisted's message otherwise."""
+    from OpenSSL import SSL  # Twisted's TLS is pyOpenSSL and service_identity (Twisted[tls])
+    from service_identity import VerificationError
+
+    if reason.check(VerificationError):
+        return "the TLS connection failed (the certificate does not match the host name)"
+    if reason.check(SSL.Error):  # args: [(library, function, reason), ...]
+        details = [str(part[-1]) for part in (reason.value.args or [[]])[0] if isinstance(part, tuple)]
+        return f"the TLS connection failed ({'; '.join(details) or reason.getErrorMessage()})"
+    return f"connection lost ({reason.getErrorMessage()})"
 
 
 class RedisStore:
@@ -219,19 +161,24 @@ class RedisStore:
     ``reactor`` connects (``IReactorTCP``); ``clock`` (the reactor unless
     given) times commands out and paces reconnection. ``on_change(available)``
     is called on the first connection outcome and whenever reachability
-    changes, after the change is logged.
+    changes, after the change is logged. For ``rediss://``, ``trust_root``
+    (an ``IOpenSSLTrustRoot`` such as ``twisted.internet.ssl.Certificate``)
+    is what the server's certificate must chain to; by default the system's
+    trust store.
     """
 
     def __init__(self, url: str, reactor, *, timeout: float = 0.25,
-                 on_change: Callable[[bool], None] | None = None, clock: IReactorTime | None = None) -> None:
+                 on_change: Callable[[bool], None] | None = None, clock: IReactorTime | None = None,
+                 trust_root: object | None = None) -> None:
         self._address = parse_redis_url(url)
         self.description = self._address.description
         self.timeout = timeout
         self._reactor, self._clock = reactor, clock if clock is not None else reactor
         self._on_change = on_change
+        self._trust_root = trust_root
         self._running = False
-        self._connection: RESPConnection | None = None  # the one in use, once AUTH and SELECT are done
-        self._open: set[RESPConnection] = set()  # every connection not yet closed
+        self._connection: Any = None  # the one in use, once AUTH and SELECT are done
+        self._open: set = set()  # every connection not yet closed
         self._attempt: Deferred | None = None
         self._retry = None
         self._delay = BACKOFF_FIRST
@@ -258,28 +205,50 @@ class RedisStore:
         if self._attempt is not None:
             self._attempt.cancel()
         self._connection = None
-        closing = [connection.closed for connection in self._open]
+        closing = [connection.whenDisconnected() for connection in self._open]
         for connection in list(self._open):
-            connection.close("the Redis store was stopped")
+            connection.end("the Redis store was stopped")
         return defer.DeferredList(closing).addCallback(lambda _: None)
 
     def get(self, key: bytes) -> Deferred:
         """The value under ``key``, or None when there is none (or it expired)."""
-        return self._command(b"GET", key)
+        return self._ask(self._connection, lambda redis: redis.get(key))
 
     def set(self, key: bytes, value: bytes, ttl: float) -> Deferred:
         """Keep ``value`` under ``key`` for ``ttl`` seconds (rounded up to whole milliseconds)."""
         if not (math.isfinite(ttl) and ttl > 0):
             raise ValueError(f"a Redis TTL must be a positive number of seconds, not {ttl!r}")
-        return self._command(b"SET", key, value, b"PX", math.ceil(ttl * 1000)).addCallback(lambda _: None)
+        milliseconds = math.ceil(ttl * 1000)
+        return self._ask(self._connection, lambda redis: redis.set(key, value, pexpire=milliseconds)).addCallback(
+            lambda _: None)
 
-    def _command(self, *args) -> Deferred:
-        if self._connection is None:
+    def _ask(self, connection, command: Callable[[Any], Deferred], timeout: float | None = None) -> Deferred:
+        """``command(connection)``'s reply, or StoreUnavailable. Without an answer within ``timeout``
+        (the store's unless given) the connection is dropped with every command waiting on it, so a
+        late reply can never be taken for another command's."""
+        if connection is None:
             return defer.fail(StoreUnavailable(f"not connected to {self.description}"))
-        return self._connection.command(*args)
+        txredisapi, _ = _txredisapi()
+        timeout = self.timeout if timeout is None else timeout
+        answer = defer.maybeDeferred(command, connection).addTimeout(timeout, self._clock)
 
-    def _connect(self) -> None:
-        self._retry = None
+        def failed(failure: Failure):
+            if failure.check(defer.TimeoutError):
+                reason = f"no answer within {timeout:g} s"
+                self._drop(connection, reason)
+            elif failure.check(txredisapi.ResponseError):
+                reason = f"Redis answered an error: {failure.value}"
+            elif failure.check(txredisapi.ConnectionError):  # lost, or not connected yet
+                reason = connection.ended or "not connected"
+            elif failure.check(defer.CancelledError):  # the caller, or stop(), gave up on it
+                return failure
+            else:
+                reason = f"unexpected reply ({failure.getErrorMessage()})"
+            raise StoreUnavailable(reason)
+
+        return answer.addErrback(failed)
+
+    def _endpoint(self):
         host, port = self._address.host, self._address.port
         if isIPAddress(host):  # no name to resolve: one address, and a refusal is known at once
             endpoint = TCP4ClientEndpoint(self._reactor, host, port)
@@ -287,56 +256,72 @@ class RedisStore:
             endpoint = TCP6ClientEndpoint(self._reactor, host, port)
         else:
             endpoint = HostnameEndpoint(self._reactor, host, port)
-        connection = RESPConnection(self._clock, self.timeout)
-        connecting = connectProtocol(endpoint, connection)
-        connecting.addTimeout(CONNECT_TIMEOUT, self._clock)
-        self._attempt = connecting.addCallback(lambda _: defer.ensureDeferred(self._log_in(connection)))
-        self._attempt.addCallbacks(self._connected, self._failed, callbackArgs=(connection,))
+        if self._address.tls:
+            from twisted.internet.ssl import optionsForClientTLS  # needs pyOpenSSL: only for rediss://
 
-    async def _log_in(self, connection: RESPConnection) -> None:
+            endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=self._trust_root), endpoint)
+        return endpoint
+
+    def _connect(self) -> None:
+        self._retry = None
+        _, Connection = _txredisapi()
+        connection = Connection()
+        self._attempt = defer.ensureDeferred(self._log_in(connection))
+        self._attempt.addCallbacks(self._connected, self._failed, callbackArgs=(connection,),
+                                   errbackArgs=(connection,))
+
+    async def _log_in(self, connection) -> None:
+        try:
+            await self._endpoint().connect(_quiet_factory(connection)).addTimeout(CONNECT_TIMEOUT, self._clock)
+        except defer.TimeoutError:
+            raise StoreUnavailable(f"could not connect within {CONNECT_TIMEOUT:g} s") from None
         self._open.add(connection)
-        connection.closed.addCallback(lambda _: self._open.discard(connection))
+        connection.whenDisconnected().addCallback(self._closed)
         address = self._address
-        try:
-            if address.password is not None:
-                user = (address.username,) if address.username else ()
-                await self._step(connection.command(b"AUTH", *user, address.password), "AUTH")
-            if address.db:
-                await self._step(connection.command(b"SELECT", address.db), f"SELECT {address.db}")
-            await self._step(connection.command(b"PING"), "PING")
-        except BaseException:
-            connection.transport.abortConnection()
-            raise
+        steps: list[tuple[str, Callable[[Any], Deferred]]] = []
+        if address.password is not None:
+            # As bytes: a password that came through the environment with undecodable bytes is sent
+            # as it was, and no encoding error can quote it.
+            password = address.password.encode("utf-8", "surrogateescape")
+            username = address.username.encode("utf-8", "surrogateescape") if address.username else None
+            steps.append(("AUTH", lambda redis: redis.auth(password, username)))
+        if address.db:
+            steps.append((f"SELECT {address.db}", lambda redis: redis.select(address.db)))
+        steps.append(("PING", lambda redis: redis.ping()))
+        for what, command in steps:
+            try:
+                await self._ask(connection, command, timeout=CONNECT_TIMEOUT)
+            except StoreUnavailable as e:
+                raise StoreUnavailable(f"{what} failed: {e}") from None
 
-    @staticmethod
-    async def _step(answer: Deferred, what: str) -> None:
-        try:
-            await answer
-        except StoreUnavailable as e:
-            raise StoreUnavailable(f"{what} failed: {e}") from None
-
-    def _connected(self, _, connection: RESPConnection) -> None:
+    def _connected(self, _, connection) -> None:
         self._attempt = None
         self._delay = BACKOFF_FIRST
         self._connection = connection
-        connection.on_lost = lambda reason: self._lost(connection, reason)
         self._changed(True, None)
 
-    def _failed(self, failure: Failure) -> None:
+    def _failed(self, failure: Failure, connection) -> None:
         self._attempt = None
-        if not self._running:  # stop() cancelled the attempt
-            return
-        if failure.check(defer.TimeoutError):
-            reason = f"could not connect within {CONNECT_TIMEOUT:g} s"
-        elif failure.check(StoreUnavailable):
+        if failure.check(StoreUnavailable):
             reason = str(failure.value)
+        elif failure.check(defer.CancelledError):
+            reason = "the Redis store was stopped"
         else:  # refused, unreachable, DNS: Twisted's messages name the host at most
             reason = f"could not connect ({failure.getErrorMessage()})"
+        connection.end(reason)
+        if not self._running:  # stop() cancelled the attempt
+            return
         self._changed(False, reason)
         self._schedule()
 
-    def _lost(self, connection: RESPConnection, reason: str) -> None:
-        if connection is not self._connection:  # one that stop() already let go of
+    def _closed(self, connection) -> None:
+        self._open.discard(connection)
+        self._drop(connection, connection.ended)
+
+    def _drop(self, connection, reason: str) -> None:
+        """``connection`` is of no more use: end it, and if it was the one in use, reconnect."""
+        connection.end(reason)
+        if connection is not self._connection:  # one being logged in, or one stop() let go of
             return
         self._connection = None
         if self._running:
@@ -356,7 +341,7 @@ class RedisStore:
                      state="connected" if first else "reachable again")
         else:
             password = self._address.password
-            if password:  # nothing Redis or Twisted says holds it; this keeps it that way
+            if password and reason:  # nothing Redis or Twisted says holds it; this keeps it that way
                 reason = reason.replace(password, "[REDACTED]")
             log.warn("Redis cache {redis} is unreachable: {reason}; serving without it and reconnecting "
                      "(every {backoff_max:g} s at most)", redis=self.description, reason=reason,
