@@ -56,7 +56,7 @@ class IExternalAdapter(Interface):
     probe_path = Attribute("Optional: an upstream path that is cheap to GET and fails when the "
                            "credential is bad; used by --probe-interval. Absent or None: not probed.")
     max_response_bytes = Attribute("Optional: the longest upstream answer read, in bytes; a longer one is "
-                                   "a 502. Absent: ambassador.pipeline.gateway.DEFAULT_MAX_RESPONSE_BYTES (10 MiB).")
+                                   "a 502. Absent: ambassador.pipeline.client.DEFAULT_MAX_RESPONSE_BYTES (10 MiB).")
 
     def upstream_request(inbound):
         """

@@ -17,7 +17,7 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from ambassador.pipeline.http1client import ConnectionPool, Origin, ResponseTooLarge, _Connection, _Exchange, request_head
 from ambassador.exchange import UpstreamRequest
-from ambassador.pipeline.gateway import UpstreamClient
+from ambassador.pipeline.client import UpstreamClient
 from conftest import reactor_turns_until
 
 GET = UpstreamRequest("GET", "/3/movie/550", (("api_key", "k"), ("q", "a b&c")))

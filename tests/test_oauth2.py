@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from ambassador.credentials.sources import REFRESH_MARGIN
 from ambassador.exchange import UpstreamRequest
 from ambassador.testing import FakeAPI, FakeOAuth2TokenEndpoint, serve
-from ambassador.pipeline.gateway import UpstreamClient
+from ambassador.pipeline.client import UpstreamClient
 from conftest import adapters_from_yaml, get, header
 
 ENVIRON = {"CLIENT_SECRET": "test-client-secret"}
@@ -177,7 +177,7 @@ async def test_an_unreachable_token_endpoint_is_502(start, api, endpoint):
     await closed.stopListening()
     ambassador = await start(token_url=closed.base_url + "/token")
     document = problem(*await get(ambassador.url + "/api/a"), 502, "token-endpoint-failed")
-    assert "could not be reached (ConnectionRefusedError)" in document["detail"]
+    assert "could not connect (connection refused)" in document["detail"]
 
 
 @pytest_twisted.ensureDeferred

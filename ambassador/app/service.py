@@ -30,7 +30,8 @@ from ambassador.cache.peers import PeerFactory, Peers
 from ambassador.reactor import install_unless_chosen
 from ambassador.pipeline.resilience import POLICY_HELP, Guard, Policy, resolve_policies
 from ambassador.cache.redisstore import RedisStore, parse_redis_url
-from ambassador.pipeline.gateway import Gateway, UpstreamClient
+from ambassador.pipeline.client import UpstreamClient
+from ambassador.pipeline.gateway import Gateway
 from ambassador.web.proxy import ACCESS_LOG_FROM, ProxyFactory, mount_table
 from ambassador.app.workers import (PEER_DIR_VARIABLE, WORKER_VARIABLE, AdoptedEndpoint, WorkerPool, accept_one_at_a_time,
                       report_admin_port, share_of, stop_when_primary_ends, worker_index)

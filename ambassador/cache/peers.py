@@ -39,7 +39,8 @@ from ambassador.pipeline.http1client import ConnectionPool
 from ambassador.exchange import Answer, InboundRequest, UpstreamRequest, without_params
 from ambassador.metrics import CACHE_OUTCOMES, Metrics
 from ambassador.problems import Problem
-from ambassador.pipeline.gateway import DEFAULT_MAX_RESPONSE_BYTES, Gateway
+from ambassador.pipeline.client import DEFAULT_MAX_RESPONSE_BYTES
+from ambassador.pipeline.gateway import Gateway
 from ambassador.web.proxy import ProxyFactory
 
 log = Logger(namespace="ambassador")

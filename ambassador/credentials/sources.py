@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from ambassador.exchange import UpstreamRequest, UpstreamResponse, without_params
 from ambassador.interfaces import ConfigurationError, ICredential
+from ambassador.pipeline.client import ResponseTooLarge, UpstreamFailed
 from ambassador.problems import Problem
 
 log = Logger()
@@ -412,8 +413,10 @@ class OAuth2ClientCredentials(_Sourced):
             response = await call
         except defer.TimeoutError:
             raise self._failed(adapter, 502, "token-endpoint-failed", f"did not answer within {self.timeout:g} s")
-        except Exception as e:  # refused, reset, TLS, DNS: the kind is enough, the text may hold the URL
-            raise self._failed(adapter, 502, "token-endpoint-failed", f"could not be reached ({type(e).__name__})")
+        except UpstreamFailed as e:  # the client's reason names the kind, never the URL
+            raise self._failed(adapter, 502, "token-endpoint-failed", e.reason)
+        except ResponseTooLarge as e:
+            raise self._failed(adapter, 502, "token-endpoint-failed", f"answered with more than {e.limit} bytes")
         token, lifetime = self._read_token(adapter, response)
         self._token, self.problem = token, None
         self._fresh_until = asked + lifetime - min(REFRESH_MARGIN, lifetime * REFRESH_SHARE)
