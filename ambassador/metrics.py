@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ambassador.instruments import Instruments
-from ambassador.pipeline.resilience import CLOSED, HALF_OPEN, OPEN
+from ambassador.pipeline.stages.breaker import CLOSED, HALF_OPEN, OPEN
 
 # Latencies of a sidecar in front of an internet API: sub-millisecond cache
 # hits up to the 10 s default deadline.

@@ -11,13 +11,13 @@ from email.utils import formatdate
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock, deferLater
 
 from twisted.python.failure import Failure
 
-from ambassador.pipeline.resilience import Policy, RateLimited, TokenBucket, retry_after_seconds
-from ambassador.pipeline.gateway import Timeouts
+from ambassador.pipeline.resilience import Policy, retry_after_seconds
+from ambassador.pipeline.stages.ratelimit import RateLimited, TokenBucket
 from conftest import connect_raw, get, header, parse_response, reactor_turns_until, tmdb_env
 
 KEY = {"TMDB_API_KEY": "test-api-key"}
@@ -314,33 +314,6 @@ def waiting_for_drain(clock) -> bool:
     return any(call.getTime() - clock.seconds() == 25 for call in clock.getDelayedCalls())
 
 
-def test_timeouts_cancel_each_call_at_its_time_on_one_timer():
-    clock = Clock()
-    clock.advance(100)
-    timeouts = Timeouts(clock)
-    calls = {name: Deferred() for name in ("a", "b", "c", "d")}
-    for call in calls.values():
-        call.addErrback(lambda failure: failure.trap(CancelledError))
-    timeouts.start(calls["a"], 105)
-    timeouts.start(calls["b"], 110)
-    timeouts.start(calls["c"], 102)  # earlier than the timer: it is armed again, for 102
-    timeouts.start(calls["d"], 103)
-    assert len(clock.getDelayedCalls()) == 1
-    assert timeouts.stop(calls["d"])  # answered in time: never cancelled
-    clock.advance(1.5)
-    assert not any(call.called for call in calls.values())
-    clock.advance(0.5)
-    assert [name for name, call in calls.items() if call.called] == ["c"]
-    assert not timeouts.stop(calls["c"])  # its timeout came first
-    clock.advance(3)
-    assert [name for name, call in calls.items() if call.called] == ["a", "c"]
-    clock.advance(4.5)
-    assert not calls["b"].called
-    clock.advance(0.5)
-    assert calls["b"].called and not calls["d"].called
-    assert not clock.getDelayedCalls()  # nothing in flight, no timer
-
-
 def test_retry_after_values():
     assert retry_after_seconds("7", 0) == 7
     assert retry_after_seconds(formatdate(1000, usegmt=True), 990) == 10
@@ -385,19 +358,6 @@ async def test_a_caller_who_hangs_up_is_neither_a_failure_nor_retried(fake_tmdb,
     assert [e["status"] for e in log_events if e.get("log_namespace") == "ambassador.access"] == [499] * 3 + [200]
     assert b'ambassador_requests_total{adapter="tmdb",code_class="4xx",route="movies"} 3.0' in metrics
     assert b'ambassador_requests_in_flight{adapter="tmdb"} 0.0' in metrics
-
-
-def test_token_bucket_takes_now_only_what_acquire_would_give_at_once():
-    clock = Clock()
-    bucket = TokenBucket(clock, rate=4, burst=2, max_wait=1)
-    assert bucket.take_now() and bucket.take_now()  # the burst
-    assert not bucket.take_now()  # the next token is 0.25 s away: nothing taken
-    clock.advance(0.25)
-    assert bucket.take_now() and not bucket.take_now()
-    waited = []
-    bucket.acquire().addCallback(waited.append)  # take_now took nothing it refused: the wait is one interval
-    clock.advance(0.25)
-    assert waited == [0.25]
 
 
 OUTCOMES = {  # what the upstream does with the first attempt, and the retries the policy allows

@@ -13,7 +13,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ambassador.interfaces import IExternalAdapter
-from ambassador.pipeline.resilience import OPEN, CircuitBreaker
+from ambassador.pipeline.stages.breaker import OPEN, CircuitBreaker
 
 log = Logger(namespace="ambassador")
 

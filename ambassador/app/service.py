@@ -28,7 +28,8 @@ from ambassador.metrics import Metrics
 from ambassador.app.mounting import Mount, check_mount_names, describe_adapters, mounted, select_adapters
 from ambassador.cache.peers import PeerFactory, Peers
 from ambassador.reactor import install_unless_chosen
-from ambassador.pipeline.resilience import POLICY_HELP, Guard, Policy, resolve_policies
+from ambassador.pipeline.guard import Guard
+from ambassador.pipeline.resilience import POLICY_HELP, Policy, resolve_policies
 from ambassador.cache.redisstore import RedisStore, parse_redis_url
 from ambassador.pipeline.client import UpstreamClient
 from ambassador.pipeline.gateway import Gateway

@@ -346,13 +346,13 @@ class ResponseCache:
         self._flights: dict[str, _Flight] = {}
 
     def serve(self, key: str, policy, request_headers: Mapping[str, str], wish: CallerWish,
-              fetch: Fetch, interpret: Interpret, forward: Forward | None = None) -> Served | defer.Deferred:
-        """A Served at once (a fresh hit), or a Deferred firing with one or failing with a Problem.
+              fetch: Fetch, interpret: Interpret, forward: Forward | None = None) -> defer.Deferred:
+        """A Deferred firing with a Served (at once for a fresh hit in memory) or failing with a Problem.
         With ``forward``, an upstream fetch is first offered to the process owning ``key``."""
         found = self.store.get(key, self._clock.seconds())
-        if isinstance(found, defer.Deferred):  # a shared store answers later
-            return found.addCallback(self._decide, key, policy, request_headers, wish, fetch, interpret, forward)
-        return self._decide(found, key, policy, request_headers, wish, fetch, interpret, forward)
+        if not isinstance(found, defer.Deferred):  # a shared store answers later, memory at once
+            found = defer.succeed(found)
+        return found.addCallback(self._decide, key, policy, request_headers, wish, fetch, interpret, forward)
 
     def kept_for(self, key: str, served: Served) -> Entry | None:
         """The entry this process keeps for ``key`` if ``served`` was answered from it (None with a shared

@@ -1,9 +1,10 @@
-"""Policies that keep the outside world's trouble away from the caller.
+"""Policies that keep the outside world's trouble away from the caller: what they say, and how they are read.
 
 Per adapter: a deadline for the whole exchange, retries with exponential
 backoff and full jitter, Retry-After honoured, a client-side rate limit
-(token bucket), a circuit breaker and a cap on requests in flight. Every
-wait is scheduled on an injected clock, so tests drive it with ``Clock``.
+(token bucket), a circuit breaker and a cap on requests in flight. The
+stages in ``ambassador.pipeline.stages`` enforce them; every wait is
+scheduled on an injected clock, so tests drive it with ``Clock``.
 """
 
 from __future__ import annotations
@@ -13,13 +14,9 @@ import random
 from email.utils import parsedate_to_datetime
 from collections.abc import Callable
 
-from attrs import define, field, fields, frozen
-from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
+from attrs import fields, frozen
 
 from ambassador.interfaces import ConfigurationError
-from ambassador.problems import Problem
 
 
 def _seconds(text: str) -> float:
@@ -159,166 +156,9 @@ def full_jitter_backoff(policy: Policy, retry: int, rng: random.Random) -> float
     return rng.uniform(0, min(policy.backoff_cap, policy.backoff_base * 2**retry))
 
 
-class RateLimited(Exception):
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(retry_after)
-        self.retry_after = retry_after
-
-
-@define
-class TokenBucket:
-    """A token bucket kept as a theoretical arrival time (GCRA): exact, O(1), no timer ticking.
-
-    ``acquire`` fires when the request may be sent; a request that would wait
-    longer than ``max_wait`` fails at once with RateLimited.
-    """
-
-    clock: IReactorTime
-    rate: float
-    burst: int
-    max_wait: float
-    _tat: float = field(default=0.0, init=False)
-
-    def acquire(self) -> defer.Deferred:
-        wait, tat = self._next()
-        if wait > self.max_wait + 1e-9:
-            return defer.fail(RateLimited(wait))
-        self._tat = tat
-        if wait <= 0:
-            return defer.succeed(0.0)
-        return deferLater(self.clock, wait, lambda: wait)
-
-    def take_now(self) -> bool:
-        """Take a token when one is free now (``acquire`` would fire at once with 0); else take nothing."""
-        wait, tat = self._next()
-        if wait > 0:
-            return False
-        self._tat = tat
-        return True
-
-    def _next(self) -> tuple[float, float]:
-        """Seconds until the next token may be used (0 or less: now), and the arrival time once it is taken."""
-        now = self.clock.seconds()
-        interval = 1.0 / self.rate
-        tat = max(self._tat, now)
-        return tat - (self.burst - 1) * interval - now, tat + interval
-
-    def hold_until(self, until: float) -> None:
-        """Send nothing before ``until`` (the upstream asked us to wait), then resume at the rate."""
-        self._tat = max(self._tat, until + (self.burst - 1) / self.rate)
-
-
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
-
-
-@define
-class CircuitBreaker:
-    """Opens after ``failures`` consecutive upstream failures; while open, nothing is sent.
-
-    After the open interval one probe request goes through: success closes
-    the circuit, failure opens it again for twice as long (up to ``open_max``).
-    """
-
-    clock: IReactorTime
-    failures: int
-    open_for: float
-    open_max: float
-    state: str = CLOSED
-    _consecutive: int = field(default=0, init=False)
-    _trips: int = field(default=0, init=False)
-    _opened_until: float = field(default=0.0, init=False)
-    _probing: bool = field(default=False, init=False)
-
-    def rejecting(self) -> bool:
-        """Would a request be turned away now? (Does not use up the half-open probe.)"""
-        if self.state == OPEN:
-            return self.clock.seconds() < self._opened_until
-        return self.state == HALF_OPEN and self._probing
-
-    def admit(self) -> bool:
-        """May a request go upstream now? (Half-open lets exactly one through.)"""
-        if self.state == CLOSED:
-            return True
-        if self.state == OPEN and self.clock.seconds() >= self._opened_until:
-            self.state = HALF_OPEN
-        if self.state == HALF_OPEN and not self._probing:
-            self._probing = True
-            return True
-        return False
-
-    def abandoned(self) -> None:
-        """The admitted probe never finished (the caller left): let the next request probe."""
-        self._probing = False
-
-    def retry_after(self) -> float:
-        return max(1.0, self._opened_until - self.clock.seconds())
-
-    def succeeded(self) -> None:
-        self.state, self._consecutive, self._trips, self._probing = CLOSED, 0, 0, False
-
-    def failed(self) -> None:
-        self._consecutive += 1
-        if self.state == HALF_OPEN or (self.failures and self._consecutive >= self.failures):
-            self._trips += 1
-            self.state, self._probing = OPEN, False
-            self._opened_until = self.clock.seconds() + min(self.open_max, self.open_for * 2 ** (self._trips - 1))
-
-
-class Slots(defer.DeferredSemaphore):
-    """The in-flight cap: a DeferredSemaphore that can also hand out a free slot without a Deferred."""
-
-    def take_now(self) -> bool:
-        """Take a slot when one is free (``acquire`` would fire at once); else take nothing."""
-        if not self.tokens:
-            return False
-        self.tokens -= 1
-        return True
-
-
-@define
-class Guard:
-    """One adapter's policy and the live state that enforces it."""
-
-    policy: Policy
-    breaker: CircuitBreaker | None
-    bucket: TokenBucket | None
-    slots: Slots
-
-    @classmethod
-    def of(cls, policy: Policy, clock: IReactorTime) -> Guard:
-        breaker = None
-        if policy.breaker_failures:
-            breaker = CircuitBreaker(clock, policy.breaker_failures, policy.breaker_open, policy.breaker_open_max)
-        bucket = None
-        if policy.rate_limit:
-            bucket = TokenBucket(clock, policy.rate_limit, policy.burst, policy.rate_queue)
-        return cls(policy, breaker, bucket, Slots(policy.max_in_flight))
-
-
 def whole_seconds(seconds: float) -> str:
     """A Retry-After value: whole seconds, at least 1."""
     return str(max(1, math.ceil(seconds)))
-
-
-def circuit_open(adapter: str, retry_after: float) -> Problem:
-    return Problem(503, "circuit-open", "Circuit open",
-                   f"Recent calls to the {adapter} service kept failing, so the ambassador is not calling it "
-                   "for a while (circuit breaker); retry later.",
-                   headers=[("Retry-After", whole_seconds(retry_after))])
-
-
-def rate_limited(adapter: str, policy: Policy, retry_after: float) -> Problem:
-    return Problem(429, "rate-limited", "Rate limit reached",
-                   f"The ambassador sends at most {policy.rate_limit:g} requests per second to the {adapter} "
-                   f"service and this request would have waited more than {policy.rate_queue:g} s; retry later.",
-                   headers=[("Retry-After", whole_seconds(retry_after))])
-
-
-def too_many_in_flight(adapter: str, policy: Policy) -> Problem:
-    return Problem(503, "concurrency-limit", "Too many requests in flight",
-                   f"{policy.max_in_flight} requests to the {adapter} service are already in flight and no slot "
-                   f"freed within {policy.in_flight_queue:g} s; retry shortly.",
-                   headers=[("Retry-After", "1")])
 
 
 def resolve_policies(adapters, entries: list[str], *, source: str = "--policy") -> dict[str, Policy]:

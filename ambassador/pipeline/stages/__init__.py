@@ -1,0 +1,45 @@
+"""The stages an upstream exchange goes through, outermost first.
+
+Each stage is one concern in one module and wraps the next, the way Twisted
+composes client features by wrapping one ``IAgent`` in another: a stage is
+an async callable taking a ``Call`` and returning the upstream's
+``UpstreamResponse``, or raising a ``Problem`` (or ``CancelledError`` when the
+caller left). ``ambassador.pipeline.gateway`` builds one chain per adapter,
+leaving out the stages its policy turns off::
+
+    Deadline → Retry → Breaker → Credential → RateLimit → Concurrency → Send
+
+The order is the policy's meaning: the deadline covers every attempt; each
+retry passes the breaker again, gets the credential attached again (and
+refreshed once after a 401), takes its own rate token and in-flight slot;
+``Send`` makes the one call. Above the chain, ``caching`` serves GET and HEAD
+from the response cache and calls the chain for what it must fetch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+
+from attrs import define
+
+from ambassador.exchange import Trace, UpstreamRequest, UpstreamResponse
+from ambassador.interfaces import IExternalAdapter
+
+
+@define
+class Call:
+    """One exchange with the upstream as it passes through the stages."""
+
+    adapter: IExternalAdapter
+    request: UpstreamRequest
+    trace: Trace
+    deadline: float = math.inf  # on the clock; set by the Deadline stage
+    refreshed: bool = False  # the credential was refreshed once already in this exchange
+
+
+#: A stage, or the rest of the chain below it.
+Stage = Callable[[Call], Awaitable[UpstreamResponse]]
+
+#: Problem kinds that say an attempt reached for the upstream and failed (not a refusal of our own).
+ATTEMPT_FAILURES = frozenset({"upstream-unreachable", "upstream-timeout", "upstream-too-large"})

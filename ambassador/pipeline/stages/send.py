@@ -1,0 +1,78 @@
+"""The innermost stage: one call to the upstream within what is left of the deadline, counted, and its
+failures said as Problems."""
+
+from __future__ import annotations
+
+from attrs import define
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from ambassador.exchange import UpstreamResponse
+from ambassador.metrics import UpstreamMetrics
+from ambassador.problems import Problem
+from ambassador.pipeline.client import DEFAULT_MAX_RESPONSE_BYTES, ResponseTooLarge, UpstreamClient, UpstreamFailed
+from ambassador.pipeline.resilience import Policy
+from ambassador.pipeline.stages import Call
+from ambassador.pipeline.stages.deadline import deadline_passed, host_of
+
+
+class AttemptTimedOut(Exception):
+    """One upstream attempt took longer than its timeout."""
+
+
+@define
+class Send:
+    client: UpstreamClient
+    policy: Policy
+    clock: IReactorTime
+    metrics: UpstreamMetrics  # the adapter's
+
+    async def __call__(self, call: Call) -> UpstreamResponse:
+        adapter, clock = call.adapter, self.clock
+        remaining = call.deadline - clock.seconds()
+        if remaining <= 0:  # the waits before this attempt used the deadline up
+            raise deadline_passed(adapter, self.policy.timeout)
+        timeout = min(remaining, self.policy.attempt_timeout or remaining)
+        call.trace.attempts += 1
+        started = clock.seconds()
+        limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
+        try:
+            fetched = self.client.fetch(adapter.base_url, call.request, max_body=limit)
+        except Exception:  # a request the client refuses at once (a bad header) fails like any other attempt
+            fetched = defer.fail()
+        # The timeout cancels the call, which drops its connection.
+        fetched.addTimeout(timeout, clock, onTimeoutCancel=lambda result, timeout: Failure(AttemptTimedOut()))
+        try:
+            response = await fetched
+        except Exception as e:
+            self.metrics.attempted(_outcome_of(e), clock.seconds() - started)
+            if isinstance(e, defer.CancelledError):  # the caller left
+                raise
+            raise _explained(e, adapter, timeout) from None
+        call.trace.upstream_status = response.status
+        self.metrics.attempted(f"{response.status // 100}xx", clock.seconds() - started)
+        return response
+
+
+def _outcome_of(e: Exception) -> str:
+    """The ``outcome`` label of a failed attempt."""
+    if isinstance(e, AttemptTimedOut):
+        return "timeout"
+    if isinstance(e, defer.CancelledError):
+        return "cancelled"
+    return "too-large" if isinstance(e, ResponseTooLarge) else "unreachable"
+
+
+def _explained(e: Exception, adapter, timeout: float) -> Exception:
+    """The Problem a failed attempt is for the caller; anything the client's contract does not name as is."""
+    where = f"the {adapter.name} service ({host_of(adapter.base_url)})"
+    if isinstance(e, AttemptTimedOut):
+        return Problem(504, "upstream-timeout", "Upstream timed out",
+                       f"{where} did not answer completely within {timeout:g} s.")
+    if isinstance(e, ResponseTooLarge):
+        return Problem(502, "upstream-too-large", "Upstream answer too large",
+                       f"{where} answered more than {e.args[0]} bytes, the most the ambassador reads from it.")
+    if isinstance(e, UpstreamFailed):
+        return Problem(502, "upstream-unreachable", "Upstream unreachable", f"Calling {where}: {e.reason}.")
+    return e
