@@ -85,7 +85,8 @@ class Gateway:
 
     def probe(self, adapter: IExternalAdapter, path: str) -> defer.Deferred:
         """Ask the upstream for ``path``; fires with None when it answered well, else why not."""
-        call = defer.ensureDeferred(self._probes[adapter.name](Call(adapter, UpstreamRequest("GET", path), Trace())))
+        call: defer.Deferred = defer.ensureDeferred(
+            self._probes[adapter.name](Call(adapter, UpstreamRequest("GET", path), Trace())))
         call.addCallbacks(
             lambda response: None if response.status < 400 else f"{path} answered status {response.status}",
             lambda failure: failure.value.detail if failure.check(Problem) else failure.getErrorMessage(),

@@ -19,7 +19,8 @@ from the response cache and calls the chain for what it must fetch.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from attrs import define
 
@@ -39,7 +40,13 @@ class Call:
 
 
 #: A stage, or the rest of the chain below it.
-Stage = Callable[[Call], Awaitable[UpstreamResponse]]
+Stage = Callable[[Call], Coroutine[Any, Any, UpstreamResponse]]
+
+
+class Counted(Protocol):
+    """A counter a stage counts its events on (prometheus_client's, bound to the adapter's labels)."""
+
+    def inc(self) -> None: ...
 
 #: Problem kinds that say an attempt reached for the upstream and failed (not a refusal of our own).
 ATTEMPT_FAILURES = frozenset({"upstream-unreachable", "upstream-timeout", "upstream-too-large"})

@@ -14,7 +14,7 @@ from functools import partial
 from attrs import evolve
 from twisted.internet import defer
 
-from ambassador.cache.responses import CACHE_NAME, CallerWish, ResponseCache, Served, cache_key
+from ambassador.cache.responses import CACHE_NAME, CallerWish, Entry, ResponseCache, Served, cache_key
 from ambassador.exchange import Answer, InboundRequest, Trace, UpstreamRequest
 from ambassador.metrics import Metrics
 from ambassador.pipeline.resilience import Policy
@@ -32,9 +32,10 @@ class Caching:
                for_peer: bool) -> defer.Deferred:
         """The Answer to ``inbound``, from the cache where policy and caller allow, else by ``fetch`` (of an
         upstream response) and ``interpret``. ``for_peer``: see ``Gateway.answer``."""
+        cache = self._cache
         cacheable = request.method in ("GET", "HEAD") and not request.body
-        wish = CallerWish.of(inbound.headers) if self._cache is not None and policy.cache and cacheable else None
-        if wish is None or wish.bypass:
+        wish = CallerWish.of(inbound.headers) if cache is not None and policy.cache and cacheable else None
+        if cache is None or wish is None or wish.bypass:
             if for_peer:  # the asker forwards only what its cache would fetch: the same settings say no here
                 return defer.fail(RuntimeError("a request forwarded by another process does not go through the cache"))
             answered = fetch(request).addCallback(interpret)
@@ -47,9 +48,9 @@ class Caching:
         forward = None
         if self._peers is not None and not for_peer and request.method == "GET":  # the owner is sent a GET
             forward = partial(self._peers.ask, adapter, inbound, key, policy.timeout)
-        served = self._cache.serve(key, policy, request.headers, wish, conditional_fetch, interpret, forward)
+        served = cache.serve(key, policy, request.headers, wish, conditional_fetch, interpret, forward)
         if for_peer:
-            return served.addCallback(lambda served: (served, self._cache.kept_for(key, served)))
+            return served.addCallback(_with_entry, cache, key)
         return served.addCallback(self._served, adapter.name, inbound, trace)
 
     def _served(self, served: Served, adapter: str, inbound: InboundRequest, trace: Trace) -> Answer:
@@ -63,6 +64,10 @@ class Caching:
         if served.answer.status == 200 and served.unchanged_for(inbound.headers.get("if-none-match")):
             return Answer(304, served.headers(), b"")  # the caller has this answer already
         return Answer(served.answer.status, served.headers(), served.answer.body)
+
+
+def _with_entry(served: Served, cache: ResponseCache, key: str) -> tuple[Served, Entry | None]:
+    return served, cache.kept_for(key, served)
 
 
 def _bypassed(answer: Answer, trace: Trace) -> Answer:

@@ -9,7 +9,7 @@ from twisted.internet.interfaces import IReactorTime
 from ambassador.exchange import UpstreamResponse
 from ambassador.problems import Problem
 from ambassador.pipeline.resilience import Policy
-from ambassador.pipeline.stages import Call, Stage
+from ambassador.pipeline.stages import Call, Counted, Stage
 
 
 @define
@@ -18,7 +18,7 @@ class Concurrency:
     slots: defer.DeferredSemaphore
     policy: Policy
     clock: IReactorTime
-    rejections: object  # the adapter's counter
+    rejections: Counted  # the adapter's
 
     async def __call__(self, call: Call) -> UpstreamResponse:
         slot = self.slots.acquire()

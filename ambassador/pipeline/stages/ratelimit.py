@@ -10,7 +10,7 @@ from twisted.internet.task import deferLater
 from ambassador.exchange import UpstreamResponse
 from ambassador.problems import Problem
 from ambassador.pipeline.resilience import Policy, retry_after_seconds, whole_seconds
-from ambassador.pipeline.stages import Call, Stage
+from ambassador.pipeline.stages import Call, Counted, Stage
 
 
 class RateLimited(Exception):
@@ -57,8 +57,8 @@ class RateLimit:
     bucket: TokenBucket
     policy: Policy
     clock: IReactorTime
-    waits: object  # the adapter's counters
-    rejections: object
+    waits: Counted  # the adapter's
+    rejections: Counted
 
     async def __call__(self, call: Call) -> UpstreamResponse:
         try:

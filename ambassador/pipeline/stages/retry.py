@@ -16,7 +16,7 @@ from twisted.internet.task import deferLater
 from ambassador.exchange import UpstreamResponse
 from ambassador.problems import Problem
 from ambassador.pipeline.resilience import Policy, full_jitter_backoff, retry_after_seconds, whole_seconds
-from ambassador.pipeline.stages import Call, Stage
+from ambassador.pipeline.stages import Call, Counted, Stage
 
 _RETRIED_PROBLEMS = frozenset({"upstream-unreachable", "upstream-timeout"})
 
@@ -27,7 +27,7 @@ class Retry:
     policy: Policy
     clock: IReactorTime
     rng: random.Random
-    retried: object  # the adapter's retries counter
+    retried: Counted  # the adapter's retries
 
     async def __call__(self, call: Call) -> UpstreamResponse:
         retries_left = self.policy.retries if call.request.method in ("GET", "HEAD") else 0
