@@ -79,8 +79,8 @@ class ICredential(Interface):
 
     def attach(request, adapter):
         """
-        The UpstreamRequest with the credential attached, or a Deferred firing with it (a
-        credential that must first fetch a token). Raise (or fail with) a Problem when there is none.
+        A Deferred firing with the UpstreamRequest with the credential attached (at once, or once a
+        token is fetched), or failing with a Problem when there is none.
         """
 
     def rejected(sent):

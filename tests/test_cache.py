@@ -293,11 +293,11 @@ def test_memory_store_evicts_least_recently_used_and_stays_within_its_bound():
     for n in range(40):
         assert store.put(f"k{n}", entry(1000), 0.0)
         assert store.bytes <= store.max_bytes
-        store.get("k0", 0.0)  # k0 stays in use
-    assert store.get("k0", 0.0) is not None and store.get("k1", 0.0) is None and store.get("k39", 0.0) is not None
+        store.find("k0", 0.0)  # k0 stays in use
+    assert store.find("k0", 0.0) is not None and store.find("k1", 0.0) is None and store.find("k39", 0.0) is not None
     assert len(store) == 16 * 1024 // entry(1000).size and store.evictions == 40 - len(store)
-    assert not store.put("big", entry(3000), 0.0) and store.get("big", 0.0) is None
-    assert store.get("k39", 61.0) is None  # useless once past its lifetime (no validator, no stale window)
+    assert not store.put("big", entry(3000), 0.0) and store.find("big", 0.0) is None
+    assert store.find("k39", 61.0) is None  # useless once past its lifetime (no validator, no stale window)
 
 
 def test_entries_survive_a_round_trip_through_bytes():

@@ -45,11 +45,11 @@ def test_request_built_before_rotation_keeps_its_credential(tmp_path):
     credential = Credential(FileSecret(str(tmp_path / "key")), as_query_parameter("api_key"), "hint")
     clock = Clock()
     credential.start(clock)
-    in_flight = credential.attach(UpstreamRequest("GET", "/x"), "test")
+    in_flight = credential.attach(UpstreamRequest("GET", "/x"), "test").result
     (tmp_path / "key").write_text("second-longer")
     clock.advance(FILE_POLL_INTERVAL)
     assert in_flight.query == (("api_key", "first"),)
-    assert credential.attach(UpstreamRequest("GET", "/x"), "test").query == (("api_key", "second-longer"),)
+    assert credential.attach(UpstreamRequest("GET", "/x"), "test").result.query == (("api_key", "second-longer"),)
     credential.stop()
 
 
@@ -96,12 +96,12 @@ def test_basic_password_from_a_secret_volume_rotates_and_is_redacted(tmp_path):
                             as_basic(), "hint")
     clock = Clock()
     credential.start(clock, None)
-    sent = credential.attach(UpstreamRequest("GET", "/x"), "test")
+    sent = credential.attach(UpstreamRequest("GET", "/x"), "test").result
     assert sent.headers == {"Authorization": "Basic cmVhZGVyOmJhc2ljLXBhc3N3b3Jk"}  # reader:basic-password
     assert credential.redact("x cmVhZGVyOmJhc2ljLXBhc3N3b3Jk basic-password reader") == "x [REDACTED] [REDACTED] reader"
     kubelet_secret_volume(tmp_path, {"password": "rotated"}, "..2026_11_26_09_05_00.2")
     clock.advance(FILE_POLL_INTERVAL)
-    assert credential.attach(UpstreamRequest("GET", "/x"), "test").headers["Authorization"] == "Basic cmVhZGVyOnJvdGF0ZWQ="
+    assert credential.attach(UpstreamRequest("GET", "/x"), "test").result.headers["Authorization"] == "Basic cmVhZGVyOnJvdGF0ZWQ="
     assert credential.reloads() == 1
     os.unlink(tmp_path / "..data")
     clock.advance(FILE_POLL_INTERVAL)

@@ -288,7 +288,11 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str, now: float) -> Entry | None:
+    def get(self, key: str, now: float) -> defer.Deferred:
+        """A Deferred firing (at once) with the entry, or None; the same as a shared store's."""
+        return defer.succeed(self.find(key, now))
+
+    def find(self, key: str, now: float) -> Entry | None:
         found = self._entries.get(key)
         if found is None:
             return None
@@ -350,8 +354,6 @@ class ResponseCache:
         """A Deferred firing with a Served (at once for a fresh hit in memory) or failing with a Problem.
         With ``forward``, an upstream fetch is first offered to the process owning ``key``."""
         found = self.store.get(key, self._clock.seconds())
-        if not isinstance(found, defer.Deferred):  # a shared store answers later, memory at once
-            found = defer.succeed(found)
         return found.addCallback(self._decide, key, policy, request_headers, wish, fetch, interpret, forward)
 
     def kept_for(self, key: str, served: Served) -> Entry | None:
@@ -359,7 +361,7 @@ class ResponseCache:
         store: the other processes read it there)."""
         if self.store.shared:
             return None
-        entry = self.store.get(key, self._clock.seconds())
+        entry = self.store.find(key, self._clock.seconds())
         return entry if entry is not None and entry.answer is served.answer else None
 
     def _decide(self, entry: Entry | None, key, policy, request_headers, wish: CallerWish, fetch: Fetch,

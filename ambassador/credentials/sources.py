@@ -295,11 +295,11 @@ class Credential(_Sourced):
     def _sources(self) -> tuple[SecretSource, ...]:
         return (self.source,) if self.source is not None else ()
 
-    def attach(self, request: UpstreamRequest, adapter: str) -> UpstreamRequest:
+    def attach(self, request: UpstreamRequest, adapter: str) -> defer.Deferred:
         secret = self.source.current() if self.source is not None else None
         if secret is None:
-            raise self._missing(adapter)
-        return self.inject(request, secret)
+            return defer.fail(self._missing(adapter))
+        return defer.succeed(self.inject(request, secret))
 
     def rejected(self, sent: UpstreamRequest) -> bool:
         return False  # a fixed secret is not made better by asking again
@@ -357,11 +357,11 @@ class OAuth2ClientCredentials(_Sourced):
         super().start(clock)
         self._clock, self._client = clock, client
 
-    def attach(self, request: UpstreamRequest, adapter: str):
+    def attach(self, request: UpstreamRequest, adapter: str) -> defer.Deferred:
         if not self.present():
-            raise self._missing(adapter)
+            return defer.fail(self._missing(adapter))
         if self._token is not None and self._clock.seconds() < self._fresh_until:
-            return _as_bearer(request, self._token)
+            return defer.succeed(_as_bearer(request, self._token))
         waiter = defer.Deferred()
         self._waiting.append(waiter)
         if len(self._waiting) == 1:  # the first one asks; the others wait for its answer
