@@ -133,6 +133,7 @@ async def test_content_length_answer_and_the_request_sent(server, client):
     assert lines[0] == b"GET /3/movie/550?api_key=k&q=a+b%26c HTTP/1.1"
     port = upstream.url.rsplit(":", 1)[1]
     assert f"Host: 127.0.0.1:{port}".encode() in lines[1:]
+    assert not any(line.lower().startswith(b"accept-encoding") for line in lines)  # treq's gzip taken back
     assert b"User-Agent: ambassador-test" in lines[1:]
 
 
@@ -336,7 +337,7 @@ async def test_an_answer_cut_short_is_502_and_not_cached(server, start_ambassado
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_gzip_answer_is_decoded_and_held_to_the_cap_decoded(server, client):
+async def test_a_gzip_answer_sent_unasked_is_decoded_and_held_to_the_cap_decoded(server, client):
     import gzip
 
     packed = gzip.compress(b"x" * 5000)
@@ -371,3 +372,11 @@ async def test_send_now_sends_at_once_and_keeps_order_behind_queued_data(server)
     await reactor_turns_until(lambda: len(upstream.requests) == 2)
     assert [head for head, _ in upstream.requests] == [b"GET /1 HTTP/1.1", b"GET /2 HTTP/1.1"]
     transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_accept_encoding_the_adapter_sets_is_sent(server, client):
+    upstream = server()
+    await client().fetch(upstream.url, UpstreamRequest("GET", "/", (), {"Accept-Encoding": "br"}))
+    lines = upstream.requests[0][0].lower().split(b"\r\n")
+    assert [line for line in lines if line.startswith(b"accept-encoding")] == [b"accept-encoding: br"]

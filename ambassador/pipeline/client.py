@@ -39,7 +39,8 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent
+from zope.interface import implementer
 
 from ambassador import __version__
 from ambassador.exchange import UpstreamRequest, UpstreamResponse
@@ -103,7 +104,7 @@ class UpstreamClient:
         if endpoints is None:
             endpoints = _TCPEndpoints(reactor, connect_timeout, tls_policy or BrowserLikePolicyForHTTPS())
         self._closes = _CloseReasons()
-        agent = Agent.usingEndpointFactory(reactor, _Watched(endpoints, self._closes), pool=self._pool)
+        agent = _GzipNotAsked(Agent.usingEndpointFactory(reactor, _Watched(endpoints, self._closes), pool=self._pool))
         # treq wraps the Agent in a CookieAgent over this jar: a jar that keeps nothing.
         nothing = IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
         self._http = HTTPClient(agent, cookiejar=nothing)
@@ -134,11 +135,33 @@ class UpstreamClient:
         return self._pool.closeCachedConnections()
 
 
+@implementer(IAgent)
+class _GzipNotAsked:
+    """Takes back the ``Accept-Encoding: gzip`` treq adds to every request.
+
+    treq always wraps the Agent in a ContentDecoderAgent, which decompresses
+    each read whole before our cap sees it: one read of a hostile answer
+    could grow a thousandfold. Not asking keeps upstreams to identity; one
+    that compresses anyway is still decoded (treq offers no way out).
+    """
+
+    def __init__(self, agent) -> None:
+        self._agent = agent
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        asked = headers.getRawHeaders(b"accept-encoding", []) if headers is not None else []
+        if asked and asked[-1] == b"gzip":  # ContentDecoderAgent's, added after any of ours
+            if len(asked) > 1:
+                headers.setRawHeaders(b"accept-encoding", asked[:-1])
+            else:
+                headers.removeHeader(b"accept-encoding")
+        return self._agent.request(method, uri, headers, bodyProducer)
+
+
 def _headers(raw: Headers) -> dict[str, str]:
     headers = {name.decode("latin-1").lower(): b", ".join(values).decode("latin-1")
                for name, values in raw.getAllRawHeaders()}
-    # treq always asks for gzip and decodes it (ContentDecoderAgent); that leaves an empty
-    # Content-Encoding on an answer that had none.
+    # treq's ContentDecoderAgent leaves an empty Content-Encoding on an answer that had none.
     if headers.get("content-encoding") == "":
         del headers["content-encoding"]
     return headers
