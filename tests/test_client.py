@@ -380,3 +380,58 @@ async def test_an_accept_encoding_the_adapter_sets_is_sent(server, client):
     await client().fetch(upstream.url, UpstreamRequest("GET", "/", (), {"Accept-Encoding": "br"}))
     lines = upstream.requests[0][0].lower().split(b"\r\n")
     assert [line for line in lines if line.startswith(b"accept-encoding")] == [b"accept-encoding: br"]
+
+
+def _certificate_for_localhost():
+    """A self-signed certificate and key (PEM) naming localhost in its subjectAltName."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    return (certificate.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_is_verified_through_the_tls_policy(client):
+    from twisted.internet import ssl
+    from twisted.web.client import BrowserLikePolicyForHTTPS
+
+    certificate_pem, key_pem = _certificate_for_localhost()
+    server_certificate = ssl.PrivateCertificate.loadPEM(certificate_pem + key_pem)
+    upstream = ScriptedServer()
+    port = reactor.listenSSL(0, upstream, server_certificate.options(), interface="127.0.0.1")
+    try:
+        url = f"https://localhost:{port.getHost().port}"
+        trusting = client(tls_policy=BrowserLikePolicyForHTTPS(ssl.Certificate.loadPEM(certificate_pem)))
+        assert (await trusting.fetch(url, GET, max_body=100)).body == b"{}"
+        failed = await failure_of(client().fetch(url, GET, max_body=100))  # the system trust store: not trusted
+        assert failed.reason.startswith("the TLS handshake failed")
+        assert len(upstream.requests) == 1
+    finally:
+        for connection in upstream.connections:
+            connection.transport.abortConnection()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_head_answer_has_no_body_even_with_a_length(server, client):
+    upstream = server(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+    upstream_client = client()
+    response = await upstream_client.fetch(upstream.url, UpstreamRequest("HEAD", "/"), max_body=100)
+    assert (response.status, response.body, response.headers["content-length"]) == (200, b"", "2")
+    assert (await upstream_client.fetch(upstream.url, GET, max_body=100)).body == b"{}"
+    assert len(upstream.connections) == 1  # kept alive after it
