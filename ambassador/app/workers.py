@@ -52,7 +52,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IStreamServerEndpoint
 
-from ambassador.pipeline.http1client import ConnectionPool
+from ambassador.pipeline.client import UpstreamClient
 from ambassador.exchange import UpstreamRequest
 from ambassador.cache.peers import socket_path
 from ambassador.pipeline.resilience import Policy
@@ -193,7 +193,7 @@ class WorkerPool(Service):
         self._listener = listener
         self._grace_period = grace_period
         self.workers: dict[int, _Worker] = {}
-        self._client = ConnectionPool(reactor, user_agent="ambassador-primary")
+        self._client = UpstreamClient(reactor, max_idle_per_host=1, user_agent="ambassador-primary")
         self.setName("workers")
 
     def startService(self) -> None:
@@ -255,8 +255,8 @@ class WorkerPool(Service):
         asked = [(0, defer.succeed(own))]
         for index, worker in sorted(self.workers.items()):
             if worker.admin_port is not None:
-                call = self._client.request(f"http://127.0.0.1:{worker.admin_port}",
-                                            UpstreamRequest("GET", "/metrics"), 16 * 1024 * 1024)
+                call = self._client.fetch(f"http://127.0.0.1:{worker.admin_port}", UpstreamRequest("GET", "/metrics"),
+                                          max_body=16 * 1024 * 1024)
                 call.addTimeout(5, self._reactor)
                 call.addCallback(lambda response: response.body if response.status == 200 else b"")
                 call.addErrback(lambda _: b"")  # a worker stopping or restarting: left out this time

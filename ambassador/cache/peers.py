@@ -35,11 +35,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ambassador.cache.responses import ForwardFailed, Served, entry_meta, entry_of
-from ambassador.pipeline.http1client import ConnectionPool
 from ambassador.exchange import Answer, InboundRequest, UpstreamRequest, without_params
 from ambassador.metrics import CACHE_OUTCOMES, Metrics
 from ambassador.problems import Problem
-from ambassador.pipeline.client import DEFAULT_MAX_RESPONSE_BYTES
+from ambassador.pipeline.client import DEFAULT_MAX_RESPONSE_BYTES, UpstreamClient
 from ambassador.pipeline.gateway import Gateway
 from ambassador.web.proxy import ProxyFactory
 
@@ -63,16 +62,14 @@ def socket_path(directory: str, index: int) -> str:
     return os.path.join(directory, f"worker-{index}.sock")
 
 
-class _PeerConnections(ConnectionPool):
-    """Kept-alive connections to the other processes' peer sockets: origin ``http://worker-<i>``."""
+def _peer_connections(reactor, directory: str) -> UpstreamClient:
+    """The client for asks: kept-alive connections to the other processes' peer sockets, origin
+    ``http://worker-<i>`` meaning ``<directory>/worker-<i>.sock``."""
 
-    def __init__(self, reactor, directory: str, **settings) -> None:
-        super().__init__(reactor, user_agent="ambassador-peer", **settings)
-        self._directory = directory
+    def endpoint(uri) -> UNIXClientEndpoint:
+        return UNIXClientEndpoint(reactor, os.path.join(directory, f"{uri.host.decode('ascii')}.sock"), timeout=3)
 
-    def _endpoint(self, origin):
-        return UNIXClientEndpoint(self._reactor, os.path.join(self._directory, f"{origin.host}.sock"),
-                                  timeout=self._connect_timeout)
+    return UpstreamClient(reactor, endpoints=endpoint, user_agent="ambassador-peer")
 
 
 class Peers(Service):
@@ -83,7 +80,7 @@ class Peers(Service):
         self.index = index
         self.count = count
         self._clock = clock or reactor
-        self._connections = _PeerConnections(reactor, directory, clock=clock)
+        self._connections = _peer_connections(reactor, directory)
         self._asks = {outcome: metrics.peer_asks.labels(outcome) for outcome in ("relayed", "fallback")}
 
     def listening_endpoint(self, reactor) -> UNIXServerEndpoint:
@@ -104,8 +101,8 @@ class Peers(Service):
         path = "/".join((inbound.route.path.rstrip("/"), *inbound.segments))
         limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES) + _META_ROOM
         query = without_params(inbound.query, adapter.secret_params)  # the caller's own key stays here too
-        call = self._connections.request(f"http://worker-{owner}", UpstreamRequest("GET", path, query, headers),
-                                         limit)
+        call = self._connections.fetch(f"http://worker-{owner}", UpstreamRequest("GET", path, query, headers),
+                                       max_body=limit)
         call.addTimeout(timeout + ASK_MARGIN, self._clock)
         return call.addCallbacks(self._answered, self._not_answered, (owner,), None, (owner, timeout + ASK_MARGIN))
 

@@ -1,8 +1,8 @@
 """Decoding a chunked message body (RFC 9112 section 7.1) as its bytes arrive.
 
-Used for both directions: request bodies on the proxy port (``ambassador.web.http1``) and
-upstream answers (``ambassador.pipeline.http1client``). Trailer fields are read and dropped. Line ends
-may be CRLF or a bare LF, which RFC 9112 lets a recipient accept.
+Used for request bodies on the proxy port (``ambassador.web.http1``); upstream answers are read
+through treq. Trailer fields are read and dropped. Line ends may be CRLF or a bare LF, which
+RFC 9112 lets a recipient accept.
 """
 
 from __future__ import annotations
