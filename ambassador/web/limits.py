@@ -30,7 +30,9 @@ access_log = Logger(namespace="ambassador.access")
 # no value holds a control character other than tab (so no NUL or bare CR).
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e]+ HTTP/1\.[01]\Z")
 _HEADER = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\Z")
-_FRAMING = (b"content-length", b"transfer-encoding", b"host")  # two of one: a smuggling attempt
+# Two of one, or a length and a coding: a smuggling attempt.
+_ONE_OF = {b"content-length": (b"content-length", b"transfer-encoding"),
+           b"transfer-encoding": (b"content-length", b"transfer-encoding"), b"host": (b"host",)}
 
 
 @frozen
@@ -153,11 +155,11 @@ class LimitedChannel(HTTPChannel):
         self.MAX_LENGTH = self.limits.max_line
         self.totalHeadersSize = self.limits.max_header_bytes + 1
         self.maxHeaders = self.limits.max_headers + 1
-        self.site.connections += 1
+        self.site.connections.add(self)
         super().connectionMade()
 
     def connectionLost(self, reason) -> None:
-        self.site.connections -= 1
+        self.site.connections.discard(self)
         self.stop_deadline()
         super().connectionLost(reason)
 
@@ -191,7 +193,8 @@ class LimitedChannel(HTTPChannel):
             return False
         name, _, value = line.partition(b":")
         name, value = name.lower(), value.strip(b" \t")
-        if not _HEADER.match(line) or name in _FRAMING and self.requests[-1].requestHeaders.hasHeader(name):
+        given = self.requests[-1].requestHeaders
+        if not _HEADER.match(line) or any(map(given.hasHeader, _ONE_OF.get(name, ()))):
             self.refuse(bad_request())
             return False
         if name == b"content-length":
@@ -216,6 +219,10 @@ class LimitedChannel(HTTPChannel):
     def requestDone(self, request) -> None:
         self.busy = False  # before Twisted reads on in what was pipelined behind it
         super().requestDone(request)
+
+    def close_when_idle(self) -> None:
+        if not self.busy and self.head_lines == 0 and self.deadline is None:
+            self.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.refuse(target_too_long(self.limits) if self.head_lines == 0 else headers_too_large(self.limits))
@@ -260,14 +267,21 @@ class LimitedSite(Site):
     def __init__(self, resource, *, limits: InboundLimits = InboundLimits(), reactor=None) -> None:
         super().__init__(resource, timeout=limits.idle_timeout, reactor=reactor, parsePOSTFormSubmission=False)
         self.limits = limits
-        self.connections = 0
+        self.connections: set[LimitedChannel] = set()
+        self.closing = False  # shutting down: answer what is asked with Connection: close
 
     def buildProtocol(self, addr):
-        if self.connections >= self.limits.max_connections:
+        if len(self.connections) >= self.limits.max_connections:
             return Overloaded(self)
         channel = super().buildProtocol(addr)
         channel.limits = self.limits
         return channel
+
+    def close_connections(self) -> None:
+        """For a shutdown: idle connections close now, the others after their answer."""
+        self.closing = True
+        for channel in list(self.connections):
+            channel.close_when_idle()
 
     def refused(self, problem: Problem, request_id: str) -> None:
         """Called for each problem answered before a request was read whole."""
