@@ -150,6 +150,8 @@ class LimitedChannel(HTTPChannel):
     busy = False  # a request was read whole and is not answered yet
     head_lines = 0  # of the head being read (request line included)
     head_bytes = 0
+    head_version = b"HTTP/1.1"
+    delimiter = b"\n"  # a bare LF ends a line too; lineReceived drops the CR before it
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.limits.max_line
@@ -173,12 +175,15 @@ class LimitedChannel(HTTPChannel):
     def lineReceived(self, line: bytes) -> None:
         if self.refused:
             return
+        if line.endswith(b"\r"):
+            line = line[:-1]  # lines end in LF, CR LF the usual way of it (RFC 9112 section 2.2)
         if self.head_lines == 0:
             if not line:
                 return  # empty lines before a request are ignored (RFC 9112 section 2.2)
             if not _REQUEST_LINE.match(line):
                 self.refuse(bad_request())
                 return
+            self.head_version = line[-8:]
         self.head_lines += bool(line)
         self.head_bytes += len(line) + 2
         if self.head_bytes > self.limits.max_header_bytes or self.head_lines - 1 > self.limits.max_headers:
@@ -204,7 +209,7 @@ class LimitedChannel(HTTPChannel):
             if int(value) > self.limits.max_body:
                 self.refuse(body_too_large(self.limits))
                 return False
-        if name == b"transfer-encoding" and value.lower() != b"chunked":
+        if name == b"transfer-encoding" and (value.lower() != b"chunked" or self.head_version != b"HTTP/1.1"):
             self.refuse(bad_request())
             return False
         return super().headerReceived(line)
