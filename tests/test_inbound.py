@@ -17,7 +17,7 @@ def responses(raw: bytes) -> list[tuple[int, dict, bytes]]:
     while raw:
         status, headers, body = parse_response(raw)
         raw = raw[raw.index(b"\r\n\r\n") + 4 + int(headers.get("content-length", 0)):]
-        assert raw == b"" or raw.startswith(b"HTTP/1.1 "), raw[:40]
+        assert raw == b"" or raw.startswith(b"HTTP/1."), raw[:40]
         found.append((status, headers, body))
     return found
 
@@ -76,6 +76,17 @@ async def test_an_http_1_0_request_is_answered_and_the_connection_closed(fake_tm
     client.transport.write(b"GET /tmdb/3/movie/550 HTTP/1.0\r\n\r\n")
     status, headers, body = parse_response(await client.closed)
     assert status == 200 and len(body) == int(headers["content-length"]) > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http_1_0_connection_is_kept_when_the_caller_asks(fake_tmdb, start_ambassador):
+    url = (await start_ambassador(tmdb_env(fake_tmdb, **KEY))).url
+    client = await connect_raw(url)
+    client.transport.write(b"GET /tmdb/3/movie/550 HTTP/1.0\r\nConnection: Keep-Alive\r\nX-Request-ID: k\r\n\r\n"
+                           b"GET /tmdb/3/movie/550 HTTP/1.0\r\nX-Request-ID: c\r\n\r\n")
+    answers = responses(await client.closed)
+    assert [(s, h["x-request-id"], h.get("connection")) for s, h, _ in answers] == [
+        (200, "k", "keep-alive"), (200, "c", None)]
 
 
 @pytest_twisted.ensureDeferred

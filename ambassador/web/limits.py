@@ -225,6 +225,15 @@ class LimitedChannel(HTTPChannel):
         self.busy = False  # before Twisted reads on in what was pipelined behind it
         super().requestDone(request)
 
+    def checkPersistence(self, request, version) -> bool:
+        # Twisted closes every HTTP/1.0 connection; a Site whose answers all carry their length keeps the
+        # ones that ask for it (the proxy port, as before twisted.web served it).
+        tokens = b",".join(request.requestHeaders.getRawHeaders(b"connection", [])).lower().split(b",")
+        if version == b"HTTP/1.0" and self.site.keeps_http_1_0_alive and b"keep-alive" in map(bytes.strip, tokens):
+            request.responseHeaders.setRawHeaders(b"Connection", [b"keep-alive"])
+            return True
+        return super().checkPersistence(request, version)
+
     def close_when_idle(self) -> None:
         if not self.busy and self.head_lines == 0 and self.deadline is None:
             self.loseConnection()
@@ -268,6 +277,7 @@ class LimitedSite(Site):
     protocol = LimitedChannel
     requestFactory = BoundedRequest
     displayTracebacks = False
+    keeps_http_1_0_alive = False  # only when every answer carries Content-Length (LimitedChannel.checkPersistence)
 
     def __init__(self, resource, *, limits: InboundLimits = InboundLimits(), reactor=None) -> None:
         super().__init__(resource, timeout=limits.idle_timeout, reactor=reactor, parsePOSTFormSubmission=False)

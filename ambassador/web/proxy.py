@@ -129,6 +129,8 @@ class _Unrouted(Resource):
 
 
 class _ProblemResource(Resource):
+    """Answers ``problem`` whatever lies below (a refused target, a path no route is mounted at)."""
+
     isLeaf = True
 
     def __init__(self, problem: Problem) -> None:
@@ -227,6 +229,8 @@ class ProxyFactory(LimitedSite):
     """The proxy listener (a Site): an optional caller token, the adapters' routes, and for every request
     an id and one structured, redacted access-log event (``access_log``: for every answer, "all";
     for statuses from 400, "errors"; "none")."""
+
+    keeps_http_1_0_alive = True  # every answer is written whole, with its Content-Length (``_finish``)
 
     def __init__(self, adapters: Iterable[IExternalAdapter], gateway: Gateway, metrics: Metrics, clock, *,
                  limits: InboundLimits = InboundLimits(), token: FileSecret | None = None,
