@@ -44,7 +44,10 @@ def refusals(log_events):
         (REQUEST + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n12345", 400, "bad-request"),
         (REQUEST + b"Content-Length: -1\r\n\r\n", 400, "bad-request"),
         (REQUEST + b"Transfer-Encoding: gzip\r\n\r\n", 400, "bad-request"),
-        (REQUEST + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "bad-request"),
+        (b"POST /tmdb/3/movie/550 HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "bad-request"),
+        (REQUEST + b"Host: other\r\n\r\n", 400, "bad-request"),
+        (b"GET /tmdb/3/movie/550 HTTP/1.1 extra\r\n\r\n", 400, "bad-request"),
+        (b"GET /tmdb/3/movie/550 HTTP/2.0\r\n\r\n", 400, "bad-request"),
         (REQUEST + b"No colon here\r\n\r\n", 400, "bad-request"),
         (REQUEST + b"Bad Name: 1\r\n\r\n", 400, "bad-request"),
         (REQUEST + b"X-Nul: a\x00b\r\n\r\n", 400, "bad-request"),
@@ -63,6 +66,16 @@ async def test_oversized_or_malformed_requests_get_a_problem_and_nothing_goes_up
     assert [(e["status"], e["problem"], e["request_id"]) for e in refusals(log_events)] == [
         (status, kind, headers["x-request-id"])]
     assert json.loads(body)["request_id"] == headers["x-request-id"]
+    await still_serves(url, fake_tmdb)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_malformed_chunked_body_gets_twisteds_bare_400_and_nothing_goes_upstream(fake_tmdb, start_ambassador):
+    # twisted.web's chunked decoder has no public hook for a refusal of our own: its 400 has no problem body.
+    url = (await start_ambassador(tmdb_env(fake_tmdb, **KEY))).url
+    status, _, body = await raw_exchange(url, REQUEST + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")
+    assert (status, body) == (400, b"")
+    assert fake_tmdb.requests == []
     await still_serves(url, fake_tmdb)
 
 

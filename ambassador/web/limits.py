@@ -10,6 +10,7 @@ gives a caller ``read_timeout`` seconds to send a whole request.
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from io import BytesIO
 from random import getrandbits
@@ -23,6 +24,15 @@ from twisted.web.server import Request, Site
 from ambassador.problems import PROBLEM_CONTENT_TYPE, Problem
 
 access_log = Logger(namespace="ambassador.access")
+
+# Checked before Twisted parses a line, so that what it would answer with a bare 400 gets a problem:
+# method SP target SP version (RFC 9112 section 3, the target visible ASCII), and token ":" value where
+# no value holds a control character other than tab (so no NUL or bare CR).
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e]+ HTTP/1\.[01]\Z")
+_HEADER = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\Z")
+# Two of one, or a length and a coding: a smuggling attempt.
+_ONE_OF = {b"content-length": (b"content-length", b"transfer-encoding"),
+           b"transfer-encoding": (b"content-length", b"transfer-encoding"), b"host": (b"host",)}
 
 
 @frozen
@@ -112,8 +122,12 @@ class BoundedRequest(Request):
         # Never a temporary file: the body is bounded, and the root filesystem may be read-only.
         self.content = BytesIO()
 
-    def _handleStar(self) -> None:
+    def process(self) -> None:
+        if self.path != b"*":
+            return super().process()
         # Twisted answers a request for "*" (OPTIONS *) itself; the Site refuses it like any other target.
+        self.site = self.channel.site
+        self.prepath, self.postpath = [], [b"*"]
         self.render(self.site.getResourceFor(self))
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -125,69 +139,122 @@ class BoundedRequest(Request):
 
 class LimitedChannel(HTTPChannel):
     """HTTPChannel with ``limits``, problem+json refusals, a read deadline and a connection count,
-    for a LimitedSite."""
+    for a LimitedSite.
+
+    The head's size and header count are counted here, line by line, and Twisted's own limits set
+    just above ours, so that ours refuse first (with a problem, not Twisted's bare 400)."""
 
     limits = InboundLimits()
-    _deadline = None
-    _refused = False
+    deadline = None
+    refused = False
+    busy = False  # a request was read whole and is not answered yet
+    head_lines = 0  # of the head being read (request line included)
+    head_bytes = 0
+    head_version = b"HTTP/1.1"
+    delimiter = b"\n"  # a bare LF ends a line too; lineReceived drops the CR before it
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.limits.max_line
-        self.totalHeadersSize = self.limits.max_header_bytes
-        self.maxHeaders = self.limits.max_headers
-        self.site.connections += 1
+        self.totalHeadersSize = self.limits.max_header_bytes + 1
+        self.maxHeaders = self.limits.max_headers + 1
+        self.site.connections.add(self)
         super().connectionMade()
 
     def connectionLost(self, reason) -> None:
-        self.site.connections -= 1
-        self._stop_deadline()
+        self.site.connections.discard(self)
+        self.stop_deadline()
         super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._refused:
+        if self.refused:
             return  # lingering after a refusal: read and drop
-        if self._deadline is None and not self._handlingRequest:
-            self._deadline = self.callLater(self.limits.read_timeout, self.refuse, too_slow(self.limits))
+        if self.deadline is None and not self.busy:
+            self.deadline = self.callLater(self.limits.read_timeout, self.refuse, too_slow(self.limits))
         super().dataReceived(data)
 
+    def lineReceived(self, line: bytes) -> None:
+        if self.refused:
+            return
+        if line.endswith(b"\r"):
+            line = line[:-1]  # lines end in LF, CR LF the usual way of it (RFC 9112 section 2.2)
+        if self.head_lines == 0:
+            if not line:
+                return  # empty lines before a request are ignored (RFC 9112 section 2.2)
+            if not _REQUEST_LINE.match(line):
+                self.refuse(bad_request())
+                return
+            self.head_version = line[-8:]
+        self.head_lines += bool(line)
+        self.head_bytes += len(line) + 2
+        if self.head_bytes > self.limits.max_header_bytes or self.head_lines - 1 > self.limits.max_headers:
+            self.refuse(headers_too_large(self.limits))
+            return
+        if not line:
+            self.head_lines = self.head_bytes = 0
+        super().lineReceived(line)
+
     def headerReceived(self, line: bytes) -> bool:
+        if self.refused:
+            return False
         name, _, value = line.partition(b":")
-        value = value.strip()
-        if name.lower() == b"content-length" and value.isdigit() and int(value) > self.limits.max_body:
-            self.refuse(body_too_large(self.limits))
+        name, value = name.lower(), value.strip(b" \t")
+        given = self.requests[-1].requestHeaders
+        if not _HEADER.match(line) or any(map(given.hasHeader, _ONE_OF.get(name, ()))):
+            self.refuse(bad_request())
+            return False
+        if name == b"content-length":
+            if not value.isdigit():
+                self.refuse(bad_request())
+                return False
+            if int(value) > self.limits.max_body:
+                self.refuse(body_too_large(self.limits))
+                return False
+        if name == b"transfer-encoding" and (value.lower() != b"chunked" or self.head_version != b"HTTP/1.1"):
+            self.refuse(bad_request())
             return False
         return super().headerReceived(line)
 
     def allContentReceived(self) -> None:
-        if self._refused:  # a chunked body may end after it was refused
+        if self.refused:  # a chunked body may end after it was refused
             return
-        self._stop_deadline()
+        self.stop_deadline()
+        self.busy = True
         super().allContentReceived()
 
-    def lineLengthExceeded(self, line: bytes) -> None:
-        reading_request_line = not self.requests
-        self.refuse(target_too_long(self.limits) if reading_request_line else headers_too_large(self.limits))
+    def requestDone(self, request) -> None:
+        self.busy = False  # before Twisted reads on in what was pipelined behind it
+        super().requestDone(request)
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        # Twisted calls this for every request it cannot parse or that breaks its header limits.
-        too_many = self._receivedHeaderCount > self.maxHeaders
-        self.refuse(headers_too_large(self.limits) if too_many or self._receivedHeaderSize > self.totalHeadersSize
-                    else bad_request())
+    def checkPersistence(self, request, version) -> bool:
+        # Twisted closes every HTTP/1.0 connection; a Site whose answers all carry their length keeps the
+        # ones that ask for it (the proxy port, as before twisted.web served it).
+        tokens = b",".join(request.requestHeaders.getRawHeaders(b"connection", [])).lower().split(b",")
+        if version == b"HTTP/1.0" and self.site.keeps_http_1_0_alive and b"keep-alive" in map(bytes.strip, tokens):
+            request.responseHeaders.setRawHeaders(b"Connection", [b"keep-alive"])
+            return True
+        return super().checkPersistence(request, version)
+
+    def close_when_idle(self) -> None:
+        if not self.busy and self.head_lines == 0 and self.deadline is None:
+            self.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse(target_too_long(self.limits) if self.head_lines == 0 else headers_too_large(self.limits))
 
     def refuse(self, problem: Problem) -> None:
         """Answer ``problem`` and close, dropping whatever else the caller sends (``refuse_and_linger``)."""
-        if self._refused:
+        if self.refused:
             return
-        self._refused = True
+        self.refused = True
         self.clearLineBuffer()  # parse nothing more of what already arrived
-        self._stop_deadline()
-        self._deadline = refuse_and_linger(self.transport, problem, self.site.refused, self.limits.read_timeout,
-                                           self.callLater)
+        self.stop_deadline()
+        self.deadline = refuse_and_linger(self.transport, problem, self.site.refused, self.limits.read_timeout,
+                                          self.callLater)
 
-    def _stop_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+    def stop_deadline(self) -> None:
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None
 
 
 class Overloaded(Protocol):
@@ -210,18 +277,26 @@ class LimitedSite(Site):
     protocol = LimitedChannel
     requestFactory = BoundedRequest
     displayTracebacks = False
+    keeps_http_1_0_alive = False  # only when every answer carries Content-Length (LimitedChannel.checkPersistence)
 
     def __init__(self, resource, *, limits: InboundLimits = InboundLimits(), reactor=None) -> None:
         super().__init__(resource, timeout=limits.idle_timeout, reactor=reactor, parsePOSTFormSubmission=False)
         self.limits = limits
-        self.connections = 0
+        self.connections: set[LimitedChannel] = set()
+        self.closing = False  # shutting down: answer what is asked with Connection: close
 
     def buildProtocol(self, addr):
-        if self.connections >= self.limits.max_connections:
+        if len(self.connections) >= self.limits.max_connections:
             return Overloaded(self)
         channel = super().buildProtocol(addr)
         channel.limits = self.limits
         return channel
+
+    def close_connections(self) -> None:
+        """For a shutdown: idle connections close now, the others after their answer."""
+        self.closing = True
+        for channel in list(self.connections):
+            channel.close_when_idle()
 
     def refused(self, problem: Problem, request_id: str) -> None:
         """Called for each problem answered before a request was read whole."""

@@ -1,7 +1,10 @@
 """The inbound side: route each request to an adapter's route, run it through the gateway, answer.
 
-This module knows adapters only through IExternalAdapter. Everything it says
-itself is problem+json; every request gets one structured access-log event.
+The proxy port is a twisted.web Site (a LimitedSite: the limits and refusals of
+``ambassador.web.limits``) whose resources are the adapters' routes, each mounted
+under its path. This module knows adapters only through IExternalAdapter.
+Everything it says itself is problem+json; every request gets one structured
+access-log event.
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ from urllib.parse import parse_qsl
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from ambassador import logs
-from ambassador.web import http1
 from ambassador.pipeline.answers import HOP_BY_HOP_HEADERS, hop_by_hop
 from ambassador.credentials.sources import FileSecret
 from ambassador.exchange import Answer, InboundRequest, Route, Trace
 from ambassador.interfaces import ConfigurationError, IExternalAdapter
-from ambassador.web.limits import InboundLimits, new_request_id
+from ambassador.web.limits import InboundLimits, LimitedSite, new_request_id
 from ambassador.metrics import Metrics, RouteMetrics
 from ambassador.problems import PROBLEM_CONTENT_TYPE, Problem, not_found
 from ambassador.pipeline.gateway import Gateway
@@ -46,6 +50,7 @@ _HIDDEN = _CALLER_ONLY_HEADERS | HOP_BY_HOP_HEADERS
 _ACCEPTABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}\Z")
 # nginx's status for a request whose caller closed the connection before the answer.
 CLIENT_CLOSED_REQUEST = 499
+_NO_BODY_STATUSES = frozenset({204, 304})
 
 
 class RouteHandler:
@@ -58,7 +63,7 @@ class RouteHandler:
         self.metrics = metrics
         self._allow = ", ".join(route.methods)
 
-    def inbound(self, request: http1.Request, segments: list[bytes]) -> InboundRequest:
+    def inbound(self, request, segments: list[bytes]) -> InboundRequest:
         """What the adapter is given; ``segments`` are the (plain) path segments below the mount."""
         method = request.method.decode("ascii")
         if method not in self.route.methods:
@@ -72,16 +77,18 @@ class RouteHandler:
         if segments and not self.route.prefix:
             raise not_found()
         pairs = ()
-        if request.query:
+        query = request.uri.partition(b"?")[2]
+        if query:
             try:
-                pairs = tuple(_form_pairs(request.query.decode("utf-8"), errors="strict"))
+                pairs = tuple(_form_pairs(query.decode("utf-8"), errors="strict"))
             except (UnicodeDecodeError, ValueError):
                 pairs = None
             if pairs is None or _CONTROL.search("".join(map("".join, pairs))):  # in any name or value
                 raise Problem(400, "bad-query", "Query not understood",
                               "The query string is not valid UTF-8 form data without control characters.")
-        hidden = _CALLER_ONLY_HEADERS | hop_by_hop(request.headers) if "connection" in request.headers else _HIDDEN
-        headers = {name: value for name, value in request.headers.items()
+        given = request.headers
+        hidden = _CALLER_ONLY_HEADERS | hop_by_hop(given) if "connection" in given else _HIDDEN
+        headers = {name: value for name, value in given.items()
                    if name not in hidden and not name.startswith(("proxy-", "x-forwarded-"))}
         return InboundRequest(
             method=method,
@@ -90,8 +97,61 @@ class RouteHandler:
             query=pairs,
             headers=headers,
             request_id=request.id,
-            body=request.body,
+            body=request.content.getvalue(),
         )
+
+
+class _RouteResource(Resource):
+    """Where a route is mounted: everything below it is the route's (a prefix route's segments)."""
+
+    isLeaf = True
+
+    def __init__(self, handler: RouteHandler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def render(self, request):
+        segments = request.postpath
+        if segments and segments[-1] == b"":
+            segments = segments[:-1]  # one trailing slash means the same path
+        request.site.serve(request, self.handler, segments)
+        return NOT_DONE_YET
+
+
+class _Unrouted(Resource):
+    """The root, and a path segment above a mount: not found, unless a child is."""
+
+    def getChild(self, path, request):
+        return _ProblemResource(not_found())
+
+    def render(self, request):
+        return _ProblemResource(not_found()).render(request)
+
+
+class _ProblemResource(Resource):
+    """Answers ``problem`` whatever lies below (a refused target, a path no route is mounted at)."""
+
+    isLeaf = True
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__()
+        self.problem = problem
+
+    def render(self, request):
+        request.site.answer_problem(request, self.problem)
+        return NOT_DONE_YET
+
+
+def _resource_tree(routes: dict[tuple[bytes, ...], RouteHandler]) -> Resource:
+    root = _Unrouted()
+    for segments, handler in routes.items():
+        node = root
+        for segment in segments[:-1]:
+            if segment not in node.children:
+                node.putChild(segment, _Unrouted())
+            node = node.children[segment]
+        node.putChild(segments[-1], _RouteResource(handler))
+    return root
 
 
 def mount_table(adapters: Iterable[IExternalAdapter]) -> dict[tuple[str, ...], tuple[IExternalAdapter, Route]]:
@@ -134,55 +194,70 @@ def _redacted_uri(target: bytes, secret_params: frozenset[str]) -> str:
     return f"{text}?{shown}"
 
 
-def _request_id(request: http1.Request) -> str:
-    offered = request.headers.get("x-request-id")
+def _headers(request) -> dict[str, str]:
+    """Lower-case names and each name's first value (``connection`` gathers all of them)."""
+    headers = {}
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        key = name.decode("latin-1").lower()
+        headers[key] = b", ".join(values if key == "connection" else values[:1]).decode("latin-1")
+    return headers
+
+
+def _request_id(headers: dict[str, str]) -> str:
+    offered = headers.get("x-request-id")
     if offered is not None and _ACCEPTABLE_REQUEST_ID.match(offered):
         return offered
     return new_request_id()
 
 
-def _segments(request: http1.Request) -> list[bytes]:
-    """The path's segments; raises a Problem unless the target is origin-form (``/a/b?q``) with plain segments."""
-    if not request.target.startswith(b"/") or request.target.startswith(b"//"):
-        raise Problem(400, "bad-target", "Request target not served",
-                      "The ambassador serves paths such as /movies; it is not a forward proxy "
-                      "(no absolute URLs, CONNECT, '*' or '//').")
-    segments = request.path[1:].split(b"/")
-    if segments[-1] == b"":
-        segments.pop()  # one trailing slash means the same path
-    if not _PLAIN_PATH.match(request.path) or b"." in segments or b".." in segments:
-        raise Problem(400, "bad-path", "Path not forwarded",
-                      "Path segments may hold only letters, digits and _ . , : ~ - "
-                      "(no percent-encoding, empty segments, '.' or '..').")
-    return segments
+def _target_problem(target: bytes) -> Problem | None:
+    """None when the target is origin-form (``/a/b?q``) with plain segments."""
+    if not target.startswith(b"/") or target.startswith(b"//"):
+        return Problem(400, "bad-target", "Request target not served",
+                       "The ambassador serves paths such as /movies; it is not a forward proxy "
+                       "(no absolute URLs, CONNECT, '*' or '//').")
+    path = target.partition(b"?")[0]
+    segments = path[1:].split(b"/")
+    if not _PLAIN_PATH.match(path) or b"." in segments or b".." in segments:
+        return Problem(400, "bad-path", "Path not forwarded",
+                       "Path segments may hold only letters, digits and _ . , : ~ - "
+                       "(no percent-encoding, empty segments, '.' or '..').")
+    return None
 
 
-class ProxyFactory(http1.HTTP1Factory):
-    """The proxy listener: an optional caller token, the adapters' routes, and for every request
+class ProxyFactory(LimitedSite):
+    """The proxy listener (a Site): an optional caller token, the adapters' routes, and for every request
     an id and one structured, redacted access-log event (``access_log``: for every answer, "all";
     for statuses from 400, "errors"; "none")."""
+
+    keeps_http_1_0_alive = True  # every answer is written whole, with its Content-Length (``_finish``)
 
     def __init__(self, adapters: Iterable[IExternalAdapter], gateway: Gateway, metrics: Metrics, clock, *,
                  limits: InboundLimits = InboundLimits(), token: FileSecret | None = None,
                  access_log: str = "all") -> None:
-        super().__init__(clock, limits)
+        routes = {tuple(s.encode() for s in segments): RouteHandler(adapter, route, gateway,
+                                                                     metrics.route(adapter.name, route.name))
+                  for segments, (adapter, route) in mount_table(adapters).items()}
+        super().__init__(_resource_tree(routes), limits=limits, reactor=clock)
+        self.clock = clock
         self._log_from = ACCESS_LOG_FROM[access_log]
-        self._routes = {tuple(s.encode() for s in segments): RouteHandler(adapter, route, gateway,
-                                                                           metrics.route(adapter.name, route.name))
-                        for segments, (adapter, route) in mount_table(adapters).items()}
-        self._deepest = max(map(len, self._routes), default=0)
         self._unmatched = metrics.route("", "unmatched")
         self._token = token
-        self._in_flight: set[http1.Request] = set()
+        self._in_flight: set = set()
         self._drained: defer.Deferred | None = None
 
     def startFactory(self) -> None:
+        super().startFactory()
         if self._token is not None:
             self._token.start(self.clock)
 
     def stopFactory(self) -> None:
+        super().stopFactory()
         if self._token is not None:
             self._token.stop()
+
+    def log(self, request) -> None:
+        pass  # the access log is ours (redacted, structured): not twisted.web's combined log line
 
     def refused(self, problem: Problem, request_id: str) -> None:
         self._unmatched.answered(problem.status, 0.0)
@@ -207,30 +282,27 @@ class ProxyFactory(http1.HTTP1Factory):
         if not self._in_flight and self._drained is not None and not self._drained.called:
             self._drained.callback(None)
 
-    def serve(self, request: http1.Request) -> None:
+    def getResourceFor(self, request):
+        """Every request read whole comes here first: its id and notes, the token, the target."""
         self._in_flight.add(request)
-        request.id = _request_id(request)
+        request.started = self.clock.seconds()
+        request.headers = _headers(request)
+        request.id = _request_id(request.headers)
         request.handler = request.answer = request.problem = None
+        request.gone = False
         request.trace = Trace()
+        request.notifyFinish().addErrback(self._gone, request)
+        resource = super().getResourceFor(request)
+        problem = self._unauthorized(request) or _target_problem(request.uri)
+        return resource if problem is None else _ProblemResource(problem)
+
+    def serve(self, request, handler: RouteHandler, segments: list[bytes]) -> None:
+        request.handler = handler
+        handler.metrics.in_flight.value += 1  # inc() without the call
         try:
-            problem = self._unauthorized(request)
-            if problem is not None:
-                raise problem
-            segments = _segments(request)
-            depth = len(segments)
-            handler = self._routes.get(tuple(segments))  # routes never nest, so at most one is found
-            if handler is None:  # a prefix route above the path?
-                for depth in range(1, min(len(segments), self._deepest) + 1):
-                    handler = self._routes.get(tuple(segments[:depth]))
-                    if handler is not None:
-                        break
-                else:
-                    raise not_found()
-            request.handler = handler
-            handler.metrics.in_flight.value += 1  # inc() without the call
-            inbound = handler.inbound(request, segments[depth:])
+            inbound = handler.inbound(request, segments)
         except Problem as problem:
-            self._answer_problem(request, problem)
+            self.answer_problem(request, problem)
             return
         answer = handler.gateway.answer(handler.adapter, inbound, request.trace)
         if isinstance(answer, Answer):
@@ -239,11 +311,11 @@ class ProxyFactory(http1.HTTP1Factory):
             request.answer = answer
             answer.addCallbacks(self._write_answer, self._write_failure, (request,), None, (request,))
 
-    def _write_answer(self, answer: Answer, request: http1.Request) -> None:
+    def _write_answer(self, answer: Answer, request) -> None:
         if not request.gone:
             self._finish(request, answer.status, [("X-Request-ID", request.id), *answer.headers], answer.body)
 
-    def _write_failure(self, failure, request: http1.Request) -> None:
+    def _write_failure(self, failure, request) -> None:
         if request.gone or failure.check(defer.CancelledError):
             return
         if failure.check(Problem):
@@ -258,32 +330,50 @@ class ProxyFactory(http1.HTTP1Factory):
             )
             problem = Problem(500, "internal-error", "Internal error",
                               "The ambassador failed unexpectedly; the error is logged.")
-        self._answer_problem(request, problem)
+        self.answer_problem(request, problem)
 
-    def _answer_problem(self, request: http1.Request, problem: Problem) -> None:
+    def answer_problem(self, request, problem: Problem) -> None:
         request.problem = problem.kind
         body = problem.body(instance=request.path.decode("latin-1"), request_id=request.id)
         self._finish(request, problem.status,
                      [("X-Request-ID", request.id), ("Content-Type", PROBLEM_CONTENT_TYPE), *problem.headers], body)
 
-    def _finish(self, request: http1.Request, status: int, headers, body: bytes) -> None:
-        request.respond(status, headers, body)
+    def _finish(self, request, status: int, headers, body: bytes) -> None:
+        if request.gone or request.finished:
+            return
+        request.setResponseCode(status)
+        grouped: dict[str, list[str]] = {}
+        for name, value in headers:
+            if name.lower() not in ("content-length", "connection", "transfer-encoding"):  # framing is ours
+                grouped.setdefault(name, []).append(value)
+        for name, values in grouped.items():
+            request.responseHeaders.setRawHeaders(name, values)  # an answer's own Date replaces ours
+        if status not in _NO_BODY_STATUSES:
+            request.setHeader(b"content-length", b"%d" % len(body))
+        if self.closing:
+            request.setHeader(b"connection", b"close")
+            request.channel.persistent = False
+        request.write(body)
+        request.finish()
         self._log(request, status)
         self._done(request)
 
-    def gone(self, request: http1.Request) -> None:
+    def _gone(self, failure, request) -> None:
+        if request.finished or request.gone:
+            return
+        request.gone = True
         if request.answer is not None:
             request.answer.cancel()  # the caller is gone: so is our interest in the upstream
         self._log(request, CLIENT_CLOSED_REQUEST)
         self._done(request)
 
-    def _done(self, request: http1.Request) -> None:
+    def _done(self, request) -> None:
         if request.handler is not None:
             request.handler.metrics.in_flight.value -= 1
         self._in_flight.discard(request)
         self._check_drained()
 
-    def _unauthorized(self, request: http1.Request) -> Problem | None:
+    def _unauthorized(self, request) -> Problem | None:
         if self._token is None:
             return None
         expected = self._token.current()
@@ -294,7 +384,7 @@ class ProxyFactory(http1.HTTP1Factory):
                        "This ambassador requires Authorization: Bearer <token>, with the token it was "
                        "given in --require-token-file.", headers=[("WWW-Authenticate", "Bearer")])
 
-    def _log(self, request: http1.Request, status: int) -> None:
+    def _log(self, request, status: int) -> None:
         handler, trace = request.handler, request.trace
         duration = self.clock.seconds() - request.started
         if handler is None:
@@ -311,7 +401,7 @@ class ProxyFactory(http1.HTTP1Factory):
             "upstream={upstream_status} attempts={attempts} cache={cache} id={request_id}",
             request_id=request.id,
             method=request.method.decode("latin-1"),
-            path=_redacted_uri(request.target, secret_params),
+            path=_redacted_uri(request.uri, secret_params),
             status=status,
             adapter=adapter,
             route=route,
