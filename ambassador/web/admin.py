@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -96,14 +97,20 @@ class MetricsResource(_Leaf):
             return self._metrics.exposition()
         gathered = self._workers.gather_metrics(self._metrics.exposition())  # --workers: every process's
 
+        gone = []
+
         def write(exposition: bytes) -> None:
-            if not request._disconnected:
+            if not gone:  # the workers' answers may land after the scraper hung up
                 request.setHeader(b"content-length", b"%d" % len(exposition))
                 request.write(exposition)
                 request.finish()
 
-        gathered.addCallback(write)
-        request.notifyFinish().addErrback(lambda _: gathered.cancel())
+        def left(_) -> None:
+            gone.append(True)
+            gathered.cancel()
+
+        gathered.addCallback(write).addErrback(lambda failure: failure.trap(defer.CancelledError))
+        request.notifyFinish().addErrback(left)
         return NOT_DONE_YET
 
 
