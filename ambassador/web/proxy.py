@@ -304,12 +304,8 @@ class ProxyFactory(LimitedSite):
         except Problem as problem:
             self.answer_problem(request, problem)
             return
-        answer = handler.gateway.answer(handler.adapter, inbound, request.trace)
-        if isinstance(answer, Answer):
-            self._write_answer(answer, request)
-        else:
-            request.answer = answer
-            answer.addCallbacks(self._write_answer, self._write_failure, (request,), None, (request,))
+        request.answer = handler.gateway.answer(handler.adapter, inbound, request.trace)
+        request.answer.addCallbacks(self._write_answer, self._write_failure, (request,), None, (request,))
 
     def _write_answer(self, answer: Answer, request) -> None:
         if not request.gone:
