@@ -354,27 +354,6 @@ async def test_a_gzip_answer_sent_unasked_is_decoded_and_held_to_the_cap_decoded
 
 
 @pytest_twisted.ensureDeferred
-async def test_send_now_sends_at_once_and_keeps_order_behind_queued_data(server):
-    # ambassador.sockets, which the proxy port writes its answers through.
-    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
-    from ambassador.sockets import send_now
-
-    upstream = server(None, default=None)
-    client = Protocol()
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", int(upstream.url.rsplit(":", 1)[1])), client)
-    transport = client.transport
-    send_now(transport, b"GET /1 HTTP/1.1\r\n\r\n")
-    assert not transport._tempDataBuffer and not transport.dataBuffer  # sent, not queued
-    transport.write(b"GET /2 HTTP/1.1\r\n")  # queued by Twisted: what follows must wait behind it
-    send_now(transport, b"\r\n")
-    assert transport._tempDataBuffer
-    await reactor_turns_until(lambda: len(upstream.requests) == 2)
-    assert [head for head, _ in upstream.requests] == [b"GET /1 HTTP/1.1", b"GET /2 HTTP/1.1"]
-    transport.loseConnection()
-
-
-@pytest_twisted.ensureDeferred
 async def test_an_accept_encoding_the_adapter_sets_is_sent(server, client):
     upstream = server()
     await client().fetch(upstream.url, UpstreamRequest("GET", "/", (), {"Accept-Encoding": "br"}))
