@@ -39,6 +39,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from ambassador.app.service import Ambassador, assemble, endpoint_description
+from ambassador.app.settings import Settings
 
 __all__ = [
     "FakeAPI",
@@ -115,15 +116,17 @@ def serving(fake: Resource) -> Iterator[Resource]:
         port.stopListening()
 
 
-def start_ambassador(adapters: Iterable, **settings) -> Ambassador:
+def start_ambassador(adapters: Iterable, *, clock=None, rng=None, peers=None, **settings) -> Ambassador:
     """Serve configured ``adapters`` as ``twistd ambassador`` does, proxy and admin listeners on
-    ephemeral loopback ports; keywords go to ``ambassador.app.service.assemble`` (``clock=Clock()``
-    drives every timer). The result's ``url`` and ``admin_url`` say where; stop it with
+    ephemeral loopback ports; other keywords are fields of ``ambassador.app.settings.Settings``
+    (``cache_bytes``, ``policies``, ...); ``clock=Clock()`` drives every timer, ``rng`` the retry
+    jitter. The result's ``url`` and ``admin_url`` say where; stop it with
     ``service.stopService()``."""
     from twisted.internet import reactor
 
-    ambassador = assemble(reactor, list(adapters), endpoint=endpoint_description("0", bare_interface="127.0.0.1"),
-                          admin_endpoint="tcp:0:interface=127.0.0.1", **settings)
+    record = Settings(adapters=adapters, endpoint=endpoint_description("0", bare_interface="127.0.0.1"),
+                      admin_endpoint="tcp:0:interface=127.0.0.1", **settings)
+    ambassador = assemble(reactor, record, clock=clock, rng=rng, peers=peers)
     ambassador.service.privilegedStartService()
     ambassador.service.startService()
     ambassador.url = f"http://127.0.0.1:{ambassador.proxy.port.getHost().port}"

@@ -77,7 +77,8 @@ def log_events():
 @pytest_twisted.async_yield_fixture
 async def start_ambassador():
     """Start an ambassador serving the TMDB adapter configured from ``environ``, or ``adapters``
-    (other keywords go to ``assemble``); returns the Ambassador with ``url`` and ``admin_url`` added."""
+    (other keywords are Settings fields, or clock, rng, peers); returns the Ambassador with ``url``
+    and ``admin_url`` added."""
     services = []
 
     async def start(environ=None, *, plugin=TMDBPlugin(), adapters=None, **settings):

@@ -320,17 +320,18 @@ def test_what_the_callers_cache_control_asks(headers, wish):
 def test_cache_options(monkeypatch):
     options = Options()
     options.parseOptions(["--cache-size", "1MiB", "--policy", "tmdb.cache=off", "--policy", "stale_if_error=60"])
-    assert options["cache-bytes"] == 2**20 and not options["policies"]["tmdb"].cache
-    assert options["policies"]["tmdb"].stale_if_error == 60
+    assert options.settings.cache_bytes == 2**20 and not options.settings.policies["tmdb"].cache
+    assert options.settings.policies["tmdb"].stale_if_error == 60
     options = Options()
     options.parseOptions(["--no-cache"])
-    assert options["cache-bytes"] is None
-    monkeypatch.setenv("AMBASSADOR_WORKER", "")  # parsing --workers marks this process the primary
+    assert options.settings.cache_bytes is None
+    monkeypatch.setenv("AMBASSADOR_WORKER", "")  # this process is the primary
     options = Options()
     options.parseOptions(["--workers", "2", "--cache-size", "1MiB"])
-    assert options["cache-bytes"] == 2**19  # each process's share of the Pod's bound
-    with pytest.raises(usage.UsageError, match="--cache-size"):
+    assert options.settings.cache_bytes == 2**19  # each process's share of the Pod's bound
+    with pytest.raises(usage.UsageError) as refused:
         Options().parseOptions(["--cache-size", "lots"])
+    assert str(refused.value) == "--cache-size must be a number of bytes such as 64MiB, 512KiB or 1000000"
     with pytest.raises(usage.UsageError, match="cache must be on or off"):
         Options().parseOptions(["--policy", "cache=maybe"])
     assert parse_size("64MiB") == 64 * 2**20 and parse_size("500kB") == 500_000
@@ -388,17 +389,17 @@ async def test_without_redis_the_ambassador_serves_from_the_upstream_and_says_so
 def test_the_cache_url_option_never_shows_the_password(monkeypatch):
     options = Options()
     options.parseOptions(["--cache", "redis://:test-redis-password@10.0.0.7:6380/2"])
-    assert options["cache-url"] == "redis://:test-redis-password@10.0.0.7:6380/2"
+    assert options.settings.cache_url == "redis://:test-redis-password@10.0.0.7:6380/2"
     monkeypatch.setenv("AMBASSADOR_CACHE_URL", "redis://cache:6379")
     options = Options()
     options.parseOptions([])
-    assert options["cache-url"] == "redis://cache:6379"
+    assert options.settings.cache_url == "redis://cache:6379"
     options = Options()
     options.parseOptions(["--cache", "memory"])
-    assert options["cache-url"] is None
+    assert options.settings.cache_url is None
     options = Options()
     options.parseOptions(["--cache", "rediss://:test-redis-password@10.0.0.7"])  # TLS
-    assert options["cache-url"] == "rediss://:test-redis-password@10.0.0.7"
+    assert options.settings.cache_url == "rediss://:test-redis-password@10.0.0.7"
     with pytest.raises(usage.UsageError) as refused:
         Options().parseOptions(["--cache", "redis://:test-redis-password@10.0.0.7:port"])
     assert "port" in str(refused.value) and "test-redis-password" not in str(refused.value)

@@ -126,7 +126,7 @@ async def test_mount_moves_the_main_route_or_a_named_one(fake_tmdb, monkeypatch)
     for name, value in tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key").items():
         monkeypatch.setenv(name, value)
     options = parse("--mount", "tmdb=/themoviedb", "--mount", "tmdb.movies=/v1/films/")
-    ambassador = start_ambassador(options["adapters"])
+    ambassador = start_ambassador(options.settings.adapters)
     try:
         statuses = [(await get(ambassador.url + path))[0].code
                     for path in ["/themoviedb/3/movie/550", "/v1/films", "/tmdb/3/movie/550", "/movies"]]
@@ -134,6 +134,25 @@ async def test_mount_moves_the_main_route_or_a_named_one(fake_tmdb, monkeypatch)
         await ambassador.service.stopService()
     assert statuses == [200, 200, 404, 404]
     assert [r.path for r in fake_tmdb.requests] == ["/3/movie/550", "/3/discover/movie"]
+
+
+def test_forward_request_id_for_an_adapter_not_served_is_a_usage_error_that_does_not_repeat_it(monkeypatch):
+    monkeypatch.setenv("TMDB_API_KEY", "test-api-key")
+    with pytest.raises(usage.UsageError) as error:
+        parse("--forward-request-id", "test-pasted-value")
+    assert str(error.value) == "--forward-request-id must name an adapter that is served (--list-adapters lists them)"
+
+
+@pytest.mark.parametrize("name, expected", [
+    *[(name, "a number of seconds") for name in
+      ("timeout", "connect-timeout", "probe-interval", "idle-timeout", "read-timeout", "grace-period")],
+    ("max-connections", "a whole number"),
+    ("workers", "a whole number"),
+])
+def test_a_number_option_given_something_else_names_the_option_never_the_value(name, expected):
+    with pytest.raises(usage.UsageError) as error:
+        Options().parseOptions([f"--{name}", "test-pasted-value"])
+    assert str(error.value) == f"Parameter type enforcement failed: --{name} must be {expected}"
 
 
 @pytest.mark.parametrize(

@@ -17,17 +17,17 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from ambassador.web.admin import admin_site
-from ambassador.cache.responses import DEFAULT_CACHE_BYTES, ENTRY_SHARE, MemoryStore, ResponseCache, SharedStore, parse_size
+from ambassador.cache.responses import ENTRY_SHARE, MemoryStore, ResponseCache, SharedStore, parse_size
 from ambassador.credentials.sources import FileSecret
 from ambassador.app.discovery import PLUGIN_DIRS_VARIABLE, add_plugin_dirs, discover_adapters, plugin_dirs_from_environment
 from ambassador.app.configfile import CONFIG_HELP, adapters_from_file
 from ambassador.app.health import Prober, Readiness
+from ambassador.app.settings import Settings
 from ambassador.interfaces import ConfigurationError
 from ambassador.web.limits import InboundLimits
 from ambassador.metrics import Metrics
 from ambassador.app.mounting import Mount, check_mount_names, describe_adapters, mounted, select_adapters
 from ambassador.cache.peers import PeerFactory, Peers
-from ambassador.reactor import install_unless_chosen
 from ambassador.pipeline.guard import Guard
 from ambassador.pipeline.resilience import POLICY_HELP, Policy, resolve_policies
 from ambassador.cache.redisstore import RedisStore, parse_redis_url
@@ -55,6 +55,25 @@ def endpoint_description(port: str, *, bare_interface: str) -> str:
     return port
 
 
+def number(kind, expected: str):
+    """An optParameter coerce whose error says what was expected, never what was typed
+    (float's and int's own messages quote it, and twistd prints them)."""
+    def coerce(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(expected) from None
+    return coerce
+
+
+def seconds(name: str):
+    return number(float, f"--{name} must be a number of seconds")
+
+
+def whole(name: str):
+    return number(int, f"--{name} must be a whole number")
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     optFlags = [
@@ -72,28 +91,28 @@ class Options(usage.Options):
          "(the kubelet and Prometheus must reach it); an endpoint description; or 'none'."],
         ["timeout", "t", None,
          "Seconds one upstream exchange (every attempt, connect, send, whole answer) may take before the "
-         "caller gets 504; shorthand for --policy timeout=SECONDS. [default: 10.0]", float],
-        ["connect-timeout", None, 3.0, "Seconds to wait for a connection to an outside service.", float],
+         "caller gets 504; shorthand for --policy timeout=SECONDS. [default: 10.0]", seconds("timeout")],
+        ["connect-timeout", None, 3.0, "Seconds to wait for a connection to an outside service.", seconds("connect-timeout")],
         ["probe-interval", None, 0.0,
          "Seconds between readiness probes of each adapter's upstream (adapters that name a cheap probe "
-         "path, e.g. TMDB's /3/configuration); 0 turns probing off.", float],
+         "path, e.g. TMDB's /3/configuration); 0 turns probing off.", seconds("probe-interval")],
         ["log-format", None, "text", "text (for people) or json (one JSON object per line, for log collectors)."],
         ["access-log", None, "all",
          "Which answers get an access-log line: all, errors (status 400 and above) or none. Metrics count "
          "every answer either way."],
         ["max-connections", None, DEFAULT_LIMITS.max_connections,
-         "Inbound connections served at once; beyond this a new connection gets 503 and is closed.", int],
+         "Inbound connections served at once; beyond this a new connection gets 503 and is closed.", whole("max-connections")],
         ["idle-timeout", None, DEFAULT_LIMITS.idle_timeout,
-         "Seconds an inbound connection may stay silent before it is closed.", float],
+         "Seconds an inbound connection may stay silent before it is closed.", seconds("idle-timeout")],
         ["read-timeout", None, DEFAULT_LIMITS.read_timeout,
          "Seconds a caller has from a request's first byte to its last before it gets 408 "
-         "(drops slowloris-style clients).", float],
+         "(drops slowloris-style clients).", seconds("read-timeout")],
         ["require-token-file", None, None,
          "Only serve callers that send 'Authorization: Bearer <token>' with the token in this file "
          "(re-read when it changes). For deployments that must expose the proxy port beyond loopback."],
         ["grace-period", None, 25.0,
          "Seconds requests in flight may take to finish after SIGTERM before the process exits "
-         "(keep it below the Pod's terminationGracePeriodSeconds).", float],
+         "(keep it below the Pod's terminationGracePeriodSeconds).", seconds("grace-period")],
         ["cache", None, None,
          "Where the response cache keeps answers: 'memory' (this process) or redis[s]://[[user]:password@]host"
          "[:port][/db], shared by every replica. Default: $AMBASSADOR_CACHE_URL, else memory."],
@@ -104,7 +123,7 @@ class Options(usage.Options):
          "Processes serving the proxy port together (for pods with more than one core). The first "
          "serves the admin port for all of them; each gets 1/N of every rate limit, in-flight limit "
          "and of --cache-size.",
-         int],
+         whole("workers")],
         ["config", None, None,
          "YAML file configuring the adapters to serve (several at once, generic http ones included; see "
          "below). Without it every discovered adapter is configured from its environment variables."],
@@ -166,7 +185,6 @@ class Options(usage.Options):
         return super().getUsage(width) + "\n".join(lines)
 
     def postOptions(self) -> None:
-        install_unless_chosen()  # before the first use of the reactor
         from twisted.internet import reactor
 
         for name in ("connect-timeout", "grace-period", "idle-timeout", "read-timeout"):
@@ -176,27 +194,22 @@ class Options(usage.Options):
             raise usage.UsageError("--max-connections must be at least 1")
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be at least 1")
-        self["worker"] = worker_index()
-        if self["workers"] > 1 and self["worker"] == 0:
-            os.environ[WORKER_VARIABLE] = "0"  # the primary: its JSON log lines say worker 0
-        self["limits"] = InboundLimits(max_connections=self["max-connections"], idle_timeout=self["idle-timeout"],
-                                       read_timeout=self["read-timeout"])
-        self["token"] = None
+        token = None
         if self["require-token-file"] is not None:
-            self["token"] = FileSecret(self["require-token-file"])
-            if self["token"].current() is None:
+            token = FileSecret(self["require-token-file"])
+            if token.current() is None:  # names the path, never what the file holds
                 raise usage.UsageError(f"--require-token-file: {self['require-token-file']} "
-                                       f"{self['token'].problem}; it must hold the token callers send")
+                                       f"{token.problem}; it must hold the token callers send")
         try:  # the bound is the pod's: each of --workers processes keeps its own share
-            self["cache-bytes"] = None if self["no-cache"] else parse_size(self["cache-size"]) // self["workers"]
-        except ValueError:
-            raise usage.UsageError(f"--cache-size must be a number of bytes such as 64MiB, not {self['cache-size']!r}")
-        self["cache-url"] = (self["cache"] or os.environ.get(CACHE_URL_VARIABLE) or "memory").strip()
-        if self["cache-url"] == "memory":
-            self["cache-url"] = None
+            cache_bytes = None if self["no-cache"] else parse_size(self["cache-size"]) // self["workers"]
+        except ValueError:  # never quotes what was typed
+            raise usage.UsageError("--cache-size must be a number of bytes such as 64MiB, 512KiB or 1000000")
+        cache_url: str | None = (self["cache"] or os.environ.get(CACHE_URL_VARIABLE) or "memory").strip()
+        if cache_url == "memory":
+            cache_url = None
         else:
             try:
-                parse_redis_url(self["cache-url"])
+                parse_redis_url(cache_url)
             except ValueError as e:  # never quotes the URL: it may hold a password
                 raise usage.UsageError(f"--cache: memory, or {e}")
         if self["probe-interval"] < 0:
@@ -212,9 +225,7 @@ class Options(usage.Options):
             elif parent.get("nodaemon") and parent.get("logfile") in (None, "", "-") and not parent.get("syslog"):
                 # twistd's own lines on stdout, formatted for less (one access-log event per request)
                 parent["logger"] = "ambassador.logs.text_observer"
-        self["endpoint"] = endpoint_description(self["port"], bare_interface="127.0.0.1")
         admin = self["admin-port"].strip()
-        self["admin-endpoint"] = None if admin == "none" else endpoint_description(admin, bare_interface="0.0.0.0")
         timeout = [] if self["timeout"] is None else [f"timeout={self['timeout']}"]
         try:
             add_plugin_dirs(plugin_dirs_from_environment(os.environ))
@@ -225,24 +236,45 @@ class Options(usage.Options):
             if self["list-adapters"]:
                 print(describe_adapters(discovery, self["mount"], os.environ), end="")
                 raise SystemExit(0)
+            # Configuring an adapter is how its settings are validated: a bad one is a usage error.
             if self["config"] is None:
                 configured = [plugin.configure(os.environ, reactor) for plugin in plugins]
             else:  # the file says which adapters; their variables fill in the rest
                 configured = adapters_from_file(self["config"], os.environ, discovery.adapters, reactor)
                 configured = [a for a in configured if not self["adapter"] or a.name in self["adapter"]]
                 check_mount_names(self["mount"], [adapter.name for adapter in configured])
-            self["adapters"] = [mounted(adapter, self["mount"]) for adapter in configured]
-            mount_table(self["adapters"])
-            self["policies"] = {name: share_of(policy, self["workers"]) for name, policy in
-                                resolve_policies(self["adapters"], timeout + self["policy"]).items()}
+            adapters = [mounted(adapter, self["mount"]) for adapter in configured]
+            mount_table(adapters)
+            policies: dict[str, Policy] = {name: share_of(policy, self["workers"]) for name, policy in
+                                           resolve_policies(adapters, timeout + self["policy"]).items()}
         except ConfigurationError as e:
             raise usage.UsageError(str(e))
         for failure in discovery.failures:
             log.error("Dropin {module} failed to import ({error}); any adapter it provides is not served",
                       module=failure.module, error=failure.error)
-        unknown = self["forward-request-id"] - {adapter.name for adapter in self["adapters"]}
-        if unknown:
-            raise usage.UsageError(f"--forward-request-id: no adapter named {', '.join(sorted(unknown))}")
+        if self["forward-request-id"] - {adapter.name for adapter in adapters}:
+            raise usage.UsageError("--forward-request-id must name an adapter that is served "
+                                   "(--list-adapters lists them)")
+        # Only validated values leave postOptions, in one frozen record; makeService builds from it.
+        self.settings = Settings(
+            adapters=adapters,
+            endpoint=endpoint_description(self["port"], bare_interface="127.0.0.1"),
+            admin_endpoint=None if admin == "none" else endpoint_description(admin, bare_interface="0.0.0.0"),
+            policies=policies,
+            connect_timeout=self["connect-timeout"],
+            grace_period=self["grace-period"],
+            probe_interval=self["probe-interval"],
+            forward_request_id=self["forward-request-id"],
+            limits=InboundLimits(max_connections=self["max-connections"], idle_timeout=self["idle-timeout"],
+                                 read_timeout=self["read-timeout"]),
+            token=token,
+            cache_bytes=cache_bytes,
+            cache_url=cache_url,
+            workers=self["workers"],
+            worker=worker_index(),
+            worker_args=self.arguments,
+            access_log=self["access-log"],
+        )
 
 
 class Listener(Service):
@@ -349,36 +381,16 @@ class Ambassador:
     cache: ResponseCache | None
 
 
-def assemble(
-    reactor,
-    adapters,
-    *,
-    endpoint: str,
-    admin_endpoint: str | None,
-    policies: dict[str, Policy] | None = None,
-    connect_timeout: float = 3.0,
-    grace_period: float = 25.0,
-    probe_interval: float = 0.0,
-    forward_request_id=frozenset(),
-    limits: InboundLimits = InboundLimits(),
-    token: FileSecret | None = None,
-    cache_bytes: int | None = DEFAULT_CACHE_BYTES,
-    cache_url: str | None = None,
-    clock=None,
-    rng=None,
-    workers: int = 1,
-    worker: int = 0,
-    worker_args: tuple[str, ...] = (),
-    peers: tuple[str, int, int] | None = None,
-    access_log: str = "all",
-) -> Ambassador:
-    """Wire adapters, pipeline, proxy and admin listeners together. ``clock`` drives every timer,
-    ``rng`` (a random.Random) the retry jitter. ``cache_bytes`` None turns the response cache off;
-    ``cache_url`` (redis://…) keeps its entries in Redis instead of this process. With ``workers`` > 1
-    the primary (``worker`` 0) starts the others with ``worker_args`` (see ambassador.app.workers), and
-    each asks the others for the keys they own (ambassador.cache.peers). ``peers`` (directory, index,
-    count) sets that up without workers (tests). ``access_log``: which answers are logged (all, errors,
-    none)."""
+def assemble(reactor, settings: Settings, *, clock=None, rng=None,
+             peers: tuple[str, int, int] | None = None) -> Ambassador:
+    """Wire the adapters, pipeline, proxy and admin listeners that ``settings`` describe together.
+    ``clock`` drives every timer, ``rng`` (a random.Random) the retry jitter. With ``workers`` > 1
+    the primary (``worker`` 0) starts the others with ``worker_args`` (see ambassador.app.workers),
+    and each asks the others for the keys they own (ambassador.cache.peers). ``peers`` (directory,
+    index, count) sets that up without workers (tests)."""
+    adapters, limits, grace_period = settings.adapters, settings.limits, settings.grace_period
+    workers, worker, cache_bytes = settings.workers, settings.worker, settings.cache_bytes
+    endpoint, admin_endpoint, probe_interval = settings.endpoint, settings.admin_endpoint, settings.probe_interval
     clock = clock or reactor
     peer_dir = None
     if workers > 1 and peers is None and cache_bytes is not None:
@@ -390,15 +402,15 @@ def assemble(
         if admin_endpoint is not None:
             admin_endpoint, report = "tcp:0:interface=127.0.0.1", lambda port: report_admin_port(port.getHost().port)
         reactor.callWhenRunning(stop_when_primary_ends, reactor, peer_dir)
-    policies = policies or resolve_policies(adapters, [])
+    policies = settings.policies or resolve_policies(adapters, [])
     guards = {adapter.name: Guard.of(policies[adapter.name], clock) for adapter in adapters}
     metrics = Metrics()
     readiness = Readiness.of(adapters, {name: guard.breaker for name, guard in guards.items()})
     metrics.watch(readiness)
-    client = UpstreamClient(reactor, connect_timeout=connect_timeout)
+    client = UpstreamClient(reactor, connect_timeout=settings.connect_timeout)
     cache = redis = None
-    if cache_bytes is not None and cache_url is not None:
-        redis = RedisStore(cache_url, reactor, clock=clock)
+    if cache_bytes is not None and settings.cache_url is not None:
+        redis = RedisStore(settings.cache_url, reactor, clock=clock)
         readiness.cache_store = redis
         cache = ResponseCache(SharedStore(redis, cache_bytes // ENTRY_SHARE), clock)
     elif cache_bytes is not None:
@@ -408,7 +420,7 @@ def assemble(
     peering = None
     if peers is not None and cache is not None:
         peering = Peers(reactor, *peers, metrics, clock=clock)
-    gateway = Gateway(client, clock, metrics, readiness, guards, forward_request_id=frozenset(forward_request_id),
+    gateway = Gateway(client, clock, metrics, readiness, guards, forward_request_id=settings.forward_request_id,
                       rng=rng, cache=cache, peers=peering)
     prober = Prober(readiness, gateway, clock, probe_interval) if probe_interval > 0 else None
     service = MultiService()
@@ -419,13 +431,14 @@ def assemble(
                  label + "peers", grace_period=grace_period).setServiceParent(service)
     routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in adapters for route in adapter.routes)
     log.info("Routes: {routes}", routes=routes or "none")
-    site = ProxyFactory(adapters, gateway, metrics, clock, limits=limits, token=token, access_log=access_log)
+    site = ProxyFactory(adapters, gateway, metrics, clock, limits=limits, token=settings.token,
+                        access_log=settings.access_log)
     proxy = Listener(reactor, endpoint, site, label + "proxy", warn_if_exposed=worker == 0, grace_period=grace_period,
                      on_listening=accept_one_at_a_time if workers > 1 or worker > 0 else None)
     proxy.setServiceParent(service)
     pool = None
     if workers > 1 and worker == 0:
-        pool = WorkerPool(reactor, workers, list(worker_args), proxy, grace_period=grace_period, peer_dir=peer_dir)
+        pool = WorkerPool(reactor, workers, list(settings.worker_args), proxy, grace_period=grace_period, peer_dir=peer_dir)
         pool.setServiceParent(service)
     admin = None
     if admin_endpoint is not None:
@@ -454,22 +467,7 @@ def _peer_directory(reactor, worker: int) -> str | None:
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
-    return assemble(
-        reactor,
-        options["adapters"],
-        endpoint=options["endpoint"],
-        admin_endpoint=options["admin-endpoint"],
-        policies=options["policies"],
-        connect_timeout=options["connect-timeout"],
-        grace_period=options["grace-period"],
-        probe_interval=options["probe-interval"],
-        forward_request_id=options["forward-request-id"],
-        limits=options["limits"],
-        token=options["token"],
-        cache_bytes=options["cache-bytes"],
-        cache_url=options["cache-url"],
-        workers=options["workers"],
-        worker=options["worker"],
-        worker_args=tuple(options.arguments),
-        access_log=options["access-log"],
-    ).service
+    settings = options.settings
+    if settings.workers > 1 and settings.worker == 0:
+        os.environ[WORKER_VARIABLE] = "0"  # the primary: its JSON log lines say worker 0
+    return assemble(reactor, settings).service

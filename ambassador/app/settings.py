@@ -1,0 +1,49 @@
+"""The settings ``twistd ambassador`` runs with: one frozen record that ``Options.postOptions``
+produces once every option is validated, and that ``makeService`` builds the services from
+(the shape of twisted/web/tap.py, with the validated values kept apart from the options dict)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from attrs import field, frozen
+
+from ambassador.cache.responses import DEFAULT_CACHE_BYTES
+from ambassador.credentials.sources import FileSecret
+from ambassador.pipeline.resilience import Policy
+from ambassador.web.limits import InboundLimits
+
+
+def _read_only(policies: Mapping[str, Policy]) -> Mapping[str, Policy]:
+    return MappingProxyType(dict(policies))
+
+
+@frozen(kw_only=True)
+class Settings:
+    """Every setting, typed, with what is derived from them computed once.
+
+    ``adapters`` are the configured adapters, mounted where they serve; ``endpoint`` and
+    ``admin_endpoint`` endpoint descriptions (``admin_endpoint`` None: no admin port); ``policies``
+    each adapter's resilience policy, already this process's share of ``workers`` (an adapter left
+    out gets the defaults); ``token`` the caller token's file, read once to validate it;
+    ``cache_bytes`` this process's share of the cache bound (None: no cache); ``cache_url`` the
+    Redis URL of a shared cache (None: in memory); ``worker`` this process's index among
+    ``workers``, and ``worker_args`` the command line the primary starts the others with."""
+
+    adapters: tuple = field(converter=tuple)
+    endpoint: str
+    admin_endpoint: str | None
+    policies: Mapping[str, Policy] = field(factory=dict, converter=_read_only)
+    connect_timeout: float = 3.0
+    grace_period: float = 25.0
+    probe_interval: float = 0.0
+    forward_request_id: frozenset[str] = field(default=frozenset(), converter=frozenset)
+    limits: InboundLimits = InboundLimits()
+    token: FileSecret | None = None
+    cache_bytes: int | None = DEFAULT_CACHE_BYTES
+    cache_url: str | None = None
+    workers: int = 1
+    worker: int = 0
+    worker_args: tuple[str, ...] = field(default=(), converter=tuple)
+    access_log: str = "all"
