@@ -13,6 +13,7 @@ from attrs import define
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -357,10 +358,6 @@ class Upkeep(Service):
 
     def stopService(self):
         super().stopService()
-        if getattr(self._reactor, "_exitSignal", None) == signal.SIGTERM:
-            # SIGTERM is how Kubernetes asks a pod to stop: a clean stop exits 0
-            # (twistd would otherwise re-raise the signal and die by it).
-            self._reactor._exitSignal = None
         for adapter in self._adapters:
             adapter.credential.stop()
         if self._prober is not None:
@@ -470,4 +467,19 @@ def makeService(options: Options) -> MultiService:
     settings = options.settings
     if settings.workers > 1 and settings.worker == 0:
         os.environ[WORKER_VARIABLE] = "0"  # the primary: its JSON log lines say worker 0
+    reactor.callWhenRunning(_stop_cleanly_on_sigterm, reactor)
     return assemble(reactor, settings).service
+
+
+def _stop_cleanly_on_sigterm(reactor) -> None:
+    """SIGTERM is how Kubernetes asks a pod to stop: stop the reactor (the drain runs in its shutdown)
+    and exit 0. twistd's own handler makes the process re-raise the signal at the end and die by it.
+    Installed once the reactor runs, after the reactor's own handlers."""
+
+    def stop() -> None:
+        try:
+            reactor.stop()
+        except ReactorNotRunning:  # a second SIGTERM while draining
+            pass
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(stop))
