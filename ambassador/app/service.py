@@ -27,7 +27,6 @@ from ambassador.web.limits import InboundLimits
 from ambassador.metrics import Metrics
 from ambassador.app.mounting import Mount, check_mount_names, describe_adapters, mounted, select_adapters
 from ambassador.cache.peers import PeerFactory, Peers
-from ambassador.reactor import install_unless_chosen
 from ambassador.pipeline.resilience import POLICY_HELP, Guard, Policy, resolve_policies
 from ambassador.cache.redisstore import RedisStore, parse_redis_url
 from ambassador.pipeline.client import UpstreamClient
@@ -165,7 +164,6 @@ class Options(usage.Options):
         return super().getUsage(width) + "\n".join(lines)
 
     def postOptions(self) -> None:
-        install_unless_chosen()  # before the first use of the reactor
         from twisted.internet import reactor
 
         for name in ("connect-timeout", "grace-period", "idle-timeout", "read-timeout"):
