@@ -10,7 +10,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from ambassador.web.limits import InboundLimits
-from ambassador.logs import event_as_json, event_as_text, info
+from ambassador.logs import event_as_json, event_as_text, format_event, info
 from ambassador.app.service import Options
 from conftest import get, raw_exchange, tmdb_env
 from test_metrics import samples
@@ -31,10 +31,14 @@ def emitted(text, /, **fields):
     ("no fields at all", {}),
     ("line one\nline two {x}", dict(x=1)),
     ("quotes ' \" and a \\ backslash {a!r:^10} {b:,} {c!a}", dict(a="x", b=12345, c="\u00e9")),
-    ("{a:{width}}", dict(a=1, width=5)),  # a nested spec: Twisted's own formatting
+    ("{a:{width}}", dict(a=1, width=5)),  # a nested spec
+    ("{0} {}", {}),  # positional fields: none in an event
+    ("{a[k]} {a.real}", dict(a={"k": "v"})),  # an index, a missing attribute
+    ("{x:d}", dict(x="not a number")),  # a spec the value refuses
 ])
 def test_text_is_what_twisted_writes(text, fields):
     event = emitted(text, **fields)
+    assert format_event(event) == formatEvent(event)
     assert event_as_text(event) == formatEventAsClassicLogText(event)
     assert json.loads(event_as_json(event))["message"] == formatEvent(event)
 
