@@ -3,15 +3,15 @@
 Labels are adapter names, route names (templates such as ``tmdb-v3``), status
 classes and outcome words: never raw paths, query strings or credentials.
 Label children used on every request are created once, at mount time. The
-instruments are ``ambassador.instruments``' lock-free ones: cheap per request.
+instruments are prometheus_client's, on a registry of this ``Metrics`` (not the
+global one), so tests and processes can each build their own.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ambassador.instruments import Instruments
 from ambassador.pipeline.stages.breaker import CLOSED, HALF_OPEN, OPEN
 
 # Latencies of a sidecar in front of an internet API: sub-millisecond cache
@@ -24,37 +24,36 @@ CACHE_OUTCOMES = ("hit", "miss", "refreshed", "revalidated", "stale-while-revali
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        i = Instruments()
-        self.requests = i.counter("ambassador_requests", "Inbound requests answered, by status class.",
-                                  ["adapter", "route", "code_class"])
-        self.request_seconds = i.histogram("ambassador_request_duration_seconds",
-                                           "Time from receiving an inbound request to finishing its answer.",
-                                           ["adapter", "route"], _BUCKETS)
-        self.in_flight = i.gauge("ambassador_requests_in_flight", "Inbound requests being answered now.",
-                                 ["adapter"])
-        self.upstream_attempts = i.counter("ambassador_upstream_attempts",
-                                           "Requests sent to an outside service, by outcome (status class, "
-                                           "timeout, unreachable).", ["adapter", "outcome"])
-        self.upstream_seconds = i.histogram("ambassador_upstream_duration_seconds",
-                                            "Time one upstream attempt took, whole body included.",
-                                            ["adapter"], _BUCKETS)
-        self.retries = i.counter("ambassador_upstream_retries", "Upstream attempts that were retries.",
-                                 ["adapter"])
-        self.rate_limit_waits = i.counter("ambassador_rate_limit_waits", "Requests that waited for the "
-                                          "client-side rate limit.", ["adapter"])
-        self.rate_limit_rejections = i.counter("ambassador_rate_limit_rejections", "Requests answered 429 "
-                                               "because the rate-limit queue was full.", ["adapter"])
-        self.concurrency_rejections = i.counter("ambassador_concurrency_rejections", "Requests answered 503 "
-                                                "because too many were in flight upstream.", ["adapter"])
-
-        self.cache_answers = i.counter("ambassador_cache_answers", "GET/HEAD answers by what the response cache "
-                                       "did: hit, miss, refreshed, revalidated, stale-while-revalidate, "
-                                       "stale-if-error, collapsed, bypass.", ["adapter", "outcome"])
-        self.peer_asks = i.counter("ambassador_peer_asks", "Cache misses asked of the process owning the key "
-                                   "(--workers), by outcome: relayed (it answered), fallback (it could not be "
-                                   "asked; this process fetched from the upstream itself).", ["outcome"])
-        self.registry.register(i)
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("ambassador_requests", "Inbound requests answered, by status class.",
+                                ["adapter", "route", "code_class"], registry=r)
+        self.request_seconds = Histogram("ambassador_request_duration_seconds",
+                                         "Time from receiving an inbound request to finishing its answer.",
+                                         ["adapter", "route"], registry=r, buckets=_BUCKETS)
+        self.in_flight = Gauge("ambassador_requests_in_flight", "Inbound requests being answered now.",
+                               ["adapter"], registry=r)
+        self.upstream_attempts = Counter("ambassador_upstream_attempts",
+                                         "Requests sent to an outside service, by outcome (status class, "
+                                         "timeout, unreachable).", ["adapter", "outcome"], registry=r)
+        self.upstream_seconds = Histogram("ambassador_upstream_duration_seconds",
+                                          "Time one upstream attempt took, whole body included.",
+                                          ["adapter"], registry=r, buckets=_BUCKETS)
+        self.retries = Counter("ambassador_upstream_retries", "Upstream attempts that were retries.",
+                               ["adapter"], registry=r)
+        self.rate_limit_waits = Counter("ambassador_rate_limit_waits", "Requests that waited for the "
+                                        "client-side rate limit.", ["adapter"], registry=r)
+        self.rate_limit_rejections = Counter("ambassador_rate_limit_rejections", "Requests answered 429 "
+                                             "because the rate-limit queue was full.", ["adapter"], registry=r)
+        self.concurrency_rejections = Counter("ambassador_concurrency_rejections", "Requests answered 503 "
+                                              "because too many were in flight upstream.", ["adapter"],
+                                              registry=r)
+        self.cache_answers = Counter("ambassador_cache_answers", "GET/HEAD answers by what the response cache "
+                                     "did: hit, miss, refreshed, revalidated, stale-while-revalidate, "
+                                     "stale-if-error, collapsed, bypass.", ["adapter", "outcome"], registry=r)
+        self.peer_asks = Counter("ambassador_peer_asks", "Cache misses asked of the process owning the key "
+                                 "(--workers), by outcome: relayed (it answered), fallback (it could not be "
+                                 "asked; this process fetched from the upstream itself).", ["outcome"],
+                                 registry=r)
 
     def cache_answers_of(self, adapter: str) -> dict:
         """The cache-answer label children of one adapter, by outcome."""
@@ -88,7 +87,7 @@ class RouteMetrics:
         self.in_flight = metrics.in_flight.labels(adapter)
 
     def answered(self, status: int, seconds: float) -> None:
-        self._by_class.get(status // 100, self._other).value += 1  # inc() without the call
+        self._by_class.get(status // 100, self._other).inc()
         self._seconds.observe(seconds)
 
 
@@ -102,7 +101,7 @@ class UpstreamMetrics:
         self._seconds = metrics.upstream_seconds.labels(adapter)
 
     def attempted(self, outcome: str, seconds: float) -> None:
-        self._attempts[outcome].value += 1
+        self._attempts[outcome].inc()
         self._seconds.observe(seconds)
 
 

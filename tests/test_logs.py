@@ -1,4 +1,4 @@
-"""The log observers write what Twisted's would, formatted once per format instead of per event."""
+"""The log observers write what Twisted's would: its text, or JSON lines with that text as the message."""
 
 import json
 from datetime import datetime, UTC
@@ -31,12 +31,16 @@ def emitted(text, /, **fields):
     ("no fields at all", {}),
     ("line one\nline two {x}", dict(x=1)),
     ("quotes ' \" and a \\ backslash {a!r:^10} {b:,} {c!a}", dict(a="x", b=12345, c="\u00e9")),
-    ("{a:{width}}", dict(a=1, width=5)),  # a nested spec: Twisted's own formatting
+    ("{a:{width}}", dict(a=1, width=5)),  # a nested spec
+    ("{0} {}", {}),  # positional fields: none in an event
+    ("{a[k]} {a.real}", dict(a={"k": "v"})),  # an index, a missing attribute
+    ("{x:d}", dict(x="not a number")),  # a spec the value refuses
 ])
 def test_text_is_what_twisted_writes(text, fields):
     event = emitted(text, **fields)
     assert format_event(event) == formatEvent(event)
     assert event_as_text(event) == formatEventAsClassicLogText(event)
+    assert json.loads(event_as_json(event))["message"] == formatEvent(event)
 
 
 def test_json_time_is_utc_with_milliseconds():

@@ -57,8 +57,8 @@ async def ask(ambassador, path):
     return response.code, header(response, "cache-status"), body
 
 
-def asks(ambassador, outcome: str) -> float:
-    return ambassador.metrics.peer_asks.labels(outcome).value
+def asks(ambassador, outcome: str) -> float | None:
+    return ambassador.metrics.registry.get_sample_value("ambassador_peer_asks_total", {"outcome": outcome})
 
 
 def fallback_warnings(log_events) -> list:

@@ -298,7 +298,7 @@ class ProxyFactory(LimitedSite):
 
     def serve(self, request, handler: RouteHandler, segments: list[bytes]) -> None:
         request.handler = handler
-        handler.metrics.in_flight.value += 1  # inc() without the call
+        handler.metrics.in_flight.inc()
         try:
             inbound = handler.inbound(request, segments)
         except Problem as problem:
@@ -365,7 +365,7 @@ class ProxyFactory(LimitedSite):
 
     def _done(self, request) -> None:
         if request.handler is not None:
-            request.handler.metrics.in_flight.value -= 1
+            request.handler.metrics.in_flight.dec()
         self._in_flight.discard(request)
         self._check_drained()
 
