@@ -25,36 +25,13 @@ import threading
 import time
 from datetime import datetime, UTC
 
-from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, formatEventAsClassicLogText
+from twisted.logger import ILogObserver, formatEvent, formatEventAsClassicLogText
 from twisted.python import threadable
 from zope.interface import provider
 
 _PLAIN = (str, int, float, bool, type(None))
-if json.encoder.c_make_encoder is not None:
-    # The C encoder JSONEncoder(ensure_ascii=False, default=repr).encode makes on every call, made once.
-    # Arguments: markers, default, encoder, indent, separators, sort_keys, skipkeys, allow_nan. Without
-    # markers it does not look for circular references: a container holding itself raises RecursionError.
-    _encoder = json.encoder.c_make_encoder(None, repr, json.encoder.c_encode_basestring, None, ": ", ", ",
-                                           False, False, True)
-
-    def _to_json(document: dict) -> str:
-        return "".join(_encoder(document, 0))
-else:  # no C accelerator
-    _to_json = json.JSONEncoder(ensure_ascii=False, default=repr).encode
+_to_json = json.JSONEncoder(ensure_ascii=False, default=repr).encode
 _NOT_FIELDS = frozenset({"format", "message", "time", "level", "logger"})
-
-
-def info(logger: Logger, format: str, **fields: object) -> None:
-    """``logger.info(format, **fields)`` without Logger.emit's check of the level against every
-    LogLevel (it sorts them, each call): for the access log, one event per request. (Six stores
-    cost less than an ``update`` with keywords.)"""
-    fields["log_logger"] = logger
-    fields["log_level"] = LogLevel.info
-    fields["log_namespace"] = logger.namespace
-    fields["log_source"] = logger.source
-    fields["log_format"] = format
-    fields["log_time"] = time.time()
-    logger.observer(fields)
 
 
 def format_event(event: dict) -> str:

@@ -10,7 +10,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from ambassador.web.limits import InboundLimits
-from ambassador.logs import event_as_json, event_as_text, format_event, info
+from ambassador.logs import event_as_json, event_as_text, format_event
 from ambassador.app.service import Options
 from conftest import get, raw_exchange, tmdb_env
 from test_metrics import samples
@@ -51,26 +51,17 @@ def test_json_time_is_utc_with_milliseconds():
     assert (document["message"], document["y"]) == ("x 1", 1)
 
 
-def test_info_makes_the_event_logger_info_makes():
-    events = []
-    logger = Logger(namespace="n", observer=events.append)
-    info(logger, "x {y}", y=1, z=None)
-    logger.info("x {y}", y=1, z=None)
-    ours, twisteds = events
-    assert list(ours) == list(twisteds)
-    assert {**ours, "log_time": 0} == {**twisteds, "log_time": 0}
-
-
 ACCESS_FORMAT = ("{method} {path} {status} {duration_ms}ms adapter={adapter} route={route} "
                  "upstream={upstream_status} attempts={attempts} cache={cache} id={request_id}")
 
 
 def access_event(**fields):
     events = []
-    info(Logger(namespace="ambassador.access", observer=events.append), ACCESS_FORMAT,
-         **{"request_id": "5d03ede44434f09b25ca74ec61f01b01", "method": "GET", "path": "/movies?q=\u00e9\"\\",
-            "status": 200, "adapter": "tmdb", "route": "movies", "upstream_status": None, "attempts": 0,
-            "cache": "hit", "problem": None, "duration_ms": 12.3, **fields})
+    logger = Logger(namespace="ambassador.access", observer=events.append)
+    logger.info(ACCESS_FORMAT, **{
+        "request_id": "5d03ede44434f09b25ca74ec61f01b01", "method": "GET", "path": "/movies?q=\u00e9\"\\",
+        "status": 200, "adapter": "tmdb", "route": "movies", "upstream_status": None, "attempts": 0,
+        "cache": "hit", "problem": None, "duration_ms": 12.3, **fields})
     events[0]["log_time"] = 1795707805.0429
     return events[0]
 

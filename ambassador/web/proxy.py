@@ -19,7 +19,6 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ambassador import logs
 from ambassador.pipeline.answers import HOP_BY_HOP_HEADERS, hop_by_hop
 from ambassador.credentials.sources import FileSecret
 from ambassador.exchange import Answer, InboundRequest, Route, Trace
@@ -263,8 +262,8 @@ class ProxyFactory(LimitedSite):
         self._unmatched.answered(problem.status, 0.0)
         if problem.status < self._log_from:
             return
-        logs.info(access_log, "Refused {status} {problem} id={request_id}", status=problem.status,
-                  problem=problem.kind, request_id=request_id)
+        access_log.info("Refused {status} {problem} id={request_id}", status=problem.status,
+                        problem=problem.kind, request_id=request_id)
 
     def drain(self, grace_period: float) -> defer.Deferred:
         """Fires when no request is in flight, or after ``grace_period`` seconds, whichever is first."""
@@ -391,8 +390,7 @@ class ProxyFactory(LimitedSite):
         metrics.answered(status, duration)
         if status < self._log_from:  # the access line costs about a third of a cache hit's CPU
             return
-        logs.info(
-            access_log,
+        access_log.info(
             "{method} {path} {status} {duration_ms}ms adapter={adapter} route={route} "
             "upstream={upstream_status} attempts={attempts} cache={cache} id={request_id}",
             request_id=request.id,
