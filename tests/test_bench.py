@@ -1,4 +1,4 @@
-"""bench/run works end to end: with tiny durations, every scenario gets its row, with numbers.
+"""bench/run works end to end: with tiny durations, every scenario (S1–S7) gets its row, with numbers.
 
 Only that: speed is measured by bench/run, never asserted in a test.
 """
@@ -38,8 +38,17 @@ def test_bench_prints_every_scenario(tmp_path):
                         ("S2", "upstream"), ("S2", "nginx"), ("S2", "ambassador"), ("S3", "ambassador")}, table
     assert re.search(r"^S4 .*upstream requests: \d+ .*\d+/20 answered 200", table, re.M), table
     assert re.search(r"^S5 .*start [\d.]+ MiB, peak [\d.]+ .*idle after S2 [\d.]+", table, re.M), table
+    assert re.search(r"^S6 added latency +upstream +\d+ +[\d.]+ +[\d.]+ ", table, re.M), table
+    for kind in ("miss", "hit"):
+        assert re.search(rf"^S6 added latency, {kind} +ambassador .*added p50 -?[\d.]+ ms .*p99 -?[\d.]+ ms", table,
+                         re.M), table
+    for mode in ("flat out", "paced"):
+        for target in ("nginx", "ambassador"):
+            assert re.search(rf"^S7 mix, {mode} +{target} +\d+ +[\d.]+ +[\d.]+ .*statuses .*200 share [\d.]+; "
+                             r"upstream: \d+ requests, peak \d+/s, \d+ × 429", table, re.M), table
+        assert re.search(rf"^S7 mix, {mode} +go seed .*blocked", table, re.M), table
     verdicts = [line for line in table.splitlines() if re.match(r"S\d .*ambassador", line)]
-    assert len(verdicts) == 5 and all(re.search(r"\b(PASS|MISS)\b", line) for line in verdicts), table
+    assert len(verdicts) == 9 and all(re.search(r"\b(PASS|MISS)\b", line) for line in verdicts), table
     workdir = re.search(r"^bench: working in (\S+)$", run.stdout, re.M)[1]
     assert not Path(workdir).exists()
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and in_directory(pid, workdir)], \
