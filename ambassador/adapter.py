@@ -19,6 +19,8 @@ tests from ``ambassador.testing``; docs/writing-an-adapter.md shows both.
 - Answers: ``forward``, ``outside_failure``, ``parse_json_object``, ``is_json_type``,
   ``looks_like_json``, ``retry_after``; problems the caller gets: ``Problem``,
   ``bad_answer``, ``credential_rejected``, ``not_found``, ``bad_gateway``.
+- ``DEFAULT_MAX_RESPONSE_BYTES``: the longest upstream answer read when an adapter sets no
+  ``max_response_bytes``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ambassador.credentials.sources import (
 )
 from ambassador.exchange import Answer, InboundRequest, Query, Route, UpstreamRequest, UpstreamResponse, without_params
 from ambassador.interfaces import ConfigurationError, IAdapterPlugin, ICredential, IExternalAdapter, Setting
+from ambassador.pipeline.client import DEFAULT_MAX_RESPONSE_BYTES
 from ambassador.pipeline.answers import (
     PASSED_RESPONSE_HEADERS,
     bad_answer,
@@ -86,6 +89,7 @@ __all__ = [
     "is_json_type",
     "looks_like_json",
     "retry_after",
+    "DEFAULT_MAX_RESPONSE_BYTES",
     # problems
     "Problem",
     "PROBLEM_CONTENT_TYPE",

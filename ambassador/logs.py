@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 from datetime import datetime, UTC
 
 from twisted.logger import ILogObserver, formatEvent, formatEventAsClassicLogText
@@ -125,14 +126,14 @@ class _LineWriter:
         self._scheduled = False
         atexit.register(self.flush)  # whatever the last iteration left
 
-    _reactor = None
+    _reactor: Any = None  # the global reactor, imported on first use; its stubs type it as a private class
 
     def write(self, event) -> None:
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor
+        if self._reactor is None:
+            from twisted.internet import reactor as installed
 
-            self._reactor = reactor
+            self._reactor = installed
+        reactor = self._reactor
         # isInIOThread()'s own test, without its three Python calls (current_thread().ident)
         if not (reactor.running and threading.get_ident() == threadable.ioThread):
             self.flush()
@@ -153,7 +154,8 @@ class _LineWriter:
         if not self._events:
             return
         events, self._events = self._events, []
-        chunk, size = [], 0
+        chunk: list = []
+        size = 0
         for event in events:
             line = self._line_of(event)
             if line is None:

@@ -30,15 +30,17 @@ import hashlib
 import json
 from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote_plus
 
 from attrs import define, field, frozen
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from ambassador.app.service import Ambassador, assemble, endpoint_description
+from ambassador.app.service import Ambassador, Listener, assemble, endpoint_description
 from ambassador.app.settings import Settings
 
 __all__ = [
@@ -106,7 +108,7 @@ def serve(resource: Resource, reactor=None):
 
 
 @contextmanager
-def serving(fake: Resource) -> Iterator[Resource]:
+def serving(fake: F) -> Iterator[F]:
     """``fake`` served on loopback (see ``serve``) for the block, with its ``base_url`` set."""
     port = serve(fake)
     fake.base_url = port.base_url
@@ -129,20 +131,30 @@ def start_ambassador(adapters: Iterable, *, clock=None, rng=None, peers=None, **
     ambassador = assemble(reactor, record, clock=clock, rng=rng, peers=peers)
     ambassador.service.privilegedStartService()
     ambassador.service.startService()
-    ambassador.url = f"http://127.0.0.1:{ambassador.proxy.port.getHost().port}"
-    ambassador.admin_url = f"http://127.0.0.1:{ambassador.admin.port.getHost().port}"
+    assert ambassador.admin is not None  # admin_endpoint is set above
+    ambassador.url = f"http://127.0.0.1:{_port_of(ambassador.proxy)}"
+    ambassador.admin_url = f"http://127.0.0.1:{_port_of(ambassador.admin)}"
     return ambassador
+
+
+def _port_of(listener: Listener) -> int:
+    # A tcp: endpoint listens at once, in privilegedStartService.
+    assert listener.port is not None
+    address = listener.port.getHost()
+    assert isinstance(address, IPv4Address)
+    return address.port
 
 
 @contextmanager
 def logged_events(*, secrets: Iterable[str] = ()) -> Iterator[list[dict]]:
     """Every log event emitted inside the block; on leaving it, fails if one shows any of ``secrets``."""
     events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
+    # Twisted takes any callable as an ILogObserver; zope cannot declare that a bound method provides it.
+    globalLogPublisher.addObserver(events.append)  # type: ignore[arg-type]
     try:
         yield events
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(events.append)  # type: ignore[arg-type]
     for event in events:
         text = f"{formatEvent(event)} {event!r}"
         if "log_failure" in event:
@@ -159,7 +171,7 @@ INVALID_KEY = _tmdb_error(7, "Invalid API key: You must be granted a valid key."
 NOT_FOUND = _tmdb_error(34, "The resource you requested could not be found.")
 INVALID_PAGE = _tmdb_error(22, "Invalid page: Pages start at 1 and max at 500. They are expected to be an integer.")
 
-MOVIES = [
+MOVIES: list[dict[str, Any]] = [  # as TMDB's JSON has them
     {"id": 550, "title": "Fight Club", "release_date": "1999-10-15", "popularity": 61.4, "vote_count": 30122,
      "vote_average": 8.4, "overview": "A ticking-time-bomb insomniac and a slippery soap salesman ..."},
     {"id": 603, "title": "The Matrix", "release_date": "1999-03-30", "popularity": 80.2, "vote_count": 26512,
@@ -171,10 +183,13 @@ MOVIES = [
 ]
 
 
+F = TypeVar("F", bound="FakeService")
+
 @define
 class FakeService(Resource):
     """The part every fake outside service shares: it records each request in ``requests``."""
 
+    base_url: str = field(default="", init=False, repr=False, eq=False)  # where ``serving`` serves it
     requests: list[RecordedRequest] = field(factory=list)
     _waiting: list[Deferred] = field(factory=list)
     _lost: set = field(factory=set)  # held requests whose caller went away
@@ -196,7 +211,7 @@ class FakeService(Resource):
 
     def next_request(self) -> Deferred:
         """Fires with the next request this fake receives (to sequence a test without sleeping)."""
-        d = Deferred()
+        d: Deferred[RecordedRequest] = Deferred()
         self._waiting.append(d)
         return d
 
@@ -372,12 +387,12 @@ class FakeOAuth2TokenEndpoint(FakeService):
         if authorization.startswith("Basic "):
             pair = base64.b64decode(authorization[len("Basic "):]).decode()
             client_id, secret = (unquote_plus(part) for part in pair.split(":", 1))
-        if self.fault == "reject" or self.clients.get(client_id) != secret or secret is None:
+        if self.fault == "reject" or client_id is None or secret is None or self.clients.get(client_id) != secret:
             request.setHeader("WWW-Authenticate", 'Basic realm="fake"')
             return json_answer(request, 401, {"error": "invalid_client"})
         token = f"{self.prefix}-{len(self.issued) + 1}"
         self.issued.append(token)
-        document = {"access_token": token, "token_type": "Bearer"}
+        document: dict[str, object] = {"access_token": token, "token_type": "Bearer"}
         if self.expires_in is not None:
             document["expires_in"] = self.expires_in
         return json_answer(request, 200, document)

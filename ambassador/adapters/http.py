@@ -8,10 +8,13 @@ checked every path segment.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from attrs import frozen
 from zope.interface import implementer
 
 from ambassador.adapter import (
+    DEFAULT_MAX_RESPONSE_BYTES,
     Answer,
     ICredential,
     IExternalAdapter,
@@ -45,6 +48,7 @@ class HTTPAdapter:
     probe_path: str | None = None
     #: (key, value) pairs of ambassador.pipeline.resilience.Policy from the config file (timeout, retries …).
     policy_defaults: tuple[tuple[str, str], ...] = ()
+    max_response_bytes: ClassVar[int] = DEFAULT_MAX_RESPONSE_BYTES
 
     @property
     def routes(self) -> tuple[Route, ...]:

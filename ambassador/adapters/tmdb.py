@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from attrs import frozen
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ambassador.adapter import (
+    DEFAULT_MAX_RESPONSE_BYTES,
     Answer,
     Credential,
     IAdapterPlugin,
@@ -54,6 +57,7 @@ class TMDBAdapter:
     name: str = "tmdb"
     routes: tuple[Route, ...] = ROUTES
     secret_params: frozenset[str] = _SECRET_PARAMS
+    max_response_bytes: ClassVar[int] = DEFAULT_MAX_RESPONSE_BYTES
     probe_path: str = "/3/configuration"  # small, and answers 401 when the credential is bad
     # TMDB answers 429 (status_code 25) above roughly 40 requests per second. Its data changes
     # slowly: a five-minute-old answer serves a caller better than an outage does.

@@ -9,7 +9,7 @@ variable (``{env: VAR}``) or a file (``{file: /path}``, a mounted Secret).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar, Literal, overload
 from collections.abc import Iterable, Mapping
 
 import yaml
@@ -32,6 +32,7 @@ from ambassador.credentials.sources import (
     as_query_parameter,
 )
 from ambassador.interfaces import ConfigurationError, ICredential, IExternalAdapter
+from ambassador.pipeline.client import DEFAULT_MAX_RESPONSE_BYTES
 from ambassador.pipeline.resilience import Policy
 
 CONFIG_HELP = """\
@@ -94,6 +95,18 @@ class Section:
             raise self.error(key, expected)
         return value
 
+    @overload
+    def text(self, key: str, expected: str = ..., *, pattern: re.Pattern | None = ..., default: str,
+             required: bool = ...) -> str: ...
+
+    @overload
+    def text(self, key: str, expected: str = ..., *, pattern: re.Pattern | None = ..., default: None = ...,
+             required: Literal[True]) -> str: ...
+
+    @overload
+    def text(self, key: str, expected: str = ..., *, pattern: re.Pattern | None = ..., default: str | None = ...,
+             required: bool = ...) -> str | None: ...
+
     def text(self, key: str, expected: str = "a string", *, pattern: re.Pattern | None = None,
              default: str | None = None, required: bool = False) -> str | None:
         value = self.get(key, str, expected, default, required)
@@ -112,6 +125,12 @@ class Section:
         if not all(isinstance(v, str) and pattern.match(v) for v in values):
             raise self.error(key, f"a list of {expected}")
         return tuple(values)
+
+    @overload
+    def section(self, key: str, required: Literal[True]) -> Section: ...
+
+    @overload
+    def section(self, key: str, required: bool = ...) -> Section | None: ...
 
     def section(self, key: str, required: bool = False) -> Section | None:
         value = self.get(key, dict, "a mapping of keys to values", required=required)
@@ -138,7 +157,7 @@ def adapters_from_file(path: str, environ: Mapping[str, str], plugins: Iterable,
     entries = root.get("adapters", dict, "a mapping of adapter names to their settings", required=True)
     root = Section(path, "adapters", entries)
     by_name = {plugin.name: plugin for plugin in plugins}
-    adapters = []
+    adapters: list[IExternalAdapter] = []
     for name in entries:
         if not isinstance(name, str) or not _NAME.match(name):
             raise root.error(str(name), "an adapter name of letters, digits, _ and - (at most 40)")
@@ -195,6 +214,14 @@ def _policy(entry: Section) -> tuple[tuple[str, str], ...]:
     return tuple(settings.items())
 
 
+@overload
+def _base_url(entry: Section, required: Literal[True]) -> tuple[str, str]: ...
+
+
+@overload
+def _base_url(entry: Section, required: bool = ...) -> tuple[str, str] | tuple[None, None]: ...
+
+
 def _base_url(entry: Section, required: bool = False) -> tuple[str, str] | tuple[None, None]:
     value = entry.text("base_url", "a URL", required=required)
     if value is None:
@@ -213,6 +240,8 @@ class _Configured:
     credential: ICredential
     secret_params: frozenset[str]
     policy_defaults: tuple[tuple[str, str], ...]
+    #: Not the plugin adapter's own: what the wrapper has always answered (the interface's default).
+    max_response_bytes: ClassVar[int] = DEFAULT_MAX_RESPONSE_BYTES
 
     @property
     def routes(self):
@@ -234,7 +263,7 @@ def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
     origin, base_path = _base_url(entry)
     if base_path:
         raise entry.error("base_url", f"a URL with no path for {adapter.name} (like https://host:port)")
-    credential, secret_params = adapter.credential, frozenset()
+    credential, secret_params = adapter.credential, frozenset[str]()
     section = entry.section("credential")
     if section is not None:
         credential, secret_params = _credential(name, section, environ)

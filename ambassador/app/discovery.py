@@ -108,7 +108,7 @@ class _SilentLog:
 @contextmanager
 def _quiet_plugin_log() -> Iterator[None]:
     original = twisted.plugin.log
-    twisted.plugin.log = _SilentLog()
+    twisted.plugin.log = _SilentLog()  # type: ignore[assignment]  # a stand-in for the module: err and msg
     try:
         yield
     finally:

@@ -7,6 +7,8 @@ cheap question on an interval for adapters that name one (``probe_path``).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -16,6 +18,16 @@ from ambassador.interfaces import IExternalAdapter
 from ambassador.pipeline.stages.breaker import OPEN, CircuitBreaker
 
 log = Logger(namespace="ambassador")
+
+
+class StoreState(Protocol):
+    """What readiness reads of a shared cache store (RedisStore)."""
+
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def available(self) -> bool: ...
 
 
 @define
@@ -49,7 +61,7 @@ class AdapterState:
 class Readiness:
     adapters: list[AdapterState]
     _by_name: dict[str, AdapterState] = field(init=False)
-    cache_store: object | None = None  # a shared cache store (RedisStore): its outage is a warning, not unready
+    cache_store: StoreState | None = None  # a shared cache store (RedisStore): its outage is a warning, not unready
 
     def __attrs_post_init__(self) -> None:
         self._by_name = {state.adapter.name: state for state in self.adapters}

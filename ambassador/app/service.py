@@ -14,6 +14,8 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -205,10 +207,9 @@ class Options(usage.Options):
             cache_bytes = None if self["no-cache"] else parse_size(self["cache-size"]) // self["workers"]
         except ValueError:  # never quotes what was typed
             raise usage.UsageError("--cache-size must be a number of bytes such as 64MiB, 512KiB or 1000000")
-        cache_url: str | None = (self["cache"] or os.environ.get(CACHE_URL_VARIABLE) or "memory").strip()
-        if cache_url == "memory":
-            cache_url = None
-        else:
+        cache_text = (self["cache"] or os.environ.get(CACHE_URL_VARIABLE) or "memory").strip()
+        cache_url = None if cache_text == "memory" else cache_text
+        if cache_url is not None:
             try:
                 parse_redis_url(cache_url)
             except ValueError as e:  # never quotes the URL: it may hold a password
@@ -290,7 +291,7 @@ class Listener(Service):
         self._factory = factory
         self._label = label
         self._warn_if_exposed = warn_if_exposed
-        self.port = None
+        self.port: IListeningPort | None = None
         self.setName(label)
 
     def privilegedStartService(self) -> None:
@@ -302,14 +303,17 @@ class Listener(Service):
     def _listening(self, port) -> None:
         self.port = port
         # Announce once the reactor runs: then signals are handled and requests served.
-        self._reactor.callWhenRunning(self._announce)
+        self._reactor.callWhenRunning(self._announce, port)
         if self._on_listening is not None:
             self._on_listening(port)
 
-    def _announce(self) -> None:
-        address = self.port.getHost()
-        host = getattr(address, "host", None)
-        where = f"{host}:{address.port}" if host is not None else getattr(address, "name", str(address))
+    def _announce(self, port: IListeningPort) -> None:
+        address = port.getHost()
+        host: str | None = None
+        if isinstance(address, (IPv4Address, IPv6Address)):
+            host, where = address.host, f"{address.host}:{address.port}"
+        else:
+            where = getattr(address, "name", str(address))
         if isinstance(where, bytes):  # a UNIX socket's path
             where = where.decode(errors="replace")
         log.info("ambassador {label} listening on {address}", label=self._label, address=where)
@@ -376,6 +380,8 @@ class Ambassador:
     metrics: Metrics
     readiness: Readiness
     cache: ResponseCache | None
+    url: str = ""  # where the proxy and admin listen, once a caller records it (ambassador.testing)
+    admin_url: str = ""
 
 
 def assemble(reactor, settings: Settings, *, clock=None, rng=None,
@@ -387,6 +393,7 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
     index, count) sets that up without workers (tests)."""
     adapters, limits, grace_period = settings.adapters, settings.limits, settings.grace_period
     workers, worker, cache_bytes = settings.workers, settings.worker, settings.cache_bytes
+    endpoint: str | AdoptedEndpoint
     endpoint, admin_endpoint, probe_interval = settings.endpoint, settings.admin_endpoint, settings.probe_interval
     clock = clock or reactor
     peer_dir = None

@@ -4,15 +4,20 @@ produces once every option is validated, and that ``makeService`` builds the ser
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
 from attrs import field, frozen
 
 from ambassador.cache.responses import DEFAULT_CACHE_BYTES
 from ambassador.credentials.sources import FileSecret
+from ambassador.interfaces import IExternalAdapter
 from ambassador.pipeline.resilience import Policy
 from ambassador.web.limits import InboundLimits
+
+
+def _adapters(adapters: Iterable[IExternalAdapter]) -> tuple[IExternalAdapter, ...]:
+    return tuple(adapters)
 
 
 def _read_only(policies: Mapping[str, Policy]) -> Mapping[str, Policy]:
@@ -31,7 +36,7 @@ class Settings:
     Redis URL of a shared cache (None: in memory); ``worker`` this process's index among
     ``workers``, and ``worker_args`` the command line the primary starts the others with."""
 
-    adapters: tuple = field(converter=tuple)
+    adapters: tuple[IExternalAdapter, ...] = field(converter=_adapters)
     endpoint: str
     admin_endpoint: str | None
     policies: Mapping[str, Policy] = field(factory=dict, converter=_read_only)

@@ -42,7 +42,7 @@ import socket
 import sys
 
 from attrs import evolve
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Metric, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.service import Service
 from twisted.internet import defer, fdesc
@@ -79,11 +79,11 @@ def share_of(policy: Policy, workers: int) -> Policy:
     """One process's share of ``policy`` when ``workers`` processes serve together."""
     if workers <= 1:
         return policy
-    changes = {"max_in_flight": max(1, math.ceil(policy.max_in_flight / workers))}
-    if policy.rate_limit is not None:
-        changes["rate_limit"] = policy.rate_limit / workers
-        changes["rate_burst"] = max(1, math.ceil(policy.burst / workers))
-    return evolve(policy, **changes)
+    max_in_flight = max(1, math.ceil(policy.max_in_flight / workers))
+    if policy.rate_limit is None:
+        return evolve(policy, max_in_flight=max_in_flight)
+    return evolve(policy, max_in_flight=max_in_flight, rate_limit=policy.rate_limit / workers,
+                  rate_burst=max(1, math.ceil(policy.burst / workers)))
 
 
 @implementer(IStreamServerEndpoint)
@@ -164,10 +164,11 @@ class _Worker(ProcessProtocol):
         self.pool = pool
         self.index = index
         self.admin_port: int | None = None
-        self.ended = defer.Deferred()
+        self.ended: defer.Deferred = defer.Deferred()
         self._report = b""
 
     def connectionMade(self) -> None:
+        assert self.transport is not None  # spawnProcess set it before this call
         log.info("Worker {index} started (pid {pid})", index=self.index, pid=self.transport.pid)
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
@@ -233,6 +234,7 @@ class WorkerPool(Service):
         super().stopService()
         running = list(self.workers.values())
         for worker in running:
+            assert worker.transport is not None  # _start spawned it right after adding it
             worker.transport.signalProcess("TERM")
         waiting = defer.DeferredList([worker.ended for worker in running])
         kill = self._reactor.callLater(self._grace_period + 5, self._kill, running)
@@ -276,7 +278,7 @@ class _Families:
 
 def merge_expositions(expositions) -> bytes:
     """(worker index, Prometheus text) pairs as one exposition, with a ``worker`` label on every sample."""
-    families: dict[str, object] = {}
+    families: dict[str, Metric] = {}
     for index, text in expositions:
         for family in text_string_to_metric_families(text.decode("utf-8")):
             merged = families.setdefault(family.name, family)

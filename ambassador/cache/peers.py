@@ -104,7 +104,8 @@ class Peers(Service):
         call = self._connections.fetch(f"http://worker-{owner}", UpstreamRequest("GET", path, query, headers),
                                        max_body=limit)
         call.addTimeout(timeout + ASK_MARGIN, self._clock)
-        return call.addCallbacks(self._answered, self._not_answered, (owner,), None, (owner, timeout + ASK_MARGIN))
+        return call.addCallbacks(self._answered, self._not_answered, callbackArgs=(owner,),
+                                 errbackArgs=(owner, timeout + ASK_MARGIN))
 
     def _answered(self, response, owner: int) -> tuple:
         if response.status != 200 or response.content_type != RELAY_TYPE:
@@ -189,7 +190,9 @@ def decode_relay(data: bytes) -> tuple[Served, object]:
     """(Served, the Entry to keep or None) from an owner's answer; raises the Problem it relays, or
     ValueError, TypeError, KeyError or IndexError when ``data`` is not a relay."""
     meta_line, newline, body = data.partition(b"\n")
-    meta = json.loads(meta_line) if newline else None
+    if not newline:
+        raise ValueError("not a relay: no metadata line")
+    meta = json.loads(meta_line)
     if "problem" in meta:
         status, kind, title, detail, headers, extensions = meta["problem"]
         raise Problem(int(status), str(kind), str(title), str(detail),

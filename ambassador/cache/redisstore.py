@@ -26,7 +26,7 @@ from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -180,7 +180,7 @@ class RedisStore:
         self._connection: Any = None  # the one in use, once AUTH and SELECT are done
         self._open: set = set()  # every connection not yet closed
         self._attempt: Deferred | None = None
-        self._retry = None
+        self._retry: IDelayedCall | None = None
         self._delay = BACKOFF_FIRST
         self._reachable: bool | None = None  # what was last logged; None before the first outcome
 

@@ -84,6 +84,8 @@ def directives(value: str | None) -> dict[str, str | None]:
 
 
 def _seconds(argument: str | None) -> float | None:
+    if argument is None:
+        return None
     try:
         value = int(argument)  # delta-seconds are whole numbers
     except (TypeError, ValueError):
@@ -380,9 +382,9 @@ class ResponseCache:
                     flight = self._flights[key] = _Flight(background=True)
                     self._launch(flight, key, entry, "stale", policy, request_headers, fetch, interpret, forward)
                 return _hit(entry, now, "stale-while-revalidate")
-        flight = self._flights.get(key)
-        if flight is not None:
-            return self._wait(flight)
+        pending = self._flights.get(key)
+        if pending is not None:
+            return self._wait(pending)
         flight = self._flights[key] = _Flight(background=False)
         waiter = self._wait(flight)  # before launching: the fetch may fail at once
         self._launch(flight, key, entry, reason, policy, request_headers, fetch, interpret, forward)
@@ -420,7 +422,7 @@ class ResponseCache:
         return self._not_fetched(failure, entry, f"fwd={reason}")  # the owner's Problem, or a cancellation
 
     def _wait(self, flight: _Flight) -> defer.Deferred:
-        waiter = defer.Deferred(lambda d: self._left(flight, d))
+        waiter: defer.Deferred = defer.Deferred(lambda d: self._left(flight, d))
         flight.waiters.append((waiter, bool(flight.waiters) or flight.background))
         return waiter
 
@@ -445,7 +447,7 @@ class ResponseCache:
         """What the upstream's ``response`` to a fetch makes of the cache and of the answer."""
         upstream, now = response.status, self._clock.seconds()
         try:
-            if upstream == 304 and conditional:
+            if upstream == 304 and conditional and entry is not None:  # conditional comes from entry
                 refreshed = revalidated(entry, response, request_headers, policy, now)
                 self.store.put(key, refreshed, now)
                 return Served(refreshed.answer, f"{fwd}; fwd-status=304", "revalidated", refreshed.age(now), 304)
@@ -521,8 +523,10 @@ def encode_entry(entry: Entry) -> bytes:
 def decode_entry(data: bytes) -> Entry | None:
     """The entry ``encode_entry`` wrote, or None when ``data`` is not one."""
     meta_line, newline, body = data.partition(b"\n")
+    if not newline:
+        return None
     try:
-        return entry_of(json.loads(meta_line) if newline else None, body)
+        return entry_of(json.loads(meta_line), body)
     except (ValueError, TypeError, KeyError):
         return None
 

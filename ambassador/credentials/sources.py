@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from ambassador.exchange import UpstreamRequest, UpstreamResponse, without_params
 from ambassador.interfaces import ConfigurationError, ICredential
-from ambassador.pipeline.client import ResponseTooLarge, UpstreamFailed
+from ambassador.pipeline.client import ResponseTooLarge, UpstreamClient, UpstreamFailed
 from ambassador.problems import Problem
 
 log = Logger()
@@ -134,7 +134,8 @@ class FileSecret:
             with open(self.path, encoding="utf-8") as f:
                 value = f.read().strip()
         except (OSError, UnicodeDecodeError) as e:
-            self._keep(f"cannot be read ({e.__class__.__name__}: {e.strerror or 'not UTF-8 text'})")
+            reason = e.strerror if isinstance(e, OSError) else None  # a UnicodeDecodeError has none
+            self._keep(f"cannot be read ({e.__class__.__name__}: {reason or 'not UTF-8 text'})")
             return
         if not value:
             self._keep("is empty")
@@ -246,6 +247,9 @@ class _Sourced:
     def _files(self) -> tuple[FileSecret, ...]:
         return tuple(f for source in self._sources() for f in source.files())
 
+    def missing_reason(self, adapter: str) -> str:
+        raise NotImplementedError
+
     def present(self) -> bool:
         sources = self._sources()
         return bool(sources) and all(source.current() is not None for source in sources)
@@ -339,7 +343,7 @@ class OAuth2ClientCredentials(_Sourced):
     timeout: float = 10.0
     problem: str | None = field(default=None, init=False)  # why the last token request failed
     _clock: IReactorTime | None = field(default=None, init=False)
-    _client: object = field(default=None, init=False)
+    _client: UpstreamClient | None = field(default=None, init=False)
     _token: str | None = field(default=None, init=False)
     _fresh_until: float = field(default=0.0, init=False)
     _waiting: list[defer.Deferred] = field(factory=list, init=False)
@@ -360,9 +364,9 @@ class OAuth2ClientCredentials(_Sourced):
     def attach(self, request: UpstreamRequest, adapter: str) -> defer.Deferred:
         if not self.present():
             return defer.fail(self._missing(adapter))
-        if self._token is not None and self._clock.seconds() < self._fresh_until:
+        if self._token is not None and self._clock is not None and self._clock.seconds() < self._fresh_until:
             return defer.succeed(_as_bearer(request, self._token))
-        waiter = defer.Deferred()
+        waiter: defer.Deferred = defer.Deferred()
         self._waiting.append(waiter)
         if len(self._waiting) == 1:  # the first one asks; the others wait for its answer
             defer.ensureDeferred(self._request_token(adapter)).addBoth(self._hand_out)
@@ -396,6 +400,8 @@ class OAuth2ClientCredentials(_Sourced):
 
     async def _request_token(self, adapter: str) -> str:
         client_id, secret = self.client_id.current(), self.client_secret.current()
+        assert client_id is not None and secret is not None  # attach checked present() just before
+        assert self._client is not None and self._clock is not None  # start() came first
         form = [("grant_type", "client_credentials")]
         form += [(name, value) for name, value in (("scope", self.scope), ("audience", self.audience)) if value]
         headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}

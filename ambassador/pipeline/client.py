@@ -18,13 +18,15 @@ from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import quote, urlencode
 
 import re
+from typing import cast
 
 from OpenSSL.SSL import Error as TLSError
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -63,6 +65,10 @@ _PLAIN_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*\Z")
 class ResponseTooLarge(Exception):
     """The upstream answer was longer than its adapter's limit; the rest was not read."""
 
+    @property
+    def limit(self) -> int:
+        return self.args[0]
+
 
 class UpstreamFailed(Exception):
     """No complete answer came from the upstream; the argument says why, in words for a problem's detail."""
@@ -100,7 +106,7 @@ class UpstreamClient:
         self._user_agent = user_agent
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max_idle_per_host
-        self._pool.cachedConnectionTimeout = idle_timeout
+        self._pool.cachedConnectionTimeout = idle_timeout  # type: ignore[assignment]  # annotated int; a delay
         if endpoints is None:
             endpoints = _TCPEndpoints(reactor, connect_timeout, tls_policy or BrowserLikePolicyForHTTPS())
         self._closes = _CloseReasons()
@@ -176,7 +182,7 @@ class _Collector(Protocol):
         self._declared = None if length is UNKNOWN_LENGTH else length
         self._buffer = bytearray()
         self._too_large = False
-        self.done = defer.Deferred(lambda _: self.transport.stopProducing())
+        self.done: defer.Deferred[bytes] = defer.Deferred(lambda _: self._producer().stopProducing())
 
     def connectionMade(self) -> None:
         if self._declared is not None and self._declared > self._limit:
@@ -193,9 +199,13 @@ class _Collector(Protocol):
     def _drop(self) -> None:
         self._too_large = True
         self._buffer = bytearray()
-        self.transport.stopProducing()
+        self._producer().stopProducing()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def _producer(self) -> IPushProducer:
+        # deliverBody's transport: the body's producer (IResponse.deliverBody), typed as a plain transport.
+        return cast(IPushProducer, self.transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:  # cancelled
             return
         if self._too_large:
@@ -242,7 +252,7 @@ class _WatchedEndpoint:
 
 
 class _Watching(ProtocolWrapper):
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         closes = self.factory.closes
         closes.clean = reason.check(error.ConnectionDone) is not None
         try:

@@ -145,6 +145,8 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
 
 def http_date(value: str | None) -> float | None:
     """The time an HTTP-date (``Sun, 06 Nov 1994 08:49:37 GMT``) stands for, or None when it is not one."""
+    if value is None:
+        return None
     try:
         return parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError, IndexError, OverflowError):

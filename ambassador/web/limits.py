@@ -11,13 +11,15 @@ gives a caller ``read_timeout`` seconds to send a whole request.
 from __future__ import annotations
 
 import re
+from functools import partial
 from http import HTTPStatus
 from io import BytesIO
 from random import getrandbits
 
 from attrs import frozen
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
@@ -118,6 +120,9 @@ def problem_response(problem: Problem, request_id: str) -> bytes:
 class BoundedRequest(Request):
     """A Request whose body is kept in memory and refused beyond ``max_body``; no target is special."""
 
+    channel: LimitedChannel
+    content: BytesIO  # type: ignore[assignment]  # Twisted's is an unannotated None; its docstring says BinaryIO
+
     def gotLength(self, length) -> None:
         # Never a temporary file: the body is bounded, and the root filesystem may be read-only.
         self.content = BytesIO()
@@ -152,6 +157,7 @@ class LimitedChannel(HTTPChannel):
     head_bytes = 0
     head_version = b"HTTP/1.1"
     delimiter = b"\n"  # a bare LF ends a line too; lineReceived drops the CR before it
+    site: LimitedSite  # set by the Site that built this channel
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.limits.max_line
@@ -160,7 +166,7 @@ class LimitedChannel(HTTPChannel):
         self.site.connections.add(self)
         super().connectionMade()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.site.connections.discard(self)
         self.stop_deadline()
         super().connectionLost(reason)
@@ -169,7 +175,7 @@ class LimitedChannel(HTTPChannel):
         if self.refused:
             return  # lingering after a refusal: read and drop
         if self.deadline is None and not self.busy:
-            self.deadline = self.callLater(self.limits.read_timeout, self.refuse, too_slow(self.limits))
+            self.deadline = self.callLater(self.limits.read_timeout, partial(self.refuse, too_slow(self.limits)))
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -267,6 +273,7 @@ class Overloaded(Protocol):
     def connectionMade(self) -> None:
         problem, request_id = too_many_connections(self._site.limits), new_request_id()
         self._site.refused(problem, request_id)
+        assert self.transport is not None  # connected: makeConnection set it
         self.transport.write(problem_response(problem, request_id))
         self.transport.loseConnection()
 
@@ -274,7 +281,7 @@ class Overloaded(Protocol):
 class LimitedSite(Site):
     """A Site whose connections keep to ``limits``; ``reactor`` times them."""
 
-    protocol = LimitedChannel
+    protocol = LimitedChannel  # type: ignore[assignment]  # Twisted types it as its private default's type
     requestFactory = BoundedRequest
     displayTracebacks = False
     keeps_http_1_0_alive = False  # only when every answer carries Content-Length (LimitedChannel.checkPersistence)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import re
 from collections.abc import Iterable
+from typing import Protocol
 from urllib.parse import parse_qsl
 
 from twisted.internet import defer
@@ -26,7 +27,6 @@ from ambassador.interfaces import ConfigurationError, IExternalAdapter
 from ambassador.web.limits import InboundLimits, LimitedSite, new_request_id
 from ambassador.metrics import Metrics, RouteMetrics
 from ambassador.problems import PROBLEM_CONTENT_TYPE, Problem, not_found
-from ambassador.pipeline.gateway import Gateway
 
 log = Logger(namespace="ambassador")
 access_log = Logger(namespace="ambassador.access")
@@ -52,10 +52,16 @@ CLIENT_CLOSED_REQUEST = 499
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
+class Answering(Protocol):
+    """What a route runs a request through: the Gateway, or a peer's relaying stand-in for it."""
+
+    def answer(self, adapter: IExternalAdapter, inbound: InboundRequest, trace: Trace) -> defer.Deferred: ...
+
+
 class RouteHandler:
     """One adapter route: checks the request, runs it through the gateway."""
 
-    def __init__(self, adapter: IExternalAdapter, route: Route, gateway: Gateway, metrics: RouteMetrics) -> None:
+    def __init__(self, adapter: IExternalAdapter, route: Route, gateway: Answering, metrics: RouteMetrics) -> None:
         self.adapter = adapter
         self.route = route
         self.gateway = gateway
@@ -75,6 +81,7 @@ class RouteHandler:
             )
         if segments and not self.route.prefix:
             raise not_found()
+        pairs: tuple[tuple[str, str], ...] | None
         pairs = ()
         query = request.uri.partition(b"?")[2]
         if query:
@@ -231,7 +238,7 @@ class ProxyFactory(LimitedSite):
 
     keeps_http_1_0_alive = True  # every answer is written whole, with its Content-Length (``_finish``)
 
-    def __init__(self, adapters: Iterable[IExternalAdapter], gateway: Gateway, metrics: Metrics, clock, *,
+    def __init__(self, adapters: Iterable[IExternalAdapter], gateway: Answering, metrics: Metrics, clock, *,
                  limits: InboundLimits = InboundLimits(), token: FileSecret | None = None,
                  access_log: str = "all") -> None:
         routes = {tuple(s.encode() for s in segments): RouteHandler(adapter, route, gateway,
@@ -383,7 +390,7 @@ class ProxyFactory(LimitedSite):
         handler, trace = request.handler, request.trace
         duration = self.clock.seconds() - request.started
         if handler is None:
-            adapter, route, secret_params, metrics = None, None, frozenset(), self._unmatched
+            adapter, route, secret_params, metrics = None, None, frozenset[str](), self._unmatched
         else:
             adapter, route = handler.adapter.name, handler.route.name
             secret_params, metrics = handler.adapter.secret_params, handler.metrics
