@@ -4,9 +4,13 @@ import json
 
 import pytest
 import pytest_twisted
+from attrs import asdict
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 
+from ambassador.adapters.tmdb import TMDBAdapter, TMDBPlugin
+from ambassador.app.configfile import adapters_from_file
 from ambassador.interfaces import ConfigurationError
 from ambassador.testing import FakeAPI
 from conftest import adapters_from_yaml, get, header
@@ -94,6 +98,26 @@ async def test_a_plugin_credential_from_the_file_replaces_its_variables(fake_tmd
     assert response.code == 200
     assert fake_tmdb.requests[0].headers["authorization"] == "Bearer test-read-token"
     assert fake_tmdb.requests[0].param("api_key") is None
+
+
+class SmallTMDB(TMDBAdapter):
+    max_response_bytes = 1000
+
+
+class SmallTMDBPlugin(TMDBPlugin):
+    def configure(self, environ, reactor):
+        return SmallTMDB(**asdict(super().configure(environ, reactor), recurse=False))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plugin_adapter_from_the_file_keeps_its_own_answer_size_limit(fake_tmdb, start_ambassador, tmp_path):
+    path = tmp_path / "ambassador.yaml"
+    path.write_text(f"adapters:\n  tmdb:\n    type: tmdb\n    base_url: {fake_tmdb.base_url}\n")
+    adapters = adapters_from_file(str(path), {"TMDB_API_KEY": "test-api-key"}, [SmallTMDBPlugin()], reactor)
+    ambassador = await start_ambassador(adapters=adapters)
+    fake_tmdb.canned = (200, {"Content-Type": "application/json"}, b"[" + b" " * 999 + b"]")
+    response, body = await get(ambassador.url + "/tmdb/3/movie/550")
+    assert response.code == 502 and b"more than 1000 bytes" in body
 
 
 @pytest_twisted.ensureDeferred

@@ -9,7 +9,7 @@ variable (``{env: VAR}``) or a file (``{file: /path}``, a mounted Secret).
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Literal, overload
+from typing import Any, Literal, overload
 from collections.abc import Iterable, Mapping
 
 import yaml
@@ -240,8 +240,9 @@ class _Configured:
     credential: ICredential
     secret_params: frozenset[str]
     policy_defaults: tuple[tuple[str, str], ...]
-    #: Not the plugin adapter's own: what the wrapper has always answered (the interface's default).
-    max_response_bytes: ClassVar[int] = DEFAULT_MAX_RESPONSE_BYTES
+    @property
+    def max_response_bytes(self) -> int:
+        return getattr(self.adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
 
     @property
     def routes(self):
