@@ -156,7 +156,7 @@ async def test_a_per_adapter_timeout_and_policy_override_the_defaults(fake_tmdb,
     ("adapters:\n  w:\n    mount: /w\n    base_url: https://x.example\n    retries: 3\n"
      "    credential: {style: bearer, secret: {env: K}}", "adapters.w.retries: expected no such key here"),
     ("adapters:\n  w:\n    mount: /w\n    base_url: https://x.example\n    policy: {retires: 3}\n"
-     "    credential: {style: bearer, secret: {env: K}}", "adapters.w.policy: unknown policy key 'retires'"),
+     "    credential: {style: bearer, secret: {env: K}}", "adapters.w.policy: unknown policy key; known: "),
     ("adapters:\n  w:\n    type: soap\n", "adapters.w.type: expected http or an adapter plugin's name ("),
     ("adapters:\n  tmdb:\n    type: tmdb\n    mount: /films\n", "adapters.tmdb.mount: expected no such key"),
     ("adapters:\n  a:\n    mount: /w\n    base_url: https://x.example\n    credential: {style: bearer, secret: {env: K}}\n"

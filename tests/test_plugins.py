@@ -111,7 +111,8 @@ async def test_an_installed_distribution_is_listed_and_serves_under_twistd(tmp_p
 async def test_unknown_adapter_is_a_startup_error_listing_the_known_ones(tmp_path):
     output, code = await run_twistd("-n", "ambassador", "--adapter", "nope", env={}, cwd=tmp_path)
     assert code == 1
-    assert "unknown adapter 'nope' (--adapter); known adapters: " in output and "tmdb" in output
+    assert "--adapter: not the name of a known adapter; known adapters: " in output and "tmdb" in output
+    assert "nope" not in output  # what was typed is never repeated: it may be a pasted secret
     assert "Traceback" not in output
 
 
@@ -160,8 +161,8 @@ def test_a_number_option_given_something_else_names_the_option_never_the_value(n
     [
         ("tmdb=/movies", "tmdb (movies) and tmdb (tmdb-v3) are both mounted at /movies"),
         ("tmdb.movies=/tmdb/3/films", "tmdb (movies) at /tmdb/3/films and tmdb (tmdb-v3) at /tmdb overlap"),
-        ("tmdb.nope=/x", "tmdb has no route 'nope'; its routes: tmdb-v3, movies"),
-        ("omdb=/x", "no adapter 'omdb' is served; served: tmdb"),
+        ("tmdb.nope=/x", "--mount: tmdb has no route of the name given; its routes: tmdb-v3, movies"),
+        ("omdb=/x", "--mount: names an adapter that is not served; served: tmdb"),
         ("tmdb=/x/../y", "expected NAME=/path or NAME.ROUTE=/path"),
         ("tmdb=x", "expected NAME=/path or NAME.ROUTE=/path"),
         ("tmdb=/", "expected NAME=/path or NAME.ROUTE=/path"),
@@ -172,6 +173,7 @@ def test_bad_mounts_are_usage_errors(mount, message):
     with pytest.raises(usage.UsageError) as error:
         parse("--mount", mount)
     assert message in str(error.value)
+    assert mount not in str(error.value) and "nope" not in str(error.value)  # what was typed is not repeated
 
 
 @pytest_twisted.ensureDeferred
@@ -203,7 +205,7 @@ async def test_broken_dropin_is_reported_once_and_the_others_serve(fake_tmdb, tm
 
     output, code = await run_twistd("-n", "ambassador", "--adapter", "weather", env=env, cwd=tmp_path)
     assert code == 1
-    assert "unknown adapter 'weather' (--adapter)" in output
+    assert "--adapter: not the name of a known adapter" in output
     assert ("these dropins failed to import: twisted.plugins.weather (ModuleNotFoundError: "
             "No module named 'not_installed_dependency')") in output
     assert "Traceback" not in output
@@ -254,3 +256,18 @@ async def test_cached_adapter_whose_dropin_no_longer_imports_is_reported(tmp_pat
     assert ("Dropin twisted.plugins.films failed to import (ModuleNotFoundError: No module named "
             "'not_installed_dependency')") in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    "policy, message",
+    [
+        ("tmdb.retries=pasted-secret", "--policy: retries must be"),
+        ("pasted-secret.retries=1", "--policy: ADAPTER.KEY=VALUE names an adapter that is not served; served: tmdb"),
+        ("pasted-secret", "--policy: expected KEY=VALUE or ADAPTER.KEY=VALUE"),
+        ("tmdb.pasted-secret=1", "unknown policy key; known: "),
+    ],
+)
+def test_bad_policies_name_the_setting_never_the_value(policy, message):
+    with pytest.raises(usage.UsageError) as error:
+        parse("--policy", policy)
+    assert message in str(error.value) and "pasted-secret" not in str(error.value)

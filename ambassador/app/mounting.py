@@ -34,7 +34,7 @@ class Mount:
         adapter, _, route = name.strip().partition(".")
         if not adapter or not _MOUNT_PATH.match(path) or {".", ".."} & set(path.split("/")):
             raise ConfigurationError(
-                f"--mount {text}: expected NAME=/path or NAME.ROUTE=/path, the path made of "
+                "--mount: expected NAME=/path or NAME.ROUTE=/path, the path made of "
                 "/-separated segments of letters, digits and _ . , : ~ -"
             )
         return cls(adapter, route or None, path.rstrip("/"))
@@ -50,7 +50,7 @@ def select_adapters(discovery: Discovery, names: Sequence[str]) -> list:
         return list(known.values())
     unknown = [name for name in names if name not in known]
     if unknown:
-        message = f"unknown adapter {', '.join(map(repr, unknown))} (--adapter); known adapters: " + (
+        message = "--adapter: not the name of a known adapter; known adapters: " + (
             ", ".join(known) or "none"
         )
         if discovery.failures:
@@ -71,7 +71,7 @@ def moved_routes(adapter: str, routes: Sequence[Route], mounts: Sequence[Mount])
         elif mount.route in names:
             index = names.index(mount.route)
         else:
-            raise ConfigurationError(f"--mount {mount}: {adapter} has no route {mount.route!r}; "
+            raise ConfigurationError(f"--mount: {adapter} has no route of the name given; "
                                      f"its routes: {', '.join(names) or 'none'}")
         moved[index] = evolve(moved[index], path=mount.path)
     return tuple(moved)
@@ -81,7 +81,7 @@ def check_mount_names(mounts: Sequence[Mount], adapters: Sequence[str]) -> None:
     for mount in mounts:
         if mount.adapter not in adapters:
             raise ConfigurationError(
-                f"--mount {mount}: no adapter {mount.adapter!r} is served; served: {', '.join(adapters) or 'none'}"
+                f"--mount: names an adapter that is not served; served: {', '.join(adapters) or 'none'}"
             )
 
 

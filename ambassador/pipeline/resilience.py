@@ -79,11 +79,11 @@ class Policy:
         changes = {}
         for key, text in settings.items():
             if key not in parsers:
-                raise ConfigurationError(f"{where}: unknown policy key {key!r}; known: {', '.join(parsers)}")
+                raise ConfigurationError(f"{where}: unknown policy key; known: {', '.join(parsers)}")
             try:
                 changes[key] = parsers[key](str(text).strip())
             except ValueError:
-                raise ConfigurationError(f"{where}: {key} must be {_EXPECTED[key]}, not {text!r}")
+                raise ConfigurationError(f"{where}: {key} must be {_EXPECTED[key]}")
         policy = Policy(**{**{a.name: getattr(self, a.name) for a in fields(Policy)}, **changes})
         if policy.timeout <= 0:
             raise ConfigurationError(f"{where}: timeout must be more than 0")
@@ -173,9 +173,10 @@ def resolve_policies(adapters, entries: list[str], *, source: str = "--policy") 
         target, _, value = entry.partition("=")
         adapter, dot, key = target.strip().rpartition(".")
         if not _ or not key:
-            raise ConfigurationError(f"{source} {entry!r}: expected KEY=VALUE or ADAPTER.KEY=VALUE")
+            raise ConfigurationError(f"{source}: expected KEY=VALUE or ADAPTER.KEY=VALUE")
         if dot and adapter not in names:
-            raise ConfigurationError(f"{source} {entry!r}: no adapter named {adapter!r}")
+            raise ConfigurationError(f"{source}: ADAPTER.KEY=VALUE names an adapter that is not served; "
+                                     f"served: {', '.join(sorted(names))}")
         (one[adapter] if dot else everyone)[key] = value
     policies = {}
     for adapter in adapters:
