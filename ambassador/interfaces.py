@@ -75,7 +75,12 @@ class IExternalAdapter(Interface):
 
 
 class ICredential(Interface):
-    """Where an adapter's secret comes from and how it is attached (ambassador.credentials.sources)."""
+    """Where an adapter's secret comes from and how it is attached (ambassador.credentials.sources).
+
+    Optionally also ``fingerprint()``: a short digest standing for the current secret (never it),
+    which keeps ambassadors with different credentials apart in a shared Redis
+    (ambassador.shared.namespace). Without it, only the adapter's name and base URL do.
+    """
 
     def attach(request, adapter):
         """

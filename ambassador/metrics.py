@@ -44,6 +44,9 @@ class Metrics:
                                         "client-side rate limit.", ["adapter"], registry=r)
         self.rate_limit_rejections = Counter("ambassador_rate_limit_rejections", "Requests answered 429 "
                                              "because the rate-limit queue was full.", ["adapter"], registry=r)
+        self.rate_limit_mode = Gauge("ambassador_rate_limit_mode", "1 for how the rate limit is enforced now: "
+                                     "shared (through Redis, by every replica) or local (by this process "
+                                     "alone, Redis being away).", ["adapter", "mode"], registry=r)
         self.concurrency_rejections = Counter("ambassador_concurrency_rejections", "Requests answered 503 "
                                               "because too many were in flight upstream.", ["adapter"],
                                               registry=r)

@@ -5,6 +5,7 @@ reaches it; a Clock times the asks."""
 import json
 import shutil
 import tempfile
+from functools import partial
 
 import pytest
 import pytest_twisted
@@ -16,7 +17,9 @@ from twisted.web.server import NOT_DONE_YET
 from ambassador.cache.responses import cache_key
 from ambassador.exchange import UpstreamRequest
 from ambassador.cache.peers import ASK_MARGIN, RELAY_TYPE, decode_relay, owner_of, socket_path
+from ambassador.adapters.tmdb import TMDBPlugin
 from ambassador.pipeline.resilience import Policy
+from ambassador.shared.namespace import namespace
 from ambassador.testing import QuietSite
 from conftest import RawClient, get, header, parse_response, reactor_turns_until, tmdb_env
 from test_cache import page
@@ -25,13 +28,20 @@ KEY = {"TMDB_API_KEY": "test-api-key"}
 TIMEOUT = 10.0
 
 
-def owned_by(index: int, count: int = 2) -> str:
+def path_owned_by(adapter_namespace: str, index: int, count: int = 2) -> str:
     """A /movies path whose cache key process ``index`` owns."""
     for n in range(1, 1000):
-        key = cache_key("tmdb", "movies", UpstreamRequest("GET", "/3/discover/movie", (("page", str(n)),)))
-        if owner_of(key, count) == index:
+        request = UpstreamRequest("GET", "/3/discover/movie", (("page", str(n)),))
+        if owner_of(cache_key(adapter_namespace, "movies", request), count) == index:
             return f"/movies?page={n}"
     raise AssertionError("no such key")
+
+
+@pytest.fixture
+def owned_by(fake_tmdb):
+    """``owned_by(index)``: a path owned by process ``index`` of the TMDB adapter start_peer configures."""
+    adapter = TMDBPlugin().configure(tmdb_env(fake_tmdb, **KEY), reactor)
+    return partial(path_owned_by, namespace(adapter))
 
 
 @pytest.fixture
@@ -68,11 +78,11 @@ def fallback_warnings(log_events) -> list:
 def test_the_owner_of_a_key_is_the_same_in_every_process():
     assert owner_of("tmdb\nmovies\nGET\n/3/discover/movie\npage=1", 2) == 0xB844D70B % 2  # crc32, not hash()
     assert owner_of("anything", 1) == 0
-    assert {owner_of(owned_by(0) + str(n), 3) for n in range(30)} == {0, 1, 2}
+    assert {owner_of(path_owned_by("tmdb:0", 0) + str(n), 3) for n in range(30)} == {0, 1, 2}
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_miss_is_asked_of_the_owner_and_then_hits_in_both(start_peer, fake_tmdb, peer_dir):
+async def test_a_miss_is_asked_of_the_owner_and_then_hits_in_both(start_peer, fake_tmdb, owned_by, peer_dir):
     owner, asker = await start_peer(1), await start_peer(0)
     path = owned_by(1)
     code, status, body = await ask(asker, path)
@@ -90,7 +100,7 @@ async def test_a_miss_is_asked_of_the_owner_and_then_hits_in_both(start_peer, fa
 
 
 @pytest_twisted.ensureDeferred
-async def test_simultaneous_cold_requests_in_both_processes_make_one_upstream_request(start_peer, fake_tmdb):
+async def test_simultaneous_cold_requests_in_both_processes_make_one_upstream_request(start_peer, fake_tmdb, owned_by):
     owner, asker = await start_peer(1), await start_peer(0)
     fake_tmdb.fault = "hang"
     path = owned_by(1)
@@ -109,7 +119,7 @@ async def test_simultaneous_cold_requests_in_both_processes_make_one_upstream_re
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_upstream_failure_at_the_owner_is_relayed_not_fetched_again(start_peer, fake_tmdb):
+async def test_an_upstream_failure_at_the_owner_is_relayed_not_fetched_again(start_peer, fake_tmdb, owned_by):
     await start_peer(1)
     asker = await start_peer(0)
     fake_tmdb.canned = (500, {"Content-Type": "application/json"}, b'{"status_code": 11, "status_message": "x"}')
@@ -120,7 +130,7 @@ async def test_an_upstream_failure_at_the_owner_is_relayed_not_fetched_again(sta
 
 
 @pytest_twisted.ensureDeferred
-async def test_when_the_owner_is_not_running_the_asker_fetches_itself_and_says_so(start_peer, fake_tmdb,
+async def test_when_the_owner_is_not_running_the_asker_fetches_itself_and_says_so(start_peer, fake_tmdb, owned_by,
                                                                                    log_events):
     asker = await start_peer(0)
     path = owned_by(1)
@@ -163,7 +173,7 @@ class FakePeer(Resource):
     ((200, RELAY_TYPE, b"not json"), "its answer could not be read"),
 ])
 @pytest_twisted.ensureDeferred
-async def test_an_owner_answering_garbage_is_not_believed(start_peer, fake_tmdb, peer_dir, log_events, answer, why):
+async def test_an_owner_answering_garbage_is_not_believed(start_peer, fake_tmdb, owned_by, peer_dir, log_events, answer, why):
     port = reactor.listenUNIX(socket_path(peer_dir, 1), QuietSite(FakePeer(answer)))
     try:
         asker = await start_peer(0)
@@ -176,7 +186,7 @@ async def test_an_owner_answering_garbage_is_not_believed(start_peer, fake_tmdb,
 
 
 @pytest_twisted.ensureDeferred
-async def test_no_credential_crosses_to_the_owner(start_peer, fake_tmdb, peer_dir):
+async def test_no_credential_crosses_to_the_owner(start_peer, fake_tmdb, owned_by, peer_dir):
     fake_peer = FakePeer((200, "text/plain", b"no"))
     port = reactor.listenUNIX(socket_path(peer_dir, 1), QuietSite(fake_peer))
     try:
@@ -196,7 +206,7 @@ async def test_no_credential_crosses_to_the_owner(start_peer, fake_tmdb, peer_di
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_owner_too_slow_is_given_up_after_the_adapters_timeout(start_peer, fake_tmdb, peer_dir, clock,
+async def test_an_owner_too_slow_is_given_up_after_the_adapters_timeout(start_peer, fake_tmdb, owned_by, peer_dir, clock,
                                                                          log_events):
     fake_peer = FakePeer()
     port = reactor.listenUNIX(socket_path(peer_dir, 1), QuietSite(fake_peer))
@@ -218,7 +228,7 @@ async def test_an_owner_too_slow_is_given_up_after_the_adapters_timeout(start_pe
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_caller_who_leaves_cancels_the_owners_upstream_request(start_peer, fake_tmdb):
+async def test_a_caller_who_leaves_cancels_the_owners_upstream_request(start_peer, fake_tmdb, owned_by):
     owner, asker = await start_peer(1), await start_peer(0)
     fake_tmdb.fault = "hang"
     client = RawClient()
@@ -239,7 +249,7 @@ async def peer_exchange(path: str, socket: str) -> tuple[int, dict, bytes]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_request_from_a_peer_is_never_forwarded_again(start_peer, fake_tmdb, peer_dir, log_events):
+async def test_a_request_from_a_peer_is_never_forwarded_again(start_peer, fake_tmdb, owned_by, peer_dir, log_events):
     await start_peer(0)
     process = await start_peer(1)
     path = owned_by(0)  # process 0 owns it, but the request came over process 1's peer socket
@@ -253,7 +263,7 @@ async def test_a_request_from_a_peer_is_never_forwarded_again(start_peer, fake_t
 
 
 @pytest_twisted.ensureDeferred
-async def test_with_redis_the_owner_fetches_and_the_asker_reads_redis(start_peer, fake_tmdb, start_redis):
+async def test_with_redis_the_owner_fetches_and_the_asker_reads_redis(start_peer, fake_tmdb, owned_by, start_redis):
     redis = await start_redis()
     owner, asker = await start_peer(1, cache_url=redis.url()), await start_peer(0, cache_url=redis.url())
     await reactor_turns_until(lambda: owner.readiness.cache_store.available and asker.readiness.cache_store.available)

@@ -184,8 +184,9 @@ def test_the_rate_limit_refuses_at_once_what_could_not_be_sent_within_the_queue(
     assert second.called and third.called and len(inner.calls) == 3
 
 
-def test_a_429_with_retry_after_holds_back_every_later_request():
-    clock, inner = Clock(), Inner([(429, {"retry-after": "3"})])
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_429_or_503_with_retry_after_holds_back_every_later_request(status):
+    clock, inner = Clock(), Inner([(status, {"retry-after": "3"})])
     stage, _ = rate_stage(inner, clock, rate_limit=100, rate_burst=10, rate_queue=5)
     run(stage, a_call())
     later = run(stage, a_call())

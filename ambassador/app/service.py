@@ -32,7 +32,9 @@ from ambassador.metrics import Metrics
 from ambassador.app.mounting import Mount, check_mount_names, describe_adapters, mounted, select_adapters
 from ambassador.cache.peers import PeerFactory, Peers
 from ambassador.pipeline.guard import Guard
-from ambassador.pipeline.resilience import POLICY_HELP, Policy, resolve_policies
+from ambassador.pipeline.stages.ratelimit import TokenBucket
+from ambassador.shared.ratelimit import SharedBucket, SharedLimits
+from ambassador.pipeline.resilience import POLICY_HELP, resolve_policies
 from ambassador.cache.redisstore import RedisStore, parse_redis_url
 from ambassador.pipeline.client import UpstreamClient
 from ambassador.pipeline.gateway import Gateway
@@ -127,6 +129,10 @@ class Options(usage.Options):
          "serves the admin port for all of them; each gets 1/N of every rate limit, in-flight limit "
          "and of --cache-size.",
          whole("workers")],
+        ["replicas-hint", None, None,
+         "How many replicas share the Redis of --cache: while Redis is away, each enforces that share of "
+         "every rate limit (default 1: each replica then allows the whole limit).",
+         whole("replicas-hint")],
         ["config", None, None,
          "YAML file configuring the adapters to serve (several at once, generic http ones included; see "
          "below). Without it every discovered adapter is configured from its environment variables."],
@@ -197,6 +203,8 @@ class Options(usage.Options):
             raise usage.UsageError("--max-connections must be at least 1")
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be at least 1")
+        if self["replicas-hint"] is not None and self["replicas-hint"] < 1:
+            raise usage.UsageError("--replicas-hint must be at least 1")
         token = None
         if self["require-token-file"] is not None:
             token = FileSecret(self["require-token-file"])
@@ -247,8 +255,7 @@ class Options(usage.Options):
                 check_mount_names(self["mount"], [adapter.name for adapter in configured])
             adapters = [mounted(adapter, self["mount"]) for adapter in configured]
             mount_table(adapters)
-            policies: dict[str, Policy] = {name: share_of(policy, self["workers"]) for name, policy in
-                                           resolve_policies(adapters, timeout + self["policy"]).items()}
+            policies = resolve_policies(adapters, timeout + self["policy"])
         except ConfigurationError as e:
             raise usage.UsageError(str(e))
         for failure in discovery.failures:
@@ -276,6 +283,7 @@ class Options(usage.Options):
             worker=worker_index(),
             worker_args=self.arguments,
             access_log=self["access-log"],
+            replicas_hint=self["replicas-hint"],
         )
 
 
@@ -407,15 +415,27 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
             admin_endpoint, report = "tcp:0:interface=127.0.0.1", lambda port: report_admin_port(port.getHost().port)
         reactor.callWhenRunning(stop_when_primary_ends, reactor, peer_dir)
     policies = settings.policies or resolve_policies(adapters, [])
-    guards = {adapter.name: Guard.of(policies[adapter.name], clock) for adapter in adapters}
+    guards = {adapter.name: Guard.of(share_of(policies[adapter.name], workers), clock) for adapter in adapters}
     metrics = Metrics()
     readiness = Readiness.of(adapters, {name: guard.breaker for name, guard in guards.items()})
     metrics.watch(readiness)
     client = UpstreamClient(reactor, connect_timeout=settings.connect_timeout)
     cache = redis = None
-    if cache_bytes is not None and settings.cache_url is not None:
-        redis = RedisStore(settings.cache_url, reactor, clock=clock)
+    if settings.cache_url is not None:  # Redis: the cache (unless off), and the rate limits, are the Deployment's
+        limited = [adapter for adapter in adapters if guards[adapter.name].bucket is not None]
+        replicas = settings.replicas_hint or 1
+        sharing = SharedLimits([adapter.name for adapter in limited], replicas, metrics.rate_limit_mode.labels)
+        redis = RedisStore(settings.cache_url, reactor, clock=clock, on_change=sharing.changed)
         readiness.cache_store = redis
+        for adapter in limited:
+            policy, alone = policies[adapter.name], share_of(policies[adapter.name], workers * replicas)
+            assert alone.rate_limit is not None  # it has a bucket
+            guards[adapter.name].bucket = SharedBucket(redis, adapter, clock, policy, TokenBucket(
+                clock, alone.rate_limit, alone.burst, alone.rate_queue))
+        if limited and settings.replicas_hint is None and worker == 0:
+            log.warn("Rate limits are shared through Redis; while it is away each replica allows the whole "
+                     "limit, so a Deployment of several may exceed it: set --replicas-hint to their number")
+    if cache_bytes is not None and redis is not None:
         cache = ResponseCache(SharedStore(redis, cache_bytes // ENTRY_SHARE), clock)
     elif cache_bytes is not None:
         store = MemoryStore(cache_bytes)

@@ -30,11 +30,13 @@ class Settings:
 
     ``adapters`` are the configured adapters, mounted where they serve; ``endpoint`` and
     ``admin_endpoint`` endpoint descriptions (``admin_endpoint`` None: no admin port); ``policies``
-    each adapter's resilience policy, already this process's share of ``workers`` (an adapter left
-    out gets the defaults); ``token`` the caller token's file, read once to validate it;
+    each adapter's resilience policy for the Pod (an adapter left out gets the defaults; each of
+    ``workers`` processes takes its share); ``token`` the caller token's file, read once to validate it;
     ``cache_bytes`` this process's share of the cache bound (None: no cache); ``cache_url`` the
     Redis URL of a shared cache (None: in memory); ``worker`` this process's index among
-    ``workers``, and ``worker_args`` the command line the primary starts the others with."""
+    ``workers``, and ``worker_args`` the command line the primary starts the others with;
+    ``replicas_hint`` how many replicas share Redis (None: not said, taken as 1): each one's share of a
+    rate limit while Redis is away."""
 
     adapters: tuple[IExternalAdapter, ...] = field(converter=_adapters)
     endpoint: str
@@ -52,3 +54,4 @@ class Settings:
     worker: int = 0
     worker_args: tuple[str, ...] = field(default=(), converter=tuple)
     access_log: str = "all"
+    replicas_hint: int | None = None

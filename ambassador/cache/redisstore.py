@@ -222,6 +222,11 @@ class RedisStore:
         return self._ask(self._connection, lambda redis: redis.set(key, value, pexpire=milliseconds)).addCallback(
             lambda _: None)
 
+    def script(self, source: bytes, keys: list[bytes], args: list[bytes | int | float]) -> Deferred:
+        """The reply of the Lua script ``source`` run atomically on ``keys`` with ``args`` (``EVALSHA``,
+        falling back to ``EVAL`` when Redis does not know the script yet)."""
+        return self._ask(self._connection, lambda redis: redis.eval(source, keys, args))
+
     def _ask(self, connection, command: Callable[[Any], Deferred], timeout: float | None = None) -> Deferred:
         """``command(connection)``'s reply, or StoreUnavailable. Without an answer within ``timeout``
         (the store's unless given) the connection is dropped with every command waiting on it, so a

@@ -64,10 +64,11 @@ def parse_size(text: str) -> int:
     return size
 
 
-def cache_key(adapter: str, route: str, request: UpstreamRequest) -> str:
-    """The key of ``request``: parameter order is irrelevant, repeated parameters keep their order."""
+def cache_key(namespace: str, route: str, request: UpstreamRequest) -> str:
+    """The key of ``request`` under its adapter's ``namespace`` (ambassador.shared.namespace): parameter
+    order is irrelevant, repeated parameters keep their order."""
     query = urlencode(sorted(request.query, key=lambda pair: pair[0]))
-    return f"{adapter}\n{route}\n{request.method}\n{request.path}\n{query}"
+    return f"{namespace}\n{route}\n{request.method}\n{request.path}\n{query}"
 
 
 def directives(value: str | None) -> dict[str, str | None]:
@@ -479,7 +480,7 @@ class SharedStore:
 
     A Redis that cannot be asked is a miss on lookup and a skipped write: the
     store logs its own reachability, the request goes to the upstream.
-    Redis keys are a hash of the cache key, under a versioned prefix.
+    Redis keys are ``ambassador:cache:v1:<namespace>:<SHA-256 of the cache key>``.
     """
 
     PREFIX = b"ambassador:cache:v1:"
@@ -507,7 +508,8 @@ class SharedStore:
         return entry
 
     def _redis_key(self, key: str) -> bytes:
-        return self.PREFIX + hashlib.sha256(key.encode()).hexdigest().encode()
+        namespace = key.partition("\n")[0]
+        return self.PREFIX + f"{namespace}:{hashlib.sha256(key.encode()).hexdigest()}".encode()
 
 
 def _unavailable(failure: Failure) -> None:

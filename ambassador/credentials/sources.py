@@ -13,6 +13,8 @@ access token (RFC 6749 §4.4), so its ``attach`` may return a Deferred.
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import json
 import math
 import os
@@ -271,6 +273,12 @@ class _Sourced:
                 text = text.replace(value, "[REDACTED]")
         return text
 
+    def fingerprint(self) -> str:
+        """A digest standing for the current secrets, never them: what keeps ambassadors with
+        different credentials apart in shared state (ambassador.shared.namespace). A rotation moves it;
+        an OAuth2 credential's is its client's, so token refreshes do not."""
+        return _fingerprint(tuple(source.current() or "" for source in self._sources()))
+
     def start(self, clock: IReactorTime, client=None) -> None:
         for f in self._files():
             f.start(clock)
@@ -282,6 +290,17 @@ class _Sourced:
     def _missing(self, adapter: str) -> Problem:
         return Problem(503, "credential-missing", "No credential configured",
                        f"The ambassador has {self.missing_reason(adapter)}")
+
+
+#: PBKDF2 rounds for a fingerprint: computed once per credential value, and makes testing guesses of
+#: a weak secret against a key seen in Redis that many times slower.
+FINGERPRINT_ROUNDS = 20_000
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(values: tuple[str, ...]) -> str:
+    secret = b"\0".join(value.encode("utf-8", "surrogateescape") for value in values)
+    return hashlib.pbkdf2_hmac("sha256", secret, b"ambassador shared-state namespace", FINGERPRINT_ROUNDS)[:8].hex()
 
 
 @implementer(ICredential)

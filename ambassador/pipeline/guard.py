@@ -8,14 +8,14 @@ from twisted.internet.interfaces import IReactorTime
 
 from ambassador.pipeline.resilience import Policy
 from ambassador.pipeline.stages.breaker import CircuitBreaker
-from ambassador.pipeline.stages.ratelimit import TokenBucket
+from ambassador.pipeline.stages.ratelimit import Bucket, TokenBucket
 
 
 @define
 class Guard:
     policy: Policy
     breaker: CircuitBreaker | None
-    bucket: TokenBucket | None
+    bucket: Bucket | None
     slots: defer.DeferredSemaphore
 
     @classmethod

@@ -17,6 +17,7 @@ from twisted.internet import defer
 from ambassador.cache.responses import CACHE_NAME, CallerWish, Entry, ResponseCache, Served, cache_key
 from ambassador.exchange import Answer, InboundRequest, Trace, UpstreamRequest
 from ambassador.metrics import Metrics
+from ambassador.shared.namespace import namespace
 from ambassador.pipeline.resilience import Policy
 
 
@@ -44,7 +45,7 @@ class Caching:
         def conditional_fetch(conditional: dict[str, str]) -> defer.Deferred:
             return fetch(request.with_headers({**request.headers, **conditional}) if conditional else request)
 
-        key = cache_key(adapter.name, inbound.route.name, request)
+        key = cache_key(namespace(adapter), inbound.route.name, request)
         forward = None
         if self._peers is not None and not for_peer and request.method == "GET":  # the owner is sent a GET
             forward = partial(self._peers.ask, adapter, inbound, key, policy.timeout)

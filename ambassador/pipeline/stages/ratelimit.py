@@ -1,6 +1,9 @@
-"""The client-side rate limit: a token bucket per adapter, and the upstream's 429 Retry-After held for all."""
+"""The client-side rate limit: a token bucket per adapter, and the Retry-After of an upstream's 429 or 503
+held for all."""
 
 from __future__ import annotations
+
+from typing import Protocol
 
 from attrs import define, field
 from twisted.internet import defer
@@ -46,15 +49,24 @@ class TokenBucket:
             return defer.succeed(0.0)
         return deferLater(self.clock, wait, lambda: wait)
 
-    def hold_until(self, until: float) -> None:
-        """Send nothing before ``until`` (the upstream asked us to wait), then resume at the rate."""
-        self._tat = max(self._tat, until + (self.burst - 1) / self.rate)
+    def hold_for(self, seconds: float) -> None:
+        """Send nothing for ``seconds`` (the upstream asked us to wait), then resume at the rate."""
+        self._tat = max(self._tat, self.clock.seconds() + seconds + (self.burst - 1) / self.rate)
+
+
+class Bucket(Protocol):
+    """What the RateLimit stage takes tokens from: a TokenBucket, or one shared through Redis
+    (ambassador.shared.ratelimit)."""
+
+    def acquire(self) -> defer.Deferred: ...
+
+    def hold_for(self, seconds: float) -> None: ...
 
 
 @define
 class RateLimit:
     next: Stage
-    bucket: TokenBucket
+    bucket: Bucket
     policy: Policy
     clock: IReactorTime
     waits: Counted  # the adapter's
@@ -69,10 +81,10 @@ class RateLimit:
         if waited:
             self.waits.inc()
         response = await self.next(call)
-        if response.status == 429:
+        if response.status in (429, 503):
             asked = retry_after_seconds(response.headers.get("retry-after"), self.clock.seconds())
-            if asked:  # nobody here sends before the upstream is willing again
-                self.bucket.hold_until(self.clock.seconds() + asked)
+            if asked:  # nobody sends before the upstream is willing again
+                self.bucket.hold_for(asked)
         return response
 
 

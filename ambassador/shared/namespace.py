@@ -1,0 +1,22 @@
+"""Each adapter's namespace in shared state: ambassadors that share one Redis share only what they should.
+
+Two ambassadors share an adapter's cache entries and rate limit only when they
+serve the same adapter name, against the same base URL, with the same
+credential. The credential takes part as its fingerprint (a PBKDF2 digest,
+``ICredential.fingerprint``), never as itself; an adapter whose credential
+offers no fingerprint is namespaced by name and base URL alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from ambassador.interfaces import IExternalAdapter
+
+
+def namespace(adapter: IExternalAdapter) -> str:
+    """``<adapter name>:<16 hex digits>``, the same in every replica configured alike."""
+    fingerprint = getattr(adapter.credential, "fingerprint", None)
+    secret = fingerprint() if fingerprint is not None else ""
+    digest = hashlib.sha256(f"{adapter.base_url}\0{secret}".encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{adapter.name}:{digest[:16]}"
