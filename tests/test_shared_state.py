@@ -7,6 +7,9 @@ import json
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.python import usage
 
 from ambassador.app.service import Options
@@ -146,3 +149,80 @@ def test_the_replicas_hint_option():
         with pytest.raises(usage.UsageError) as refused:
             Options().parseOptions(["--replicas-hint", bad])
         assert "--replicas-hint" in str(refused.value) and bad not in str(refused.value).replace("--replicas-hint", "")
+
+
+CACHED = (200, {"Content-Type": "application/json", "Cache-Control": "public, max-age=60"}, b'{"id": 550}')
+UNSTORED = (200, {"Content-Type": "application/json", "Cache-Control": "no-store"}, b'{"id": 550}')
+#: Cache on, no rate limit: what is measured is how often the upstream is asked.
+CACHING = Policy(retries=0, rate_limit=None, timeout=10)
+
+
+async def lease_keys(redis) -> list[str]:
+    return [k for k in (await redis.cli("--scan")).decode().split() if k.startswith("ambassador:lease:v1:tmdb:")]
+
+
+async def settle(clock, condition, step=0.025):
+    """Let loopback I/O happen and the replicas' looks for the entry come round, until ``condition()``."""
+    for _ in range(400):
+        await reactor_turns_until(lambda: True)
+        if condition():
+            return
+        clock.advance(step)
+        await deferLater(reactor, 0.001, lambda: None)  # a real millisecond: Redis' replies arrive
+    raise AssertionError("condition never held")
+
+
+@pytest_twisted.ensureDeferred
+async def test_300_cold_requests_over_3_replicas_make_one_upstream_request(
+        fake_tmdb, start_ambassador, clock, redis_server):
+    replicas = [await replica(start_ambassador, fake_tmdb, clock, redis_server, CACHING) for _ in range(3)]
+    fake_tmdb.fault, fake_tmdb.canned = "hang", CACHED
+    calls = [ensureDeferred(get(r.url + "/tmdb/3/movie/550")) for r in replicas for _ in range(100)]
+    await reactor_turns_until(lambda: len(fake_tmdb.hanging) == 1)
+    start = clock.seconds()
+    await settle(clock, lambda: clock.seconds() >= start + 0.3)  # the others are looking by now
+    assert len(fake_tmdb.requests) == 1 and len(await lease_keys(redis_server)) == 1
+    fake_tmdb.fault = None
+    fake_tmdb.release()
+    await settle(clock, lambda: all(call.called for call in calls))
+    answers = [await call for call in calls]
+    assert {response.code for response, _ in answers} == {200} and {body for _, body in answers} == {b'{"id": 550}'}
+    assert len(fake_tmdb.requests) == 1
+    assert await lease_keys(redis_server) == []  # released once the entry was stored
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lease_holder_that_hangs_frees_the_key_when_its_lease_expires(
+        fake_tmdb, start_ambassador, clock, redis_server):
+    holder, other = [await replica(start_ambassador, fake_tmdb, clock, redis_server, CACHING) for _ in range(2)]
+    fake_tmdb.fault, fake_tmdb.canned = "hang", CACHED
+    hung = ensureDeferred(get(holder.url + "/tmdb/3/movie/550"))
+    await reactor_turns_until(lambda: len(fake_tmdb.hanging) == 1)
+    waiting, start = ensureDeferred(get(other.url + "/tmdb/3/movie/550")), clock.seconds()
+    await settle(clock, lambda: clock.seconds() >= start + 0.2)
+    assert not waiting.called and len(fake_tmdb.requests) == 1
+    [lease] = await lease_keys(redis_server)
+    assert 0 < int(await redis_server.cli("PTTL", lease)) <= 10_000  # the adapter's timeout
+    fake_tmdb.fault = None
+    await redis_server.cli("PEXPIRE", lease, "1")  # as if its time had run out
+    await settle(clock, lambda: waiting.called)
+    response, _ = await waiting
+    assert response.code == 200 and len(fake_tmdb.requests) == 2 and not hung.called
+    fake_tmdb.release()
+    await settle(clock, lambda: hung.called)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_that_cannot_be_stored_frees_the_key_at_once(fake_tmdb, start_ambassador, clock,
+                                                                   redis_server):
+    holder, other = [await replica(start_ambassador, fake_tmdb, clock, redis_server, CACHING) for _ in range(2)]
+    fake_tmdb.fault, fake_tmdb.canned = "hang", UNSTORED
+    first = ensureDeferred(get(holder.url + "/tmdb/3/movie/550"))
+    await reactor_turns_until(lambda: len(fake_tmdb.hanging) == 1)
+    waiting, start = ensureDeferred(get(other.url + "/tmdb/3/movie/550")), clock.seconds()
+    await settle(clock, lambda: clock.seconds() >= start + 0.1)
+    fake_tmdb.fault = None
+    fake_tmdb.release()
+    await settle(clock, lambda: first.called and waiting.called)
+    assert (await waiting)[0].code == 200 and len(fake_tmdb.requests) == 2
+    assert clock.seconds() - start < 1  # the next look took the freed lease; nobody waited out the timeout

@@ -33,6 +33,7 @@ from ambassador.app.mounting import Mount, check_mount_names, describe_adapters,
 from ambassador.cache.peers import PeerFactory, Peers
 from ambassador.pipeline.guard import Guard
 from ambassador.pipeline.stages.ratelimit import TokenBucket
+from ambassador.shared.leases import Leases
 from ambassador.shared.ratelimit import SharedBucket, SharedLimits
 from ambassador.pipeline.resilience import POLICY_HELP, resolve_policies
 from ambassador.cache.redisstore import RedisStore, parse_redis_url
@@ -436,7 +437,8 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
             log.warn("Rate limits are shared through Redis; while it is away each replica allows the whole "
                      "limit, so a Deployment of several may exceed it: set --replicas-hint to their number")
     if cache_bytes is not None and redis is not None:
-        cache = ResponseCache(SharedStore(redis, cache_bytes // ENTRY_SHARE), clock)
+        shared = SharedStore(redis, cache_bytes // ENTRY_SHARE)
+        cache = ResponseCache(shared, clock, Leases(redis, shared, clock))
     elif cache_bytes is not None:
         store = MemoryStore(cache_bytes)
         metrics.watch_cache(store)

@@ -270,7 +270,7 @@ class Served:
         return [*self.answer.headers, *extra]
 
 
-def _hit(entry: Entry, now: float, detail: str = "") -> Served:
+def hit(entry: Entry, now: float, detail: str = "") -> Served:
     ttl = int(entry.ttl(now))
     return Served(entry.answer, f"hit; ttl={ttl}" + (f"; detail={detail}" if detail else ""),
                   detail or "hit", entry.age(now))
@@ -347,9 +347,10 @@ class ForwardFailed(Exception):
 class ResponseCache:
     """Answers from ``store`` when it can, fetches (once per key at a time) when it must."""
 
-    def __init__(self, store, clock: IReactorTime) -> None:
+    def __init__(self, store, clock: IReactorTime, leases=None) -> None:
         self.store = store
         self._clock = clock
+        self._leases = leases  # with a shared store: one fetch per key for the Deployment (ambassador.shared.leases)
         self._flights: dict[str, _Flight] = {}
 
     def serve(self, key: str, policy, request_headers: Mapping[str, str], wish: CallerWish,
@@ -377,12 +378,12 @@ class ResponseCache:
         if entry is not None and not wish.revalidate:
             ttl = entry.ttl(now)
             if ttl > 0:
-                return _hit(entry, now)
+                return hit(entry, now)
             if -ttl <= entry.while_revalidate:
                 if key not in self._flights:
                     flight = self._flights[key] = _Flight(background=True)
                     self._launch(flight, key, entry, "stale", policy, request_headers, fetch, interpret, forward)
-                return _hit(entry, now, "stale-while-revalidate")
+                return hit(entry, now, "stale-while-revalidate")
         pending = self._flights.get(key)
         if pending is not None:
             return self._wait(pending)
@@ -394,6 +395,8 @@ class ResponseCache:
     def _launch(self, flight: _Flight, key, entry, reason, policy, request_headers, fetch, interpret,
                 forward: Forward | None) -> None:
         asked = forward() if forward is not None else None
+        if asked is None and self._leases is not None:
+            asked = self._leases.wait(key, policy.timeout, request_headers)
         if asked is None:
             flight.call = self._fetch(key, entry, reason, policy, request_headers, fetch, interpret)
         else:
@@ -401,6 +404,8 @@ class ResponseCache:
                 self._relayed, self._not_relayed, callbackArgs=(key,),
                 errbackArgs=(key, entry, reason, policy, request_headers, fetch, interpret))
         flight.call.addBoth(self._landed, key, flight)
+        if self._leases is not None:  # after the entry was stored
+            flight.call.addBoth(self._leases.release, key)
 
     def _fetch(self, key, entry, reason, policy, request_headers, fetch, interpret) -> defer.Deferred:
         conditional = entry.validators() if entry is not None else {}
