@@ -22,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from ambassador.pipeline.answers import HOP_BY_HOP_HEADERS, hop_by_hop
 from ambassador.credentials.sources import FileSecret
-from ambassador.exchange import Answer, InboundRequest, Route, Trace
+from ambassador.exchange import Answer, InboundRequest, Route, Trace, resembles_param
 from ambassador.interfaces import ConfigurationError, IExternalAdapter
 from ambassador.web.limits import InboundLimits, LimitedSite, new_request_id
 from ambassador.metrics import Metrics, RouteMetrics
@@ -196,7 +196,7 @@ def _redacted_uri(target: bytes, secret_params: frozenset[str]) -> str:
     if not query:
         return text
     pairs = _form_pairs(query.decode("latin-1"))
-    shown = "&".join(f"{k}={'[REDACTED]' if k.lower() in secret_params else v}" for k, v in pairs)
+    shown = "&".join(f"{k}={'[REDACTED]' if resembles_param(k, secret_params) else v}" for k, v in pairs)
     return f"{text}?{shown}"
 
 
