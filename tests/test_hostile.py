@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 
 from ambassador.credentials.sources import FileSecret
+from ambassador.pipeline.resilience import Policy
 from ambassador.testing import FakeAPI
-from conftest import adapters_from_yaml, connect_raw, get, parse_response, tmdb_env
+from conftest import adapters_from_yaml, connect_raw, get, header, parse_response, tmdb_env
+from test_client import GOOD, close_after, reset_after, server  # noqa: F401  (server: the fixture)
 from test_no_ssrf import assert_problem
 
 KEY = {"TMDB_API_KEY": "test-api-key"}
@@ -58,3 +61,51 @@ async def test_the_http_adapter_drops_every_parameter_resembling_its_credential(
     assert response.code == 200
     [sent] = fake.requests
     assert list(sent.query) == [("q", "1"), ("api_key", "query-secret")]
+
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: max-age=600\r\n"
+MALFORMED = {
+    "reset ends a close-delimited body": reset_after(HEAD + b"\r\n" + b'{"results": []}'),
+    "shorter than Content-Length": close_after(HEAD + b"Content-Length: 15\r\n\r\n{\"res"),
+    "chunked, cut before the last chunk": close_after(HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"res\r\n"),
+    "chunk size not hex": close_after(HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"),
+    "chunk longer than its size": close_after(HEAD + b"Transfer-Encoding: chunked\r\n\r\n1\r\n{}\r\n0\r\n\r\n"),
+    "status not a number": close_after(b"HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\n{}"),
+    "not HTTP": close_after(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"),
+    "a header line without a colon": close_after(HEAD + b"Content-Length: 2\r\nno colon\r\n\r\n{}"),
+    "two different lengths": close_after(HEAD + b"Content-Length: 2\r\nContent-Length: 15\r\n\r\n{}"),
+    "a length that is not a number": close_after(HEAD + b"Content-Length: 2x\r\n\r\n{}"),
+    "a coding that is not chunked": close_after(HEAD + b"Transfer-Encoding: rot13\r\n\r\n{}"),
+}
+
+
+@pytest.mark.parametrize("answer", MALFORMED.values(), ids=list(MALFORMED))
+@pytest_twisted.ensureDeferred
+async def test_a_truncated_or_malformed_answer_is_502_and_never_stored(server, start_ambassador, answer):  # noqa: F811
+    upstream = server(answer, default=GOOD)
+    ambassador = await start_ambassador({"TMDB_BASE_URL": upstream.url, "TMDB_API_KEY": "test-api-key"},
+                                        policies={"tmdb": Policy(retries=0)})
+    response, body = await get(ambassador.url + "/movies")
+    assert response.code == 502, body
+    assert header(response, "content-type") == "application/problem+json"
+    response, body = await get(ambassador.url + "/movies")
+    assert (response.code, body) == (200, b'{"results": []}')
+    assert len(upstream.requests) == 2  # the bad answer was not kept: the second asked the upstream
+
+
+@pytest_twisted.ensureDeferred
+async def test_control_characters_in_an_upstream_header_value_never_reach_the_caller(server, start_ambassador):  # noqa: F811
+    dirty = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nETag: \"a\x01b\"\r\n"
+             b"Content-Language: en\x7f\r\nCache-Control: max-age=60\x00, public\r\nVary: Accept\x1b[2J\r\n"
+             b"Last-Modified: Wed, 21 Oct 2026 07:28:00 GMT\r\n\r\n{}")
+    upstream = server(default=dirty)
+    ambassador = await start_ambassador({"TMDB_BASE_URL": upstream.url, "TMDB_API_KEY": "test-api-key"})
+    client = await connect_raw(ambassador.url)
+    client.transport.write(b"GET /movies HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    raw = await client.closed
+    head = raw.partition(b"\r\n\r\n")[0]
+    assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"\r\n\r\n{}")
+    assert not set(head.replace(b"\r\n", b"")) & (set(range(32)) - {9} | {127})
+    _, headers, _ = parse_response(raw)
+    assert headers["last-modified"] == "Wed, 21 Oct 2026 07:28:00 GMT"  # the clean one passes
+    assert not {"etag", "content-language", "cache-control", "vary"} & set(headers)
