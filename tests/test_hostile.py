@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import pytest_twisted
 
 from ambassador.credentials.sources import FileSecret
 from ambassador.pipeline.resilience import Policy
 from ambassador.testing import FakeAPI
-from conftest import adapters_from_yaml, connect_raw, get, header, parse_response, tmdb_env
+from conftest import adapters_from_yaml, connect_raw, get, header, parse_response, reactor_turns_until, tmdb_env
 from test_client import GOOD, close_after, reset_after, server  # noqa: F401  (server: the fixture)
 from test_no_ssrf import assert_problem
 
@@ -109,3 +111,65 @@ async def test_control_characters_in_an_upstream_header_value_never_reach_the_ca
     _, headers, _ = parse_response(raw)
     assert headers["last-modified"] == "Wed, 21 Oct 2026 07:28:00 GMT"  # the clean one passes
     assert not {"etag", "content-language", "cache-control", "vary"} & set(headers)
+
+
+def _entry(**changed) -> bytes:
+    meta = {"status": 200, "headers": [["content-type", "application/json"]], "stored_at": 1_800_000_000.0,
+            "initial_age": 0.0, "lifetime": 600.0, "swr": 0.0, "sie": 0.0, "etag": None, "last_modified": None,
+            "vary": [], **changed}
+    return json.dumps(meta).encode() + b"\n" + b'{"from": "redis"}'
+
+
+# What someone with access to Redis could leave under a cache key, by kind.
+GARBAGE = [
+    ("unreadable", b"not an entry"),
+    ("unreadable", b"{}\n{}"),
+    ("unreadable", b"[" * 50_000 + b"\n"),  # nested past Python's recursion limit
+    ("unreadable", b'{"status": 200}\n'),
+    ("invalid-status", _entry(status=999)),
+    ("invalid-status", _entry(status="200")),
+    ("invalid-status", _entry(status=302)),  # a status the cache never stores
+    ("invalid-header", _entry(headers=[["content-type", "application/json\r\nSet-Cookie: a=b"]])),
+    ("invalid-header", _entry(headers=[["bad name", "x"]])),
+    ("invalid-header", _entry(headers="content-type")),
+    ("invalid-header", _entry(headers=[["x-%d" % i, "1"] for i in range(101)])),
+    ("invalid-header", _entry(etag='"a\x01b"')),
+    ("invalid-header", _entry(vary=[["accept", 5]])),
+    ("invalid-time", _entry(lifetime=float("nan"))),
+    ("invalid-time", _entry(lifetime="600")),
+    ("invalid-time", _entry(initial_age=-5.0)),
+    ("oversized", _entry(headers=[["x-pad", "p" * 60_000]])),
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_comes_from_redis_is_checked_and_anything_else_is_a_miss_logged_once_per_kind(
+        fake_tmdb, start_ambassador, clock, redis_server, log_events):
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), clock=clock, cache_url=redis_server.url(),
+                                        cache_bytes=8 * 40_000, policies={"tmdb": Policy(retries=0)})
+    await reactor_turns_until(lambda: ambassador.readiness.cache_store.available)
+    response, good = await get(ambassador.url + "/movies")
+    assert response.code == 200
+    [key] = (await redis_server.cli("--scan")).split()
+    assert (await get(ambassador.url + "/movies"))[1] == good  # a hit
+    asked = len(fake_tmdb.requests)
+
+    async def served_with(*command) -> bytes:
+        await redis_server.cli("DEL", key)
+        await redis_server.cli(*command)
+        response, body = await get(ambassador.url + "/movies")
+        assert response.code == 200 and header(response, "cache-status").startswith("ambassador; fwd=miss")
+        return body
+
+    for _, garbage in GARBAGE * 2:
+        assert await served_with("SET", key, garbage) == good
+    assert await served_with("RPUSH", key, "a", "list") == good  # a key of another type: WRONGTYPE
+    assert await served_with("HSET", key, "a", "hash") == good
+    assert len(fake_tmdb.requests) == asked + 2 * len(GARBAGE) + 2
+    warned = [e["kind"] for e in log_events if "not usable" in e.get("log_format", "")]
+    assert sorted(warned) == sorted({kind for kind, _ in GARBAGE} | {"error-reply"})
+
+    # A well-formed entry someone else wrote is served (it is indistinguishable from a replica's).
+    await redis_server.cli("SET", key, _entry())
+    response, body = await get(ambassador.url + "/movies")
+    assert (response.code, body) == (200, b'{"from": "redis"}')
