@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import pytest_twisted
 
-from ambassador.credentials.sources import FileSecret
+from ambassador.credentials.sources import FILE_POLL_INTERVAL, FileSecret
 from ambassador.pipeline.resilience import Policy
 from ambassador.testing import FakeAPI
 from conftest import adapters_from_yaml, connect_raw, get, header, parse_response, reactor_turns_until, tmdb_env
@@ -173,3 +174,24 @@ async def test_what_comes_from_redis_is_checked_and_anything_else_is_a_miss_logg
     await redis_server.cli("SET", key, _entry())
     response, body = await get(ambassador.url + "/movies")
     assert (response.code, body) == (200, b'{"from": "redis"}')
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_secret_file_that_is_a_fifo_is_503_naming_it_until_it_is_fixed(fake_tmdb, start_ambassador, clock,
+                                                                              tmp_path):
+    path = tmp_path / "api-key"
+    os.mkfifo(path)  # reading it would block the whole process
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY_FILE=str(path)), clock=clock)
+    response, body = await get(ambassador.url + "/movies")
+    document = assert_problem(response.code, {"content-type": header(response, "content-type")}, body, 503,
+                              "credential-missing")
+    assert f"file {path} is not a regular file" in document["detail"]
+    for damage in (b"\xff\xfe not UTF-8", b"a" * 100_000):  # the poll survives whatever the file holds
+        path.unlink()
+        path.write_bytes(damage)
+        clock.advance(FILE_POLL_INTERVAL)
+        assert (await get(ambassador.url + "/movies"))[0].code == 503
+    path.write_text("test-api-key\n")
+    clock.advance(FILE_POLL_INTERVAL)
+    response, _ = await get(ambassador.url + "/movies")
+    assert response.code == 200 and fake_tmdb.requests[-1].param("api_key") == "test-api-key"
