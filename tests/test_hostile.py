@@ -7,11 +7,13 @@ import os
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 
 from ambassador.credentials.sources import FILE_POLL_INTERVAL, FileSecret
 from ambassador.pipeline.resilience import Policy
 from ambassador.testing import FakeAPI
 from conftest import adapters_from_yaml, connect_raw, get, header, parse_response, reactor_turns_until, tmdb_env
+from processes import run_twistd
 from test_client import GOOD, close_after, reset_after, server  # noqa: F401  (server: the fixture)
 from test_no_ssrf import assert_problem
 
@@ -195,3 +197,39 @@ async def test_a_secret_file_that_is_a_fifo_is_503_naming_it_until_it_is_fixed(f
     clock.advance(FILE_POLL_INTERVAL)
     response, _ = await get(ambassador.url + "/movies")
     assert response.code == 200 and fake_tmdb.requests[-1].param("api_key") == "test-api-key"
+
+
+PASTED = "sk-live-4f9aPASTEDKEY"  # a value typed where a setting goes: no message may repeat it
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_startup_input_is_one_line_naming_the_setting_never_the_value_nor_a_hang(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "directory").mkdir()
+    (tmp_path / "latin-1").write_bytes(b"caf\xe9-token")
+
+    def config(text: str) -> str:
+        path = tmp_path / f"config-{abs(hash(text))}.yaml"
+        path.write_text("adapters:\n  api:\n    mount: /api\n    base_url: http://127.0.0.1:9\n" + text)
+        return str(path)
+
+    cases = {  # arguments: what the one line must say
+        ("--require-token-file", str(tmp_path / "fifo")): f"{tmp_path / 'fifo'} is not a regular file",
+        ("--require-token-file", str(tmp_path / "directory")): f"{tmp_path / 'directory'} is not a regular file",
+        ("--require-token-file", str(tmp_path / "latin-1")): f"{tmp_path / 'latin-1'} is not UTF-8 text",
+        ("--require-token-file", str(tmp_path / "absent")): f"{tmp_path / 'absent'} cannot be read",
+        ("--port", PASTED): "--port must be a port number or an endpoint description",
+        ("--admin-port", f"tcp:{PASTED}"): "--admin-port must be a port number or an endpoint description",
+        ("--config", config(f"    credential: {{style: bearer, secret: {{env: {PASTED}}}}}\n")):
+            "credential.secret: expected {env: VARIABLE} with VARIABLE an environment variable name",
+        ("--config", config(f"    {PASTED}: 1\n    credential: {{style: bearer, secret: {{env: K}}}}\n")):
+            "adapters.api.(a key not shown): expected no such key here",
+        ("--config", config(f"    timeout: {PASTED}\n    credential: {{style: bearer, secret: {{env: K}}}}\n")):
+            "adapters.api.timeout: expected a positive number of seconds",
+    }
+    runs = [defer.ensureDeferred(run_twistd("-n", "ambassador", "--port", "0", *args, env={}, cwd=tmp_path))
+            for args in cases]
+    for (args, expected), (output, code) in zip(cases.items(), await defer.gatherResults(runs)):
+        lines = [line for line in output.splitlines() if line.strip()]
+        assert code != 0 and expected in lines[-1], (args, output)
+        assert "Traceback" not in output and PASTED not in output and "caf" not in output
