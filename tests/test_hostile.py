@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 
 import pytest
 import pytest_twisted
@@ -13,7 +15,7 @@ from ambassador.credentials.sources import FILE_POLL_INTERVAL, FileSecret
 from ambassador.pipeline.resilience import Policy
 from ambassador.testing import FakeAPI
 from conftest import adapters_from_yaml, connect_raw, get, header, parse_response, reactor_turns_until, tmdb_env
-from processes import run_twistd
+from processes import run_twistd, spawn_ambassador
 from test_client import GOOD, close_after, reset_after, server  # noqa: F401  (server: the fixture)
 from test_no_ssrf import assert_problem
 
@@ -233,3 +235,79 @@ async def test_bad_startup_input_is_one_line_naming_the_setting_never_the_value_
         lines = [line for line in output.splitlines() if line.strip()]
         assert code != 0 and expected in lines[-1], (args, output)
         assert "Traceback" not in output and PASTED not in output and "caf" not in output
+
+
+def memory_mib(pid: int, field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of a process, in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
+
+
+async def answered_within(url: str) -> float:
+    started = time.monotonic()
+    response, _ = await get(url)
+    assert response.code == 200
+    return time.monotonic() - started
+
+
+CONNECTIONS = 60  # flooding each port (120 in all); a quarter as many more hold what they may
+
+
+@pytest_twisted.ensureDeferred
+async def test_tiny_chunk_bodies_on_both_ports_cost_memory_by_their_bytes_and_others_are_still_answered(
+        fake_tmdb, tmp_path):
+    process = spawn_ambassador("--port", "0", "--admin-port", "tcp:0:interface=127.0.0.1", "--max-connections", "300",
+                               "--read-timeout", "5", env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"),
+                               cwd=tmp_path)
+    try:
+        url = f"http://127.0.0.1:{await process.listening}"
+        admin_url = f"http://127.0.0.1:{await process.admin_listening}"
+        assert (await get(url + "/movies"))[0].code == 200  # from now on a cache hit
+        assert (await get(admin_url + "/healthz"))[0].code == 200
+        pid = process.transport.pid
+        before = memory_mib(pid, "VmRSS")
+        head = b"POST /movies HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+        # Floods: 30 000 bytes of one-byte chunks each, never ending. Holders: 700 one-byte chunks (3500 bytes
+        # of framing, within the bound) and then nothing: each is kept until the read deadline.
+        flooding = [await connect_raw(base) for base in (url, admin_url) for _ in range(CONNECTIONS)]
+        holding = [await connect_raw(base) for base in (url, admin_url) for _ in range(CONNECTIONS // 4)]
+        for client in flooding:
+            client.transport.write(head + b"1\r\na\r\n" * 6000)
+        for client in holding:
+            client.transport.write(head + b"1\r\na\r\n" * 700)
+        # While the ambassador reads them all, other callers are answered (a behaviour bound, not a benchmark).
+        waits = [await answered_within(url + "/movies"), await answered_within(admin_url + "/healthz")]
+        assert max(waits) < 2.0, waits
+        assert {parse_response(await client.closed)[0] for client in flooding} == {413}  # refused early
+        assert {parse_response(await client.closed)[0] for client in holding} == {408}  # at the read deadline
+        grown = memory_mib(pid, "VmHWM") - before
+        sent = (len(flooding) * (len(head) + 30_000) + len(holding) * (len(head) + 3500)) / 2**20
+        print(f"\n{len(flooding) + len(holding)} tiny-chunk bodies, {sent:.1f} MiB sent: peak RSS grew "
+              f"{grown:.1f} MiB; answered in {waits[0] * 1000:.0f} ms, {waits[1] * 1000:.0f} ms")
+        assert grown < 2 * sent + 16  # in proportion to the bytes (27x before twisted.web)
+        assert (await get(url + "/movies"))[0].code == 200
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+        await process.ended
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_answer_in_tiny_chunks_costs_memory_by_its_bytes(server, tmp_path):  # noqa: F811
+    body = b"[" + b" " * (2**20 - 2) + b"]"
+    chunked = b"".join(b"2\r\n" + body[i:i + 2] + b"\r\n" for i in range(0, len(body), 2)) + b"0\r\n\r\n"
+    upstream = server(default=b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                              b"\r\n" + chunked)
+    process = spawn_ambassador("--port", "0", "--admin-port", "none", "--no-cache",
+                               env={"TMDB_BASE_URL": upstream.url, "TMDB_API_KEY": "test-api-key"}, cwd=tmp_path)
+    try:
+        url = f"http://127.0.0.1:{await process.listening}"
+        pid = process.transport.pid
+        before = memory_mib(pid, "VmRSS")
+        response, answered = await get(url + "/movies")
+        assert response.code == 200 and answered == body
+        grown = memory_mib(pid, "VmHWM") - before
+        print(f"\na 1 MiB answer in 2-byte chunks: peak RSS grew {grown:.1f} MiB")
+        assert grown < 8  # a few copies of the body (70x before twisted.web)
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+        await process.ended

@@ -58,10 +58,10 @@ def refusals(log_events):
         (CHUNKED + b"2\r\nabc\r\n0\r\n\r\n", 400, "bad-request"),  # a chunk longer than its size
         (CHUNKED + b"1;a=\x01\r\na\r\n0\r\n\r\n", 400, "bad-request"),  # a control byte in an extension
         (CHUNKED + b"1" * 2000 + b"\r\n", 400, "bad-request"),  # a size line beyond Twisted's 1 KiB
-        # Framing and trailers are bounded like a head: tiny chunks, long extensions or trailers are 413.
+        # Framing and trailers are bounded by bytes (max_body_framing): tiny chunks, long extensions or trailers.
         (CHUNKED + b"1\r\na\r\n" * 7000, 413, "body-too-large"),
-        (CHUNKED + (b"1;" + b"x" * 900 + b"\r\na\r\n") * 40, 413, "body-too-large"),
-        (CHUNKED + b"1\r\na\r\n0\r\n" + b"X-Trailer: %s\r\n" % (b"t" * 1000) * 40, 413, "body-too-large"),
+        (CHUNKED + (b"1;" + b"x" * 900 + b"\r\na\r\n") * 6, 413, "body-too-large"),
+        (CHUNKED + b"1\r\na\r\n0\r\n" + b"X-Trailer: %s\r\n" % (b"t" * 1000) * 5, 413, "body-too-large"),
         (b"GET /tmdb/3/movie/550 HTTP/1.1\r\nX-No-Host: 1\r\n\r\n", 400, "missing-host"),  # RFC 9112 3.2
     ],
 )
@@ -95,12 +95,16 @@ async def test_requests_within_the_limits_are_served(fake_tmdb, start_ambassador
     headers = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 250) for i in range(LIMITS.max_headers - 3))
     body = b"a" * LIMITS.max_body
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    # The whole body in 256-byte chunks, with two trailers: its framing is well within max_body_framing.
+    small_chunks = b"".join(b"100\r\n" + body[i:i + 256] + b"\r\n" for i in range(0, len(body), 256))
+    small_chunks += b"0\r\nX-Checksum: 1\r\nX-Note: %s\r\n\r\n" % (b"n" * 1000)
     for data in (REQUEST + headers + b"Connection: close\r\n\r\n",
                  REQUEST + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body,
-                 REQUEST + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked):
+                 REQUEST + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked,
+                 REQUEST + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + small_chunks):
         status, _, _ = await raw_exchange(url, data)
         assert status == 200
-    assert len(fake_tmdb.requests) == 3
+    assert len(fake_tmdb.requests) == 4
 
 
 @pytest_twisted.ensureDeferred
