@@ -311,3 +311,28 @@ async def test_an_upstream_answer_in_tiny_chunks_costs_memory_by_its_bytes(serve
     finally:
         process.transport.signalProcess(signal.SIGTERM)
         await process.ended
+
+
+FORGED = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{"forged": "1"}'
+
+
+@pytest.mark.parametrize("how", ["after the answer, in the same write", "while idle in the pool"])
+@pytest_twisted.ensureDeferred
+async def test_bytes_a_pooled_upstream_connection_sends_unasked_never_reach_a_caller(server, start_ambassador, how):  # noqa: F811
+    def answer_then_forge(protocol):
+        protocol.transport.write(GOOD + (FORGED if how.startswith("after") else b""))
+
+    upstream = server(answer_then_forge, default=GOOD)
+    ambassador = await start_ambassador({"TMDB_BASE_URL": upstream.url, "TMDB_API_KEY": "test-api-key"},
+                                        cache_bytes=None, policies={"tmdb": Policy(retries=0)})
+    response, body = await get(ambassador.url + "/tmdb/3/movie/1")
+    assert (response.code, body) == (200, b'{"results": []}')
+    if how.startswith("while"):
+        upstream.connections[0].transport.write(FORGED)
+        await reactor_turns_until(lambda: len(upstream.closed) == 1)  # the ambassador dropped that connection
+    # Read in the answer's own write, Twisted's parser discards them (its finisher ignores what follows an
+    # answer) and the connection stays in the pool: the next request on it gets the upstream's next answer.
+    for n in range(2, 5):
+        response, body = await get(ambassador.url + f"/tmdb/3/movie/{n}")
+        assert (response.code, body) == (200, b'{"results": []}')
+    assert len(upstream.requests) == 4
