@@ -9,6 +9,9 @@ They are still treated as values: nothing changes one once it is made (``evolve`
 
 from __future__ import annotations
 
+import functools
+import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 
 from attrs import define, field, frozen
@@ -100,7 +103,32 @@ class Trace:
 
 
 def without_params(query: Query, names: frozenset[str]) -> Query:
-    """The query with every parameter named in ``names`` removed (case-insensitive)."""
+    """The query with every parameter named in ``names``, or resembling one of them, removed
+    (``resembles_param``)."""
     if not query:  # most requests have none: nothing to build
         return query
-    return tuple([(k, v) for k, v in query if k.lower() not in names])
+    squeezed = _squeezed_names(names)
+    return tuple([(k, v) for k, v in query if _squeezed(k) not in squeezed])
+
+
+def resembles_param(name: str, names: frozenset[str]) -> bool:
+    """Whether query parameter ``name`` is one of ``names`` or could be read as one by some server:
+    compared without case, compatibility forms (fullwidth letters), or anything but letters and digits,
+    so ``API_KEY ``, ``api.key``, ``api-key``, ``api_key[]`` and ``api_key[0]`` all resemble ``api_key`` (PHP, for one,
+    reads ``api.key`` and ``api key`` as ``api_key``, and ``api_key[]`` as a list of it)."""
+    return _squeezed(name) in _squeezed_names(names)
+
+
+# A bracketed index (``[0]``, ``[]``; PHP and Rails read ``a[0]`` as an element of ``a``), and then
+# anything but letters and digits.
+_SQUEEZED_OUT = re.compile(r"\[[^\]]*\]|[^0-9a-z]")
+
+
+def _squeezed(name: str) -> str:
+    # Not remembered: the names are the caller's, and a cache of them would be memory a caller fills.
+    return _SQUEEZED_OUT.sub("", (name if name.isascii() else unicodedata.normalize("NFKC", name)).casefold())
+
+
+@functools.lru_cache(maxsize=64)
+def _squeezed_names(names: frozenset[str]) -> frozenset[str]:
+    return frozenset(map(_squeezed, names))

@@ -5,7 +5,8 @@ import os
 import pytest
 from twisted.internet.task import Clock
 
-from ambassador.credentials.sources import FILE_POLL_INTERVAL, Credential, FileSecret, as_query_parameter, secret_from_environment
+from ambassador.credentials.sources import (FILE_POLL_INTERVAL, MAX_SECRET_FILE_BYTES, Credential, FileSecret,
+                                           as_query_parameter, secret_from_environment)
 from ambassador.exchange import UpstreamRequest
 from ambassador.interfaces import ConfigurationError
 
@@ -53,27 +54,60 @@ def test_request_built_before_rotation_keeps_its_credential(tmp_path):
     credential.stop()
 
 
-@pytest.mark.parametrize("damage", ["remove", "empty"])
-def test_vanished_or_empty_file_keeps_the_last_good_value_and_warns(tmp_path, log_events, damage):
+def damage_file(path, damage: str) -> None:
+    """Turn ``path`` into something no secret file should be."""
+    path.unlink()
+    if damage == "empty":
+        path.write_text("  \n")
+    elif damage == "not-utf-8":
+        path.write_bytes(b"\xff\xfe\x00secret")
+    elif damage == "fifo":
+        os.mkfifo(path)  # open() would block the reactor until a writer came
+    elif damage == "directory":
+        path.mkdir()
+    elif damage == "huge":
+        path.write_text("a" * (MAX_SECRET_FILE_BYTES + 1))
+    elif damage == "two-lines":
+        path.write_text("one\ntwo\n")
+    elif damage == "dangling-symlink":
+        os.symlink(path.parent / "nowhere", path)
+
+
+DAMAGE = ["remove", "empty", "not-utf-8", "fifo", "directory", "huge", "two-lines", "dangling-symlink"]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_any_damage_keeps_the_last_good_value_warns_once_and_the_poll_recovers(tmp_path, log_events, damage):
     path = tmp_path / "key"
     path.write_text("good-value")
     secret = FileSecret(str(path))
     clock = Clock()
     secret.start(clock)
-    if damage == "remove":
-        path.unlink()
-    else:
-        path.write_text("  \n")
+    damage_file(path, damage)
     clock.advance(FILE_POLL_INTERVAL)
     clock.advance(FILE_POLL_INTERVAL)
-    assert secret.current() == "good-value"
+    assert secret.current() == "good-value" and secret.problem
     warnings = [e for e in log_events if e.get("path") == str(path) and e["log_level"].name == "warn"]
     assert len(warnings) == 1  # once, not every poll
     assert "keeping the last good value" in warnings[0]["kept"]
+    if path.is_dir() and not path.is_symlink():
+        path.rmdir()
+    elif path.is_symlink() or path.exists():
+        path.unlink()
     path.write_text("back-again")
     clock.advance(FILE_POLL_INTERVAL)
-    assert secret.current() == "back-again"
+    assert secret.current() == "back-again" and secret.problem is None  # the poll survived
     secret.stop()
+
+
+@pytest.mark.parametrize("damage", DAMAGE[1:])
+def test_a_damaged_file_at_start_has_no_value_and_a_problem_naming_what_is_wrong(tmp_path, damage):
+    path = tmp_path / "key"
+    path.write_text("x")
+    damage_file(path, damage)
+    secret = FileSecret(str(path))  # returns at once, FIFO or not
+    assert secret.current() is None
+    assert secret.problem and "good-value" not in secret.problem and "secret" not in secret.problem
 
 
 def test_literal_and_file_together_is_a_configuration_error():

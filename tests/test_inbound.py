@@ -124,6 +124,6 @@ async def test_a_shutdown_closes_idle_connections_and_answers_busy_ones_with_con
 async def test_lines_may_end_in_a_bare_lf_and_empty_lines_before_a_request_are_ignored(fake_tmdb, start_ambassador):
     url = (await start_ambassador(tmdb_env(fake_tmdb, **KEY))).url
     client = await connect_raw(url)
-    client.transport.write(b"\r\n\nGET /tmdb/3/movie/550 HTTP/1.1\nX-Request-ID: lf\r\nConnection: close\n\n")
+    client.transport.write(b"\r\n\nGET /tmdb/3/movie/550 HTTP/1.1\nHost: a\nX-Request-ID: lf\r\nConnection: close\n\n")
     status, headers, _ = parse_response(await client.closed)
     assert (status, headers["x-request-id"]) == (200, "lf")

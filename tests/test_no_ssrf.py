@@ -106,7 +106,7 @@ async def test_request_targets_outside_the_allowlist_never_leave(fake_tmdb, star
 @pytest_twisted.ensureDeferred
 async def test_only_get_and_head_reach_the_upstream(fake_tmdb, start_ambassador, method):
     url = (await start_ambassador(tmdb_env(fake_tmdb, **KEY))).url
-    answer = await raw_exchange(url, method + b" /tmdb/3/movie/550 HTTP/1.1\r\nConnection: close\r\n\r\n")
+    answer = await raw_exchange(url, method + b" /tmdb/3/movie/550 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert_problem(*answer, 405, "method-not-allowed")
     assert fake_tmdb.requests == []
 
@@ -115,7 +115,7 @@ async def test_only_get_and_head_reach_the_upstream(fake_tmdb, start_ambassador,
 async def test_duplicate_and_malformed_query_parameters(fake_tmdb, start_ambassador):
     url = (await start_ambassador(tmdb_env(fake_tmdb, **KEY))).url
     query = b"page=1&page=2&api_key=a&API_KEY=b&Api_Key=c&api%5Fkey=d&&=e&f&g=%zz&h=1;i=2&j=%E2%80%AE"
-    status, _, _ = await raw_exchange(url, b"GET /movies?" + query + b" HTTP/1.1\r\nConnection: close\r\n\r\n")
+    status, _, _ = await raw_exchange(url, b"GET /movies?" + query + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert status == 200
     [seen] = fake_tmdb.requests
     assert seen.path == "/3/discover/movie"
@@ -140,7 +140,7 @@ def test_a_query_reads_as_parse_qsl_reads_it(query):
 @pytest_twisted.ensureDeferred
 async def test_queries_with_control_characters_or_not_utf8_are_400(fake_tmdb, start_ambassador, query):
     url = (await start_ambassador(tmdb_env(fake_tmdb, **KEY))).url
-    answer = await raw_exchange(url, b"GET /movies?" + query + b" HTTP/1.1\r\nConnection: close\r\n\r\n")
+    answer = await raw_exchange(url, b"GET /movies?" + query + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert_problem(*answer, 400, "bad-query")
     assert fake_tmdb.requests == []
 
@@ -252,10 +252,9 @@ async def test_redirects_are_neither_followed_nor_passed_on(fake_tmdb, start_amb
 async def test_crlf_in_a_credential_cannot_inject_headers_or_parameters(fake_tmdb, start_ambassador, tmp_path):
     (tmp_path / "token").write_text("test-read-token\r\nX-Injected: 1")
     url = (await start_ambassador(tmdb_env(fake_tmdb, TMDB_READ_ACCESS_TOKEN_FILE=str(tmp_path / "token")))).url
-    await get(url + "/movies")
-    [seen] = fake_tmdb.requests
-    assert "x-injected" not in seen.headers
-    assert seen.headers["authorization"].startswith("Bearer test-read-token ")
+    response, body = await get(url + "/movies")  # a file holding a line break is not one value: refused
+    assert response.code == 503 and b"holds control characters" in body
+    assert fake_tmdb.requests == []
 
     url = (await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key&page=9\r\nX-Injected: 1"))).url
     await get(url + "/movies")

@@ -30,7 +30,7 @@ from twisted.internet.ssl import Certificate
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent
 
-from ambassador.cache.redisstore import BACKOFF_FIRST, BACKOFF_MAX, RedisStore, StoreUnavailable, parse_redis_url
+from ambassador.cache.redisstore import BACKOFF_FIRST, BACKOFF_MAX, ErrorReply, RedisStore, StoreUnavailable, parse_redis_url
 
 PASSWORD = "test-redis-password"
 
@@ -112,6 +112,19 @@ async def test_values_round_trip_byte_for_byte(redis_server, open_store):
 async def test_missing_key_is_none(redis_server, open_store):
     store = await open_store(redis_server.url())
     assert await store.get(b"never set") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_limited_get_reads_at_most_one_byte_past_the_limit(redis_server, open_store):
+    store = await open_store(redis_server.url())
+    await store.set(b"big", b"b" * 100_000, ttl=60)
+    await store.set(b"small", b"s" * 10, ttl=60)
+    assert await store.get(b"big", limit=1000) == b"b" * 1001  # longer than the limit, and no more crossed
+    assert await store.get(b"small", limit=1000) == b"s" * 10
+    assert await store.get(b"never set", limit=1000) is None
+    await redis_server.cli("RPUSH", "a-list", "x")
+    with pytest.raises(ErrorReply, match="WRONGTYPE"):
+        await store.get(b"a-list", limit=1000)
 
 
 @pytest_twisted.ensureDeferred

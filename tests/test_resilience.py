@@ -278,7 +278,7 @@ async def test_graceful_stop_finishes_requests_in_flight_and_refuses_new_ones(fa
     ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), clock=clock, grace_period=25)
     fake_tmdb.fault = "hang"
     in_flight = await connect_raw(ambassador.url)
-    in_flight.transport.write(b"GET /movies HTTP/1.1\r\n\r\n")  # on a kept-alive connection
+    in_flight.transport.write(b"GET /movies HTTP/1.1\r\nHost: localhost\r\n\r\n")  # on a kept-alive connection
     await fake_tmdb.next_request()
     stopped = ambassador.service.stopService()
     with pytest.raises(Exception):

@@ -147,7 +147,7 @@ async def test_memory_stays_bounded_under_abuse(fake_tmdb, tmp_path):
         after_slowloris = memory_mib(pid, "VmHWM")
 
         # Megabytes of request line, headers and bodies, 50 connections at once.
-        request = b"GET /movies HTTP/1.1\r\n"
+        request = b"GET /movies HTTP/1.1\r\nHost: localhost\r\n"
         abuse = [b"GET /" + b"a" * 2**20 + b" HTTP/1.1\r\n\r\n",
                  request + b"X-Long: " + b"a" * 2**20 + b"\r\n\r\n",
                  request + b"X-Many: 1\r\n" * 100_000 + b"\r\n",

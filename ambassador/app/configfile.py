@@ -64,6 +64,9 @@ _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _STYLES = ("query", "header", "bearer", "basic", "oauth2")
 _HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
 _SOURCE = "{env: VARIABLE} or {file: /path}"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # POSIX: what a shell can export
+# An unknown key is named only when it looks like a mistyped key (a pasted secret does not).
+_KEY_LIKE = re.compile(r"[a-z][a-z_]{0,31}\Z")
 
 
 @frozen
@@ -82,7 +85,8 @@ class Section:
         allowed = sorted(set(keys))
         for key in self.data:
             if key not in allowed:
-                raise self.error(str(key), f"no such key here; the keys are {', '.join(allowed)}")
+                named = str(key) if _KEY_LIKE.match(str(key)) else "(a key not shown)"
+                raise self.error(named, f"no such key here; the keys are {', '.join(allowed)}")
 
     def get(self, key: str, kind: type | tuple[type, ...], expected: str, default: Any = None,
             required: bool = False) -> Any:
@@ -327,8 +331,11 @@ def _source(section: Section, key: str, environ, plain: bool = False) -> SecretS
     if not isinstance(value, dict) or len(value) != 1 or not isinstance(next(iter(value.values())), str):
         raise section.error(key, expected + (" (required)" if value is None else ""))
     (kind, name), = value.items()
-    if kind == "env" and name:
+    if kind == "env" and _ENV_NAME.match(name):
         return EnvironmentSecret(name, environ.get(name, "").strip())
+    if kind == "env":  # never repeated: what stands there may be the secret itself, pasted
+        raise section.error(key, "{env: VARIABLE} with VARIABLE an environment variable name (letters, digits "
+                                 "and _, not starting with a digit)")
     if kind == "file" and name.startswith("/"):
         return FileSecret(name)
     raise section.error(key, expected + " (the file an absolute path)")

@@ -265,11 +265,20 @@ class Options(usage.Options):
         if self["forward-request-id"] - {adapter.name for adapter in adapters}:
             raise usage.UsageError("--forward-request-id must name an adapter that is served "
                                    "(--list-adapters lists them)")
+        endpoint = endpoint_description(self["port"], bare_interface="127.0.0.1")
+        admin_endpoint = None if admin == "none" else endpoint_description(admin, bare_interface="0.0.0.0")
+        for option, description in (("port", endpoint), ("admin-port", admin_endpoint)):
+            try:  # parsed, not listened on; Twisted's error quotes what was given
+                if description is not None:
+                    serverFromString(reactor, description)
+            except Exception:
+                raise usage.UsageError(f"--{option} must be a port number or an endpoint description such as "
+                                       "tcp:8080:interface=127.0.0.1") from None
         # Only validated values leave postOptions, in one frozen record; makeService builds from it.
         self.settings = Settings(
             adapters=adapters,
-            endpoint=endpoint_description(self["port"], bare_interface="127.0.0.1"),
-            admin_endpoint=None if admin == "none" else endpoint_description(admin, bare_interface="0.0.0.0"),
+            endpoint=endpoint,
+            admin_endpoint=admin_endpoint,
             policies=policies,
             connect_timeout=self["connect-timeout"],
             grace_period=self["grace-period"],

@@ -45,6 +45,10 @@ class StoreUnavailable(Exception):
     """Redis could not be asked (not connected, timed out, error reply)."""
 
 
+class ErrorReply(StoreUnavailable):
+    """Redis answered the command with an error (such as WRONGTYPE: the key holds a list, a hash …)."""
+
+
 @frozen
 class RedisAddress:
     """Where Redis is and how to log in; ``password`` is never shown."""
@@ -210,9 +214,17 @@ class RedisStore:
             connection.end("the Redis store was stopped")
         return defer.DeferredList(closing).addCallback(lambda _: None)
 
-    def get(self, key: bytes) -> Deferred:
-        """The value under ``key``, or None when there is none (or it expired)."""
-        return self._ask(self._connection, lambda redis: redis.get(key))
+    def get(self, key: bytes, limit: int | None = None) -> Deferred:
+        """The value under ``key``, or None when there is none (or it expired).
+
+        With ``limit``, at most ``limit + 1`` bytes of it cross the network (``GETRANGE``): a longer
+        value shows as longer than ``limit`` and costs no more; an empty one is none. What comes back
+        is whatever Redis holds, to be checked by the caller (it may not even be bytes).
+        """
+        if limit is None:
+            return self._ask(self._connection, lambda redis: redis.get(key))
+        return self._ask(self._connection, lambda redis: redis.execute_command("GETRANGE", key, 0, limit)
+                         ).addCallback(lambda value: None if value == b"" else value)
 
     def set(self, key: bytes, value: bytes, ttl: float) -> Deferred:
         """Keep ``value`` under ``key`` for ``ttl`` seconds (rounded up to whole milliseconds)."""
@@ -242,7 +254,7 @@ class RedisStore:
                 reason = f"no answer within {timeout:g} s"
                 self._drop(connection, reason)
             elif failure.check(txredisapi.ResponseError):
-                reason = f"Redis answered an error: {failure.value}"
+                raise ErrorReply(f"Redis answered an error: {failure.value}")
             elif failure.check(txredisapi.ConnectionError):  # lost, or not connected yet
                 reason = connection.ended or "not connected"
             elif failure.check(defer.CancelledError):  # the caller, or stop(), gave up on it

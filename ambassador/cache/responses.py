@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -28,7 +29,7 @@ from twisted.python.failure import Failure
 
 from ambassador.exchange import Answer, UpstreamRequest, UpstreamResponse
 from ambassador.problems import Problem
-from ambassador.cache.redisstore import StoreUnavailable
+from ambassador.cache.redisstore import ErrorReply, StoreUnavailable
 from ambassador.pipeline.resilience import http_date
 
 log = Logger(namespace="ambassador")
@@ -486,40 +487,72 @@ class SharedStore:
     A Redis that cannot be asked is a miss on lookup and a skipped write: the
     store logs its own reachability, the request goes to the upstream.
     Redis keys are ``ambassador:cache:v1:<namespace>:<SHA-256 of the cache key>``.
+
+    What Redis holds is input like any other (anyone who can write to it can
+    write anything): at most ``max_entry_bytes`` and ``META_ALLOWANCE`` more are
+    read of a value, and one that is not an entry this version wrote (``read_entry``),
+    is larger, or is not a string at all is a miss, logged once per kind.
     """
 
     PREFIX = b"ambassador:cache:v1:"
+    META_ALLOWANCE = 16384  # the metadata line beyond the headers ``Entry.size`` counts
     shared = True
 
     def __init__(self, redis, max_entry_bytes: int) -> None:
         self.redis = redis
         self.max_entry_bytes = max_entry_bytes
+        self._logged: set[str] = set()  # the kinds of bad entries logged already
 
     def get(self, key: str, now: float) -> defer.Deferred:
-        return self.redis.get(self._redis_key(key)).addCallbacks(self._found, _unavailable)
+        return self.redis.get(self._redis_key(key), self.max_entry_bytes + self.META_ALLOWANCE).addCallbacks(
+            self._found, self._unanswered)
 
     def put(self, key: str, entry: Entry, now: float) -> bool:
         ttl = entry.stored_at + entry.retention() - now
         if ttl <= 0 or entry.size > self.max_entry_bytes:
             return False
-        self.redis.set(self._redis_key(key), encode_entry(entry), ttl).addErrback(_unavailable)
+        self.redis.set(self._redis_key(key), encode_entry(entry), ttl).addErrback(self._unanswered)
         return True
 
-    @staticmethod
-    def _found(data: bytes | None) -> Entry | None:
-        entry = decode_entry(data) if data is not None else None
-        if data is not None and entry is None:
-            log.warn("A shared cache entry could not be read; it is treated as a miss")
+    def _found(self, data: object) -> Entry | None:
+        if data is None:
+            return None
+        try:
+            if not isinstance(data, bytes):
+                raise BadEntry("not-a-string")
+            if len(data) > self.max_entry_bytes + self.META_ALLOWANCE:
+                raise BadEntry("oversized")
+            entry = read_entry(data)
+            if entry.size > self.max_entry_bytes:
+                raise BadEntry("oversized")
+        except BadEntry as bad:
+            self._bad(bad.kind)
+            return None
         return entry
+
+    def _unanswered(self, failure: Failure) -> None:
+        failure.trap(StoreUnavailable)  # a miss; the store has logged why, unless Redis answered an error
+        if failure.check(ErrorReply):
+            self._bad("error-reply")  # a key of another type (WRONGTYPE), or a Redis out of memory
+        return None
+
+    def _bad(self, kind: str) -> None:
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.warn("A shared cache entry in Redis was not usable ({kind}); such entries are cache misses "
+                     "(this is logged once per kind)", kind=kind)
 
     def _redis_key(self, key: str) -> bytes:
         namespace = key.partition("\n")[0]
         return self.PREFIX + f"{namespace}:{hashlib.sha256(key.encode()).hexdigest()}".encode()
 
 
-def _unavailable(failure: Failure) -> None:
-    failure.trap(StoreUnavailable)  # a miss; the store has logged why
-    return None
+class BadEntry(ValueError):
+    """What a shared store or a peer gave is not an entry this version wrote; ``kind`` says how, in a word."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
 
 
 def encode_entry(entry: Entry) -> bytes:
@@ -527,14 +560,23 @@ def encode_entry(entry: Entry) -> bytes:
     return json.dumps(entry_meta(entry), separators=(",", ":")).encode() + b"\n" + entry.answer.body
 
 
-def decode_entry(data: bytes) -> Entry | None:
-    """The entry ``encode_entry`` wrote, or None when ``data`` is not one."""
+def read_entry(data: bytes) -> Entry:
+    """The entry ``encode_entry`` wrote; BadEntry when ``data`` is not one."""
     meta_line, newline, body = data.partition(b"\n")
     if not newline:
-        return None
+        raise BadEntry("unreadable")
     try:
-        return entry_of(json.loads(meta_line), body)
-    except (ValueError, TypeError, KeyError):
+        meta = json.loads(meta_line)
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested past Python's stack
+        raise BadEntry("unreadable") from None
+    return entry_of(meta, body)
+
+
+def decode_entry(data: bytes) -> Entry | None:
+    """The entry ``encode_entry`` wrote, or None when ``data`` is not one."""
+    try:
+        return read_entry(data)
+    except BadEntry:
         return None
 
 
@@ -547,9 +589,41 @@ def entry_meta(entry: Entry) -> dict:
     }
 
 
-def entry_of(meta: dict, body: bytes) -> Entry:
-    """The entry ``entry_meta`` described; ValueError, TypeError or KeyError when ``meta`` is not that."""
-    answer = Answer(int(meta["status"]), [(str(n), str(v)) for n, v in meta["headers"]], body)
-    return Entry(answer, float(meta["stored_at"]), float(meta["initial_age"]), float(meta["lifetime"]),
-                 float(meta["swr"]), float(meta["sie"]), meta["etag"], meta["last_modified"],
-                 tuple((str(n), str(v)) for n, v in meta["vary"]))
+_META_KEYS = frozenset({"status", "headers", "stored_at", "initial_age", "lifetime", "swr", "sie", "etag", "last_modified",
+                        "vary"})
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_CLEAN_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*\Z")  # no control character but tab (RFC 9110 5.5)
+_MAX_HEADERS = 100
+
+
+def entry_of(meta: object, body: bytes) -> Entry:
+    """The entry ``entry_meta`` described; BadEntry (a ValueError) when ``meta`` is not that: every field of
+    its type, a status the cache stores, header names that are tokens and values without control characters,
+    finite times (what reaches the caller from it is as well-formed as what the upstream's answer made)."""
+    if not isinstance(meta, dict) or not _META_KEYS <= meta.keys():
+        raise BadEntry("unreadable")
+    status = meta["status"]
+    if type(status) is not int or status not in CACHEABLE_STATUSES:
+        raise BadEntry("invalid-status")
+    headers, vary = _header_pairs(meta["headers"]), _header_pairs(meta["vary"])
+    numbers = [meta[name] for name in ("stored_at", "initial_age", "lifetime", "swr", "sie")]
+    if not all(type(n) in (int, float) and math.isfinite(n) for n in numbers) or min(numbers[1], *numbers[3:]) < 0:
+        raise BadEntry("invalid-time")
+    etag, last_modified = meta["etag"], meta["last_modified"]
+    if not all(v is None or (isinstance(v, str) and _CLEAN_VALUE.match(v)) for v in (etag, last_modified)):
+        raise BadEntry("invalid-header")
+    stored_at, initial_age, lifetime, swr, sie = map(float, numbers)
+    return Entry(Answer(status, list(headers), body), stored_at, initial_age, lifetime, swr, sie, etag, last_modified,
+                 vary)
+
+
+def _header_pairs(pairs: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(pairs, (list, tuple)) or len(pairs) > _MAX_HEADERS:
+        raise BadEntry("invalid-header")
+    checked = []
+    for pair in pairs:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(part, str) for part in pair)
+                and _TOKEN.match(pair[0]) and _CLEAN_VALUE.match(pair[1])):
+            raise BadEntry("invalid-header")
+        checked.append((pair[0], pair[1]))
+    return tuple(checked)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from typing import Protocol
 from collections.abc import Callable
 from urllib.parse import quote_plus, urlencode, urlsplit
@@ -40,6 +41,8 @@ log = Logger()
 #: How often a secret file is checked for a new value (seconds). Kubernetes
 #: swaps the ``..data`` symlink of a Secret volume; a poll sees the new file.
 FILE_POLL_INTERVAL = 1.0
+#: A secret file larger than this is refused (a key or token is a line; a wrong path could be a log file).
+MAX_SECRET_FILE_BYTES = 65536
 
 
 class SecretSource(Protocol):
@@ -97,7 +100,9 @@ class FileSecret:
     """A value read from a file, re-read when the file changes.
 
     Surrounding whitespace is stripped. When the file disappears, cannot be
-    read or turns empty, the last good value is kept and a warning logged.
+    read, is not a regular file, not UTF-8, larger than MAX_SECRET_FILE_BYTES,
+    holds control characters or turns empty, the last good value is kept and
+    a warning logged (once per problem); the next good content is taken up.
     """
 
     path: str
@@ -126,21 +131,46 @@ class FileSecret:
         return f"<FileSecret {self.path}>"
 
     def reload(self) -> None:
-        """Read the file again if it changed since the last read."""
+        """Read the file again if it changed since the last read. Never raises and never blocks: whatever
+        the path holds (a FIFO, a directory, bytes that are not UTF-8, megabytes), the poll goes on."""
+        try:
+            self._reload()
+        except Exception as e:  # nothing the file holds may stop the poll (a LoopingCall stops on an error)
+            self._keep(f"cannot be read ({e.__class__.__name__})")
+
+    def _reload(self) -> None:
         try:
             # stat follows the ..data symlink, so a kubelet swap changes the inode.
             st = os.stat(self.path)
             signature = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
             if signature == self._signature:
                 return
-            with open(self.path, encoding="utf-8") as f:
-                value = f.read().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) else None  # a UnicodeDecodeError has none
-            self._keep(f"cannot be read ({e.__class__.__name__}: {reason or 'not UTF-8 text'})")
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reactor in open(), a device never end
+                self._keep("is not a regular file")
+                return
+            # O_NONBLOCK: should it have turned into a FIFO since the stat, open() still returns at once.
+            descriptor = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            with os.fdopen(descriptor, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    self._keep("is not a regular file")
+                    return
+                data = f.read(MAX_SECRET_FILE_BYTES + 1)
+        except OSError as e:
+            self._keep(f"cannot be read ({e.__class__.__name__}: {e.strerror or 'error'})")
+            return
+        if len(data) > MAX_SECRET_FILE_BYTES:
+            self._keep(f"is larger than {MAX_SECRET_FILE_BYTES} bytes")
+            return
+        try:
+            value = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            self._keep("is not UTF-8 text")
             return
         if not value:
             self._keep("is empty")
+            return
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):  # a line break inside, a NUL: not one value
+            self._keep("holds control characters (more than one line?)")
             return
         rotated = self._value is not None and value != self._value
         self._value, self._signature, self.problem = value, signature, None
@@ -252,6 +282,14 @@ class _Sourced:
     def missing_reason(self, adapter: str) -> str:
         raise NotImplementedError
 
+    @staticmethod
+    def _why_empty(source: SecretSource) -> str:
+        """Why ``source`` has no value, naming a file and what is wrong with it (never what it holds)."""
+        for f in source.files():
+            if f.current() is None and f.problem:
+                return f"{f.describe()} {f.problem}"
+        return f"{source.describe()} has no value"
+
     def present(self) -> bool:
         sources = self._sources()
         return bool(sources) and all(source.current() is not None for source in sources)
@@ -328,7 +366,7 @@ class Credential(_Sourced):
         return False  # a fixed secret is not made better by asking again
 
     def missing_reason(self, adapter: str) -> str:
-        where = f" ({self.source.describe()} has no value)" if self.source else ""
+        where = f" ({self._why_empty(self.source)})" if self.source else ""
         return f"no credential for {adapter}{where}. {self.missing_hint}"
 
 
@@ -398,8 +436,8 @@ class OAuth2ClientCredentials(_Sourced):
         return True
 
     def missing_reason(self, adapter: str) -> str:
-        empty = [s.describe() for s in self._sources() if s.current() is None]
-        return f"no OAuth2 client credentials for {adapter} ({', '.join(empty)} has no value). {self.missing_hint}"
+        empty = [self._why_empty(s) for s in self._sources() if s.current() is None]
+        return f"no OAuth2 client credentials for {adapter} ({'; '.join(empty)}). {self.missing_hint}"
 
     def warning(self) -> str | None:
         if self.problem:

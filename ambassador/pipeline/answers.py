@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping
 
 from ambassador.exchange import Answer, UpstreamResponse
@@ -23,6 +24,8 @@ HOP_BY_HOP_HEADERS = frozenset(
 )
 
 _JSON_OPENERS = {ord("{"): ord("}"), ord("["): ord("]")}
+# A control character other than tab (RFC 9110 section 5.5): a header value holding one is not passed on.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def hop_by_hop(headers: Mapping[str, str]) -> frozenset[str]:
@@ -36,10 +39,12 @@ def forward(response: UpstreamResponse, header_names: frozenset[str] = PASSED_RE
     """The upstream status and body, unchanged, with only ``header_names`` (lower-case) passed on.
 
     Hop-by-hop headers are never passed, even when an adapter names them (an
-    adapter opts in to ``set-cookie`` the same way: by naming it).
+    adapter opts in to ``set-cookie`` the same way: by naming it), and neither is a value
+    holding a control character (Twisted would pass all but CR and LF on to the caller).
     """
     passed = _passed(frozenset(header_names), response.headers.get("connection", ""))  # no copy of a frozenset
-    headers = [(name, value) for name, value in response.headers.items() if name in passed]
+    headers = [(name, value) for name, value in response.headers.items()
+               if name in passed and not _CONTROL.search(value)]
     return Answer(response.status, headers, response.body)
 
 

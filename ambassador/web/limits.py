@@ -4,8 +4,10 @@ twisted.web's HTTPChannel parses strictly and limits line length, header
 count and header bytes, but it answers a bare ``400`` or just closes, keeps
 request bodies of any size (in a temporary file beyond 100 kB), and has only
 an idle timeout, which a client trickling one byte at a time never trips.
-This channel answers every refusal in problem+json, bounds the body, and
-gives a caller ``read_timeout`` seconds to send a whole request.
+This channel answers every refusal in problem+json, bounds the body (its
+bytes, and the bytes of its chunk framing and trailers), lets the Site refuse a
+request from its head before any body is read (a missing Host, a missing
+token), and gives a caller ``read_timeout`` seconds to send a whole request.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from io import BytesIO
 from random import getrandbits
 
 from attrs import frozen
+from twisted.internet.interfaces import ITransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
+
+from zope.interface import implementer
 
 from ambassador.problems import PROBLEM_CONTENT_TYPE, Problem
 
@@ -32,6 +37,9 @@ access_log = Logger(namespace="ambassador.access")
 # no value holds a control character other than tab (so no NUL or bare CR).
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e]+ HTTP/1\.[01]\Z")
 _HEADER = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\Z")
+# What Twisted writes (and then closes) for what it cannot parse; only a malformed chunked body still gets
+# that far, and LimitedChannel.rawDataReceived turns it into a problem.
+_TWISTED_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\n\r\n"
 # Two of one, or a length and a coding: a smuggling attempt.
 _ONE_OF = {b"content-length": (b"content-length", b"transfer-encoding"),
            b"transfer-encoding": (b"content-length", b"transfer-encoding"), b"host": (b"host",)}
@@ -45,6 +53,10 @@ class InboundLimits:
     max_header_bytes: int = 32768  # request line and all header lines together (431)
     max_headers: int = 100  # (431)
     max_body: int = 65536  # request body, declared or chunked (413)
+    # A chunked body's framing (chunk sizes, extensions, line ends) and trailers together (413): Twisted's
+    # decoder costs some microseconds a chunk, so this bounds a body's CPU by bytes, not by chunks (4 KiB is
+    # 64 KiB in chunks of 100 bytes or more, or about 800 one-byte chunks).
+    max_body_framing: int = 4096
     idle_timeout: float = 60.0  # seconds a connection may stay silent (closed, no answer)
     read_timeout: float = 10.0  # seconds from a request's first byte to its last (408)
     max_connections: int = 512  # inbound connections open at once (503 beyond)
@@ -68,7 +80,18 @@ def headers_too_large(limits: InboundLimits) -> Problem:
 
 def body_too_large(limits: InboundLimits) -> Problem:
     return Problem(413, "body-too-large", "Request body too large",
-                   f"A request body may be at most {limits.max_body} bytes.")
+                   f"A request body may be at most {limits.max_body} bytes, and a chunked one's framing and "
+                   f"trailers at most {limits.max_body_framing} bytes together.")
+
+
+def bad_chunked_body() -> Problem:
+    return Problem(400, "bad-request", "Malformed request",
+                   "The chunked request body is not valid HTTP/1.1 chunked coding (RFC 9112 section 7.1).")
+
+
+def missing_host() -> Problem:
+    return Problem(400, "missing-host", "Host header missing",
+                   "An HTTP/1.1 request must carry a Host header (RFC 9112 section 3.2).")
 
 
 def too_slow(limits: InboundLimits) -> Problem:
@@ -156,6 +179,8 @@ class LimitedChannel(HTTPChannel):
     head_lines = 0  # of the head being read (request line included)
     head_bytes = 0
     head_version = b"HTTP/1.1"
+    body_received = 0  # bytes of the body being read as they came, framing included
+    chunked = False  # the body being read is chunked
     delimiter = b"\n"  # a bare LF ends a line too; lineReceived drops the CR before it
     site: LimitedSite  # set by the Site that built this channel
 
@@ -220,6 +245,46 @@ class LimitedChannel(HTTPChannel):
             return False
         return super().headerReceived(line)
 
+    def allHeadersReceived(self) -> None:
+        # The head is whole, no byte of a body is read yet: what the Site refuses now costs nothing more.
+        request = self.requests[-1]
+        if self.head_version == b"HTTP/1.1" and not request.requestHeaders.hasHeader(b"host"):
+            problem: Problem | None = missing_host()
+        else:
+            problem = self.site.refuse_head(request)
+        if problem is not None:
+            self.refuse(problem)
+            return
+        self.body_received = 0
+        self.chunked = request.requestHeaders.hasHeader(b"transfer-encoding")  # only chunked gets this far
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self.busy:  # what a caller pipelines behind a request being answered: Twisted keeps (a bounded) part
+            super().rawDataReceived(data)
+            return
+        reading = self.requests[-1]
+        framing = self.body_received - reading.content.tell()
+        if self.chunked:
+            # A slice that could hold at most what framing is left: a flood of tiny chunks is refused after
+            # its first few kilobytes, not decoded whole. The rest waits in LineReceiver's buffer (a call
+            # while it is busy only appends) and comes back here, or to lineReceived if the body ends first.
+            size = max(self.limits.max_body_framing - framing, 0) + 256
+            if len(data) > size:
+                data, rest = data[:size], data[size:]
+                self.dataReceived(rest)
+        self.body_received += len(data)
+        transport, self.transport = self.transport, _BareRefusalCaught(self.transport, self)
+        try:
+            super().rawDataReceived(data)
+        finally:
+            self.transport = transport
+        if (not (self.refused or self.busy) and self.requests and self.requests[-1] is reading
+                and self.body_received - reading.content.tell() > self.limits.max_body_framing):
+            self.refuse(body_too_large(self.limits))  # tiny chunks, long extensions or trailers
+
     def allContentReceived(self) -> None:
         if self.refused:  # a chunked body may end after it was refused
             return
@@ -263,6 +328,30 @@ class LimitedChannel(HTTPChannel):
         self.deadline = None
 
 
+@implementer(ITransport)
+class _BareRefusalCaught:
+    """The channel's transport while Twisted decodes a body: Twisted's bare ``400`` for a malformed chunked
+    body (its decoder has no public hook) becomes our problem; everything else passes through."""
+
+    def __init__(self, transport, channel: LimitedChannel) -> None:
+        self.transport, self.channel = transport, channel
+        self.caught = False
+
+    def write(self, data: bytes) -> None:
+        if data == _TWISTED_BAD_REQUEST and not self.caught:
+            self.caught = True
+            self.channel.refuse(bad_chunked_body())
+        else:
+            self.transport.write(data)
+
+    def loseConnection(self) -> None:
+        if not self.caught:  # caught: the refusal lingers, then closes
+            self.transport.loseConnection()
+
+    def __getattr__(self, name: str):
+        return getattr(self.transport, name)
+
+
 class Overloaded(Protocol):
     """Stands in for a connection beyond ``max_connections`` (of ``site``, which has ``limits`` and
     ``refused``): answers 503 and closes."""
@@ -304,6 +393,11 @@ class LimitedSite(Site):
         self.closing = True
         for channel in list(self.connections):
             channel.close_when_idle()
+
+    def refuse_head(self, request) -> Problem | None:
+        """The problem to answer a request with from its head alone (``request.requestHeaders``), before
+        any of its body is read; None to read on."""
+        return None
 
     def refused(self, problem: Problem, request_id: str) -> None:
         """Called for each problem answered before a request was read whole."""

@@ -22,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from ambassador.pipeline.answers import HOP_BY_HOP_HEADERS, hop_by_hop
 from ambassador.credentials.sources import FileSecret
-from ambassador.exchange import Answer, InboundRequest, Route, Trace
+from ambassador.exchange import Answer, InboundRequest, Route, Trace, resembles_param
 from ambassador.interfaces import ConfigurationError, IExternalAdapter
 from ambassador.web.limits import InboundLimits, LimitedSite, new_request_id
 from ambassador.metrics import Metrics, RouteMetrics
@@ -196,7 +196,7 @@ def _redacted_uri(target: bytes, secret_params: frozenset[str]) -> str:
     if not query:
         return text
     pairs = _form_pairs(query.decode("latin-1"))
-    shown = "&".join(f"{k}={'[REDACTED]' if k.lower() in secret_params else v}" for k, v in pairs)
+    shown = "&".join(f"{k}={'[REDACTED]' if resembles_param(k, secret_params) else v}" for k, v in pairs)
     return f"{text}?{shown}"
 
 
@@ -289,7 +289,8 @@ class ProxyFactory(LimitedSite):
             self._drained.callback(None)
 
     def getResourceFor(self, request):
-        """Every request read whole comes here first: its id and notes, the token, the target."""
+        """Every request read whole comes here first: its id and notes, the target (the token was checked
+        from the head, ``refuse_head``)."""
         self._in_flight.add(request)
         request.started = self.clock.seconds()
         request.headers = _headers(request)
@@ -299,8 +300,20 @@ class ProxyFactory(LimitedSite):
         request.trace = Trace()
         request.notifyFinish().addErrback(self._gone, request)
         resource = super().getResourceFor(request)
-        problem = self._unauthorized(request) or _target_problem(request.uri)
+        problem = _target_problem(request.uri)
         return resource if problem is None else _ProblemResource(problem)
+
+    def refuse_head(self, request) -> Problem | None:
+        """Without the token a request is refused from its head: no byte of its body is read."""
+        if self._token is None:
+            return None
+        expected = self._token.current()
+        offered = b",".join(request.requestHeaders.getRawHeaders(b"authorization", []))
+        if expected is not None and hmac.compare_digest(offered, b"Bearer " + expected.encode()):
+            return None
+        return Problem(401, "unauthorized", "Token required",
+                       "This ambassador requires Authorization: Bearer <token>, with the token it was "
+                       "given in --require-token-file.", headers=[("WWW-Authenticate", "Bearer")])
 
     def serve(self, request, handler: RouteHandler, segments: list[bytes]) -> None:
         request.handler = handler
@@ -374,17 +387,6 @@ class ProxyFactory(LimitedSite):
             request.handler.metrics.in_flight.dec()
         self._in_flight.discard(request)
         self._check_drained()
-
-    def _unauthorized(self, request) -> Problem | None:
-        if self._token is None:
-            return None
-        expected = self._token.current()
-        offered = request.headers.get("authorization", "").encode("latin-1")
-        if expected is not None and hmac.compare_digest(offered, b"Bearer " + expected.encode()):
-            return None
-        return Problem(401, "unauthorized", "Token required",
-                       "This ambassador requires Authorization: Bearer <token>, with the token it was "
-                       "given in --require-token-file.", headers=[("WWW-Authenticate", "Bearer")])
 
     def _log(self, request, status: int) -> None:
         handler, trace = request.handler, request.trace
