@@ -8,12 +8,14 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import NoReturn
 
 from attrs import define
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ReactorNotRunning
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -56,6 +58,22 @@ def endpoint_description(port: str, *, bare_interface: str) -> str:
     if port.isdigit():
         return f"tcp:{port}:interface={bare_interface}:backlog={LISTEN_BACKLOG}"
     return port
+
+
+def _columns() -> int:
+    """The terminal width for --help: $COLUMNS when it is a number (usage.Options would fail on another)."""
+    text = os.environ.get("COLUMNS", "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else 80
+
+
+def check_endpoint(reactor, option: str, description: str) -> None:
+    """A UsageError unless ``description`` parses as an endpoint description (binding comes later:
+    a port in use is reported by the Listener). Never repeats what was given."""
+    try:
+        serverFromString(reactor, description)
+    except Exception:
+        raise usage.UsageError(f"{option}: expected a port number or an endpoint description such as "
+                               "tcp:8080:interface=127.0.0.1 or unix:/run/ambassador.sock") from None
 
 
 def number(kind, expected: str):
@@ -139,10 +157,16 @@ class Options(usage.Options):
         self["adapter"] = []
         self["mount"] = []
 
+    _refused = False
+
     def parseOptions(self, options=None) -> None:
         # Kept to start --workers with the same command line.
         self.arguments = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        try:
+            super().parseOptions(options)
+        except usage.UsageError:
+            self._refused = True  # twistd prints our usage before the error line: a pointer, not the help
+            raise
 
     def opt_adapter(self, name: str) -> None:
         """Serve only the adapter NAME (repeatable). Default: every discovered adapter."""
@@ -173,6 +197,8 @@ class Options(usage.Options):
         self["forward-request-id"].add(adapter)
 
     def getUsage(self, width=None) -> str:
+        if self._refused:  # twistd's app.run prints the options' usage, then the error line
+            return "twistd ambassador --help lists every option and environment variable."
         lines = ["", "Environment variables (values are never printed):",
                  f"  {PLUGIN_DIRS_VARIABLE:32} directories of adapter dropins, separated by '{os.pathsep}' "
                  "(like --plugin-dir)",
@@ -185,7 +211,7 @@ class Options(usage.Options):
         lines += ["", "Policy keys for --policy [ADAPTER.]KEY=VALUE (defaults in brackets):"]
         lines += [f"  {key:22} {text}" for key, text in POLICY_HELP.items()]
         lines += ["", CONFIG_HELP]
-        return super().getUsage(width) + "\n".join(lines)
+        return super().getUsage(width or _columns()) + "\n".join(lines)
 
     def postOptions(self) -> None:
         from twisted.internet import reactor
@@ -228,6 +254,11 @@ class Options(usage.Options):
                 # twistd's own lines on stdout, formatted for less (one access-log event per request)
                 parent["logger"] = "ambassador.logs.text_observer"
         admin = self["admin-port"].strip()
+        endpoint = endpoint_description(self["port"], bare_interface="127.0.0.1")
+        admin_endpoint = None if admin == "none" else endpoint_description(admin, bare_interface="0.0.0.0")
+        check_endpoint(reactor, "--port", endpoint)
+        if admin_endpoint is not None:
+            check_endpoint(reactor, "--admin-port", admin_endpoint)
         timeout = [] if self["timeout"] is None else [f"timeout={self['timeout']}"]
         try:
             add_plugin_dirs(plugin_dirs_from_environment(os.environ))
@@ -260,8 +291,8 @@ class Options(usage.Options):
         # Only validated values leave postOptions, in one frozen record; makeService builds from it.
         self.settings = Settings(
             adapters=adapters,
-            endpoint=endpoint_description(self["port"], bare_interface="127.0.0.1"),
-            admin_endpoint=None if admin == "none" else endpoint_description(admin, bare_interface="0.0.0.0"),
+            endpoint=endpoint,
+            admin_endpoint=admin_endpoint,
             policies=policies,
             connect_timeout=self["connect-timeout"],
             grace_period=self["grace-period"],
@@ -279,26 +310,69 @@ class Options(usage.Options):
         )
 
 
+def stop_startup(message: str) -> NoReturn:
+    """A setting that cannot work, found while starting: one line, then exit 1 (SystemExit: twistd
+    prints no traceback for it)."""
+    log.critical("{message}", message=message)
+    raise SystemExit(1)
+
+
+def _reason(failure) -> str:
+    error = failure.value
+    if isinstance(error, CannotListenError):  # says which address, and the system's reason
+        reason = getattr(error.socketError, "strerror", None) or error.socketError
+        return f"cannot listen on {error.interface or '*'}:{error.port}: {reason}"
+    return f"cannot listen: {getattr(error, 'strerror', None) or failure.getErrorMessage()}"
+
+
 class Listener(Service):
-    """Listens on one endpoint description; announces where once the reactor runs."""
+    """Listens on one endpoint description; announces where once the reactor runs.
+
+    ``option`` names the setting in the one line that stops startup when it cannot listen;
+    ``fatal`` is called with that line (default ``stop_startup``)."""
 
     def __init__(self, reactor, endpoint, factory, label: str, *, warn_if_exposed: bool = False,
-                 grace_period: float = 0.0, on_listening=None) -> None:
+                 grace_period: float = 0.0, on_listening=None, option: str | None = None,
+                 fatal: Callable[[str], object] = stop_startup) -> None:
         self._reactor = reactor
         self._on_listening = on_listening
         self._grace_period = grace_period
         self._endpoint = endpoint
         self._factory = factory
         self._label = label
+        self._option = option or label
+        self._fatal = fatal
         self._warn_if_exposed = warn_if_exposed
         self.port: IListeningPort | None = None
         self.setName(label)
 
+    @property
+    def listening(self) -> bool:
+        """Bound and accepting: False before, after stopListening, or once the port was lost."""
+        return self.port is not None and getattr(self.port, "connected", True)
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        endpoint = serverFromString(self._reactor, self._endpoint) if isinstance(self._endpoint, str) else self._endpoint
-        listening = endpoint.listen(self._factory)
-        listening.addCallbacks(self._listening, self._cannot_listen)
+        try:
+            endpoint = serverFromString(self._reactor, self._endpoint) if isinstance(self._endpoint, str) else self._endpoint
+        except Exception:  # postOptions checked it; a caller of assemble may not have
+            self._fatal(f"{self._option}: not an endpoint description")
+            return
+        failed: list[str] = []
+        now = [True]
+
+        def cannot_listen(failure) -> None:
+            message = f"{self._option}: {_reason(failure)}"
+            if now[0]:
+                failed.append(message)
+            else:  # an endpoint that listens later: the reactor runs, so stop it
+                log.critical("{message}", message=message)
+                self._reactor.stop()
+
+        endpoint.listen(self._factory).addCallbacks(self._listening, cannot_listen)
+        now[0] = False
+        if failed:  # TCP, UNIX and adopted sockets fail at once, before the reactor runs
+            self._fatal(failed[0])
 
     def _listening(self, port) -> None:
         self.port = port
@@ -324,10 +398,6 @@ class Listener(Service):
                 "or make callers present a token (--require-token-file).",
                 address=where,
             )
-
-    def _cannot_listen(self, failure) -> None:
-        log.critical("Cannot listen on {endpoint}: {error}", endpoint=self._endpoint, error=failure.getErrorMessage())
-        raise SystemExit(1)
 
     def stopService(self):
         """Stop accepting, then give requests in flight up to the grace period to finish."""
@@ -385,12 +455,13 @@ class Ambassador:
 
 
 def assemble(reactor, settings: Settings, *, clock=None, rng=None,
-             peers: tuple[str, int, int] | None = None) -> Ambassador:
+             peers: tuple[str, int, int] | None = None, fatal: Callable[[str], object] = stop_startup) -> Ambassador:
     """Wire the adapters, pipeline, proxy and admin listeners that ``settings`` describe together.
     ``clock`` drives every timer, ``rng`` (a random.Random) the retry jitter. With ``workers`` > 1
     the primary (``worker`` 0) starts the others with ``worker_args`` (see ambassador.app.workers),
     and each asks the others for the keys they own (ambassador.cache.peers). ``peers`` (directory,
-    index, count) sets that up without workers (tests)."""
+    index, count) sets that up without workers (tests). ``fatal`` is called with the one line
+    saying why a listener cannot listen (default: log it and exit 1)."""
     adapters, limits, grace_period = settings.adapters, settings.limits, settings.grace_period
     workers, worker, cache_bytes = settings.workers, settings.worker, settings.cache_bytes
     endpoint: str | AdoptedEndpoint
@@ -432,13 +503,15 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
     if peering is not None:
         peering.setServiceParent(service)
         Listener(reactor, peering.listening_endpoint(reactor), PeerFactory(adapters, gateway, clock, limits=limits),
-                 label + "peers", grace_period=grace_period).setServiceParent(service)
+                 label + "peers", grace_period=grace_period, option="the peer socket",
+                 fatal=fatal).setServiceParent(service)
     routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in adapters for route in adapter.routes)
     log.info("Routes: {routes}", routes=routes or "none")
     site = ProxyFactory(adapters, gateway, metrics, clock, limits=limits, token=settings.token,
                         access_log=settings.access_log)
     proxy = Listener(reactor, endpoint, site, label + "proxy", warn_if_exposed=worker == 0, grace_period=grace_period,
-                     on_listening=accept_one_at_a_time if workers > 1 or worker > 0 else None)
+                     on_listening=accept_one_at_a_time if workers > 1 or worker > 0 else None, option="--port",
+                     fatal=fatal)
     proxy.setServiceParent(service)
     pool = None
     if workers > 1 and worker == 0:
@@ -447,7 +520,7 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
     admin = None
     if admin_endpoint is not None:
         admin = Listener(reactor, admin_endpoint, admin_site(readiness, metrics, workers=pool), label + "admin",
-                         on_listening=report)
+                         on_listening=report, option="--admin-port", fatal=fatal)
         admin.setServiceParent(service)
     return Ambassador(service, proxy, admin, metrics, readiness, cache)
 
@@ -475,7 +548,19 @@ def makeService(options: Options) -> MultiService:
     if settings.workers > 1 and settings.worker == 0:
         os.environ[WORKER_VARIABLE] = "0"  # the primary: its JSON log lines say worker 0
     reactor.callWhenRunning(_stop_cleanly_on_sigterm, reactor)
-    return assemble(reactor, settings).service
+    pidfile = getattr(options, "parent", None) and options.parent.get("pidfile")
+
+    def fatal(message: str) -> None:
+        # SystemExit passes by twistd's clean-up: remove the pid file it wrote for this process.
+        try:
+            with open(pidfile) as written:
+                if written.read().strip() == str(os.getpid()):
+                    os.remove(pidfile)
+        except (OSError, TypeError):  # none (--pidfile=), or not ours
+            pass
+        stop_startup(message)
+
+    return assemble(reactor, settings, fatal=fatal).service
 
 
 def _stop_cleanly_on_sigterm(reactor) -> None:
