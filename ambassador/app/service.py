@@ -548,7 +548,8 @@ def makeService(options: Options) -> MultiService:
     if settings.workers > 1 and settings.worker == 0:
         os.environ[WORKER_VARIABLE] = "0"  # the primary: its JSON log lines say worker 0
     reactor.callWhenRunning(_stop_cleanly_on_sigterm, reactor)
-    pidfile = getattr(options, "parent", None) and options.parent.get("pidfile")
+    parent = getattr(options, "parent", None)
+    pidfile: str = (parent.get("pidfile") if parent is not None else None) or ""
 
     def fatal(message: str) -> None:
         # SystemExit passes by twistd's clean-up: remove the pid file it wrote for this process.
@@ -556,7 +557,7 @@ def makeService(options: Options) -> MultiService:
             with open(pidfile) as written:
                 if written.read().strip() == str(os.getpid()):
                     os.remove(pidfile)
-        except (OSError, TypeError):  # none (--pidfile=), or not ours
+        except OSError:  # none (--pidfile=), or not ours
             pass
         stop_startup(message)
 
