@@ -25,22 +25,23 @@ from ambassador.web.admin import admin_site
 from ambassador.cache.responses import ENTRY_SHARE, MemoryStore, ResponseCache, SharedStore, parse_size
 from ambassador.credentials.sources import FileSecret
 from ambassador.app.discovery import PLUGIN_DIRS_VARIABLE, add_plugin_dirs, discover_adapters, plugin_dirs_from_environment
-from ambassador.app.configfile import CONFIG_HELP, adapters_from_file
-from ambassador.app.health import Prober, Readiness
-from ambassador.app.settings import Settings
+from ambassador.app.configfile import CONFIG_HELP
+from ambassador.app.health import Health, Prober, Readiness
+from ambassador.app.reload import Generation, Reloader, Wiring, load_adapters, reload_on_sighup
+from ambassador.app.settings import AdapterSpec, Settings
 from ambassador.interfaces import ConfigurationError
 from ambassador.web.limits import InboundLimits
 from ambassador.metrics import Metrics
-from ambassador.app.mounting import Mount, check_mount_names, describe_adapters, mounted, select_adapters
+from ambassador.app.mounting import Mount, check_mount_names, describe_adapters, select_adapters
 from ambassador.cache.peers import PeerFactory, Peers
 from ambassador.pipeline.guard import Guard
-from ambassador.pipeline.resilience import POLICY_HELP, Policy, resolve_policies
+from ambassador.pipeline.resilience import POLICY_HELP
 from ambassador.cache.redisstore import RedisStore, parse_redis_url
 from ambassador.pipeline.client import UpstreamClient
 from ambassador.pipeline.gateway import Gateway
-from ambassador.web.proxy import ACCESS_LOG_FROM, ProxyFactory, mount_table
+from ambassador.web.proxy import ACCESS_LOG_FROM, ProxyFactory
 from ambassador.app.workers import (PEER_DIR_VARIABLE, WORKER_VARIABLE, AdoptedEndpoint, WorkerPool, accept_one_at_a_time,
-                      report_admin_port, share_of, stop_when_primary_ends, worker_index)
+                      report_admin_port, stop_when_primary_ends, worker_index)
 
 log = Logger(namespace="ambassador")
 DEFAULT_LIMITS = InboundLimits()
@@ -260,6 +261,9 @@ class Options(usage.Options):
         if admin_endpoint is not None:
             check_endpoint(reactor, "--admin-port", admin_endpoint)
         timeout = [] if self["timeout"] is None else [f"timeout={self['timeout']}"]
+        spec = AdapterSpec(config=self["config"], names=self["adapter"], mounts=self["mount"],
+                           policy=timeout + self["policy"], workers=self["workers"],
+                           forward_request_id=self["forward-request-id"], environ=os.environ)
         try:
             add_plugin_dirs(plugin_dirs_from_environment(os.environ))
             discovery = discover_adapters()
@@ -270,30 +274,20 @@ class Options(usage.Options):
                 print(describe_adapters(discovery, self["mount"], os.environ), end="")
                 raise SystemExit(0)
             # Configuring an adapter is how its settings are validated: a bad one is a usage error.
-            if self["config"] is None:
-                configured = [plugin.configure(os.environ, reactor) for plugin in plugins]
-            else:  # the file says which adapters; their variables fill in the rest
-                configured = adapters_from_file(self["config"], os.environ, discovery.adapters, reactor)
-                configured = [a for a in configured if not self["adapter"] or a.name in self["adapter"]]
-                check_mount_names(self["mount"], [adapter.name for adapter in configured])
-            adapters = [mounted(adapter, self["mount"]) for adapter in configured]
-            mount_table(adapters)
-            policies: dict[str, Policy] = {name: share_of(policy, self["workers"]) for name, policy in
-                                           resolve_policies(adapters, timeout + self["policy"]).items()}
+            loaded = load_adapters(spec, reactor, discovery=discovery)
         except ConfigurationError as e:
             raise usage.UsageError(str(e))
-        for failure in discovery.failures:
+        for failure in loaded.failures:
             log.error("Dropin {module} failed to import ({error}); any adapter it provides is not served",
                       module=failure.module, error=failure.error)
-        if self["forward-request-id"] - {adapter.name for adapter in adapters}:
-            raise usage.UsageError("--forward-request-id must name an adapter that is served "
-                                   "(--list-adapters lists them)")
         # Only validated values leave postOptions, in one frozen record; makeService builds from it.
         self.settings = Settings(
-            adapters=adapters,
+            adapters=loaded.adapters,
             endpoint=endpoint,
             admin_endpoint=admin_endpoint,
-            policies=policies,
+            policies=loaded.policies,
+            unconfigured=loaded.unconfigured,
+            spec=spec,
             connect_timeout=self["connect-timeout"],
             grace_period=self["grace-period"],
             probe_interval=self["probe-interval"],
@@ -411,47 +405,79 @@ class Listener(Service):
 
 class Upkeep(Service):
     """What the adapters need while serving: credential file polling, probes, the client pool,
-    the shared cache's Redis connection."""
+    the shared cache's Redis connection. A reload (``swap``) starts the new configuration's and
+    stops the old one's once no exchange it started can still be running."""
 
-    def __init__(self, reactor, adapters, client: UpstreamClient, prober: Prober | None,
-                 redis: RedisStore | None = None) -> None:
+    def __init__(self, reactor, generation: Generation, client: UpstreamClient, redis: RedisStore | None = None) -> None:
         self._reactor = reactor
-        self._adapters = adapters
+        self._generation = generation
         self._client = client
-        self._prober = prober
         self._redis = redis
+        self._retiring: dict[int, Generation] = {}
 
     def startService(self) -> None:
         super().startService()
-        for adapter in self._adapters:
-            adapter.credential.start(self._reactor, self._client)
-        if self._prober is not None:
-            self._prober.start()
+        self._start(self._generation)
         if self._redis is not None:
             self._redis.start()
 
+    def swap(self, old: Generation, new: Generation) -> None:
+        self._generation = new
+        if not self.running:
+            return
+        self._start(new)
+        if old.prober is not None:
+            old.prober.stop()
+        self._retiring[id(old)] = old
+        self._reactor.callLater(old.longest_exchange + 1, self._retire, old)
+
+    def _retire(self, old: Generation) -> None:
+        if self._retiring.pop(id(old), None) is not None:
+            self._stop(old)
+
+    def _start(self, generation: Generation) -> None:
+        for adapter in generation.adapters:
+            adapter.credential.start(self._reactor, self._client)
+        if generation.prober is not None:
+            generation.prober.start()
+
+    @staticmethod
+    def _stop(generation: Generation) -> None:
+        for adapter in generation.adapters:
+            adapter.credential.stop()
+        if generation.prober is not None:
+            generation.prober.stop()
+
     def stopService(self):
         super().stopService()
-        for adapter in self._adapters:
-            adapter.credential.stop()
-        if self._prober is not None:
-            self._prober.stop()
+        for generation in [self._generation, *self._retiring.values()]:
+            self._stop(generation)
+        self._retiring.clear()
         closing = [self._client.close()] + ([self._redis.stop()] if self._redis is not None else [])
         return defer.DeferredList(closing)
 
 
 @define(slots=False)
 class Ambassador:
-    """The assembled parts: ``service`` to run, the rest for whoever needs to look inside (tests)."""
+    """The assembled parts: ``service`` to run, the rest for whoever needs to look inside (tests);
+    ``reloader`` is what SIGHUP calls (None without an AdapterSpec in the settings)."""
 
     service: MultiService
     proxy: Listener
     admin: Listener | None
     metrics: Metrics
-    readiness: Readiness
+    health: Health
     cache: ResponseCache | None
+    wiring: Wiring
+    reloader: Reloader | None = None
+    pool: WorkerPool | None = None  # the primary's, with --workers (SIGHUP is passed on to them)
     url: str = ""  # where the proxy and admin listen, once a caller records it (ambassador.testing)
     admin_url: str = ""
+
+    @property
+    def readiness(self) -> Readiness:
+        """The running configuration's adapter states."""
+        return self.health.readiness
 
 
 def assemble(reactor, settings: Settings, *, clock=None, rng=None,
@@ -461,8 +487,9 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
     the primary (``worker`` 0) starts the others with ``worker_args`` (see ambassador.app.workers),
     and each asks the others for the keys they own (ambassador.cache.peers). ``peers`` (directory,
     index, count) sets that up without workers (tests). ``fatal`` is called with the one line
-    saying why a listener cannot listen (default: log it and exit 1)."""
-    adapters, limits, grace_period = settings.adapters, settings.limits, settings.grace_period
+    saying why a listener cannot listen (default: log it and exit 1). What depends on the adapters
+    is one ``Generation`` (ambassador.app.reload), which a reload replaces."""
+    limits, grace_period = settings.limits, settings.grace_period
     workers, worker, cache_bytes = settings.workers, settings.worker, settings.cache_bytes
     endpoint: str | AdoptedEndpoint
     endpoint, admin_endpoint, probe_interval = settings.endpoint, settings.admin_endpoint, settings.probe_interval
@@ -477,16 +504,11 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
         if admin_endpoint is not None:
             admin_endpoint, report = "tcp:0:interface=127.0.0.1", lambda port: report_admin_port(port.getHost().port)
         reactor.callWhenRunning(stop_when_primary_ends, reactor, peer_dir)
-    policies = settings.policies or resolve_policies(adapters, [])
-    guards = {adapter.name: Guard.of(policies[adapter.name], clock) for adapter in adapters}
     metrics = Metrics()
-    readiness = Readiness.of(adapters, {name: guard.breaker for name, guard in guards.items()})
-    metrics.watch(readiness)
     client = UpstreamClient(reactor, connect_timeout=settings.connect_timeout)
     cache = redis = None
     if cache_bytes is not None and settings.cache_url is not None:
         redis = RedisStore(settings.cache_url, reactor, clock=clock)
-        readiness.cache_store = redis
         cache = ResponseCache(SharedStore(redis, cache_bytes // ENTRY_SHARE), clock)
     elif cache_bytes is not None:
         store = MemoryStore(cache_bytes)
@@ -495,34 +517,52 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
     peering = None
     if peers is not None and cache is not None:
         peering = Peers(reactor, *peers, metrics, clock=clock)
-    gateway = Gateway(client, clock, metrics, readiness, guards, forward_request_id=settings.forward_request_id,
-                      rng=rng, cache=cache, peers=peering)
-    prober = Prober(readiness, gateway, clock, probe_interval) if probe_interval > 0 else None
+
+    def make_gateway(readiness: Readiness, guards: dict[str, Guard]) -> Gateway:
+        return Gateway(client, clock, metrics, readiness, guards, forward_request_id=settings.forward_request_id,
+                       rng=rng, cache=cache, peers=peering)
+
+    def make_prober(readiness: Readiness, gateway: Gateway) -> Prober | None:
+        return Prober(readiness, gateway, clock, probe_interval) if probe_interval > 0 else None
+
+    wiring = Wiring(make_gateway, make_prober, clock, cache_store=redis)
+    generation = wiring.build(settings.adapters, settings.policies, settings.unconfigured)
+    wiring.current = generation
+    health = wiring.health = Health(generation.readiness)
+    metrics.watch(health)
     service = MultiService()
-    Upkeep(clock, adapters, client, prober, redis).setServiceParent(service)
+    wiring.upkeep = upkeep = Upkeep(clock, generation, client, redis)
+    upkeep.setServiceParent(service)
     if peering is not None:
         peering.setServiceParent(service)
-        Listener(reactor, peering.listening_endpoint(reactor), PeerFactory(adapters, gateway, clock, limits=limits),
-                 label + "peers", grace_period=grace_period, option="the peer socket",
-                 fatal=fatal).setServiceParent(service)
-    routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in adapters for route in adapter.routes)
+        peer_site = PeerFactory(generation.adapters, generation.gateway, clock, limits=limits)
+        wiring.sites.append(peer_site)
+        peer_listener = Listener(reactor, peering.listening_endpoint(reactor), peer_site, label + "peers",
+                                 grace_period=grace_period, option="the peer socket", fatal=fatal)
+        peer_listener.setServiceParent(service)
+        health.listeners.append(peer_listener)
+    routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in generation.adapters for route in adapter.routes)
     log.info("Routes: {routes}", routes=routes or "none")
-    site = ProxyFactory(adapters, gateway, metrics, clock, limits=limits, token=settings.token,
+    site = ProxyFactory(generation.adapters, generation.gateway, metrics, clock, limits=limits, token=settings.token,
                         access_log=settings.access_log)
+    wiring.sites.append(site)
     proxy = Listener(reactor, endpoint, site, label + "proxy", warn_if_exposed=worker == 0, grace_period=grace_period,
                      on_listening=accept_one_at_a_time if workers > 1 or worker > 0 else None, option="--port",
                      fatal=fatal)
     proxy.setServiceParent(service)
+    health.listeners.append(proxy)
     pool = None
     if workers > 1 and worker == 0:
         pool = WorkerPool(reactor, workers, list(settings.worker_args), proxy, grace_period=grace_period, peer_dir=peer_dir)
         pool.setServiceParent(service)
     admin = None
     if admin_endpoint is not None:
-        admin = Listener(reactor, admin_endpoint, admin_site(readiness, metrics, workers=pool), label + "admin",
+        admin = Listener(reactor, admin_endpoint, admin_site(health, metrics, workers=pool), label + "admin",
                          on_listening=report, option="--admin-port", fatal=fatal)
         admin.setServiceParent(service)
-    return Ambassador(service, proxy, admin, metrics, readiness, cache)
+        health.listeners.append(admin)
+    reloader = Reloader(settings.spec, wiring, reactor, metrics.reloads) if settings.spec is not None else None
+    return Ambassador(service, proxy, admin, metrics, health, cache, wiring, reloader, pool)
 
 
 def _peer_directory(reactor, worker: int) -> str | None:
@@ -561,7 +601,10 @@ def makeService(options: Options) -> MultiService:
             pass
         stop_startup(message)
 
-    return assemble(reactor, settings, fatal=fatal).service
+    ambassador = assemble(reactor, settings, fatal=fatal)
+    if ambassador.reloader is not None:
+        reactor.callWhenRunning(reload_on_sighup, reactor, ambassador.reloader, ambassador.pool)
+    return ambassador.service
 
 
 def _stop_cleanly_on_sigterm(reactor) -> None:
