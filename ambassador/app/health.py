@@ -92,7 +92,8 @@ class AdapterState:
         """The adapter's entry in /upstreams."""
         credential = self.adapter.credential
         reasons = self.upstream_reasons()
-        return {"up": not reasons, "reasons": reasons,
+        warning = credential.warning()  # e.g. an OAuth2 token endpoint failing: an outside service too
+        return {"up": not reasons, "reasons": reasons, **({"warnings": [warning]} if warning else {}),
                 "circuit": _CIRCUIT[self.breaker.state] if self.breaker is not None else "off",
                 "credential": "present" if credential.present() else
                               "missing" if self.configured else "not configured",
