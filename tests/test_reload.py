@@ -156,3 +156,30 @@ async def test_sighup_to_the_primary_reloads_every_worker(fake_tmdb, tmp_path):
     finally:
         stop(process)
     assert await process.ended == (0, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_old_configuration_is_retired_once_no_exchange_of_it_can_be_running(
+        fake_tmdb, start_ambassador, tmp_path):
+    from ambassador.credentials.sources import FILE_POLL_INTERVAL
+
+    clock = Clock()
+    key = tmp_path / "key"
+    key.write_text("test-api-key")
+    config = tmp_path / "ambassador.yaml"
+    config.write_text(f"adapters:\n  tmdb:\n    type: tmdb\n    base_url: '{fake_tmdb.base_url}'\n    timeout: 5\n")
+    ambassador = await start_from_file(start_ambassador, config, {"TMDB_API_KEY_FILE": str(key)}, clock=clock)
+    assert ambassador.wiring.current is not None
+    [old] = ambassador.wiring.current.adapters
+    assert ambassador.wiring.current.guards["tmdb"].policy.timeout == 5
+    assert ambassador.reloader is not None and ambassador.reloader.reload() is True
+    # Requests in flight may still take the old credential for up to their deadline (5 s): it is kept fresh.
+    key.write_text("rotated-api-key")
+    clock.advance(FILE_POLL_INTERVAL)
+    assert old.credential.reloads() == 1
+    clock.advance(5 + 1 - FILE_POLL_INTERVAL)  # past the longest deadline: the old credential stops
+    key.write_text("test-api-key")
+    clock.advance(FILE_POLL_INTERVAL * 3)
+    assert old.credential.reloads() == 1
+    [new] = ambassador.wiring.current.adapters
+    assert new.credential.reloads() == 2 and new is not old
