@@ -57,6 +57,10 @@ class Metrics:
                                  "(--workers), by outcome: relayed (it answered), fallback (it could not be "
                                  "asked; this process fetched from the upstream itself).", ["outcome"],
                                  registry=r)
+        self.reloads = Counter("ambassador_reloads", "Configuration reloads (SIGHUP), by outcome: ok, error "
+                               "(the running configuration stayed).", ["outcome"], registry=r)
+        for outcome in ("ok", "error"):
+            self.reloads.labels(outcome)
 
     def cache_answers_of(self, adapter: str) -> dict:
         """The cache-answer label children of one adapter, by outcome."""
@@ -69,6 +73,7 @@ class Metrics:
     def watch(self, readiness) -> None:
         """Report adapter state (credential, readiness) at scrape time, from ``readiness``."""
         self.registry.register(_StateCollector(readiness))
+        self.registry.register(_UpstreamCollector(readiness))
 
     def upstream(self, adapter: str) -> UpstreamMetrics:
         return UpstreamMetrics(self, adapter)
@@ -152,3 +157,18 @@ class _CacheCollector:
 
 
 _CIRCUIT_STATES = {CLOSED: 0.0, OPEN: 1.0, HALF_OPEN: 2.0}
+
+
+class _UpstreamCollector:
+    """``ambassador_upstream_up``: what /upstreams says of each outside service (never readiness)."""
+
+    def __init__(self, health) -> None:
+        self._health = health
+
+    def collect(self):
+        up = GaugeMetricFamily("ambassador_upstream_up", "1 unless the outside service is known to be failing "
+                               "(credential rejected, circuit open, probe failed); see /upstreams.",
+                               labels=["adapter"])
+        for state in self._health.adapters:
+            up.add_metric([state.adapter.name], 0.0 if state.upstream_reasons() else 1.0)
+        yield up

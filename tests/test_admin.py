@@ -43,18 +43,31 @@ async def test_not_ready_without_a_credential(fake_tmdb, start_ambassador):
     assert reason.startswith("credential missing") and "TMDB_API_KEY" in reason
 
 
+async def upstreams(ambassador):
+    response, body = await get(ambassador.admin_url + "/upstreams")
+    assert response.code == 200 and header(response, "content-type") == "application/json"
+    return json.loads(body)
+
+
 @pytest_twisted.ensureDeferred
-async def test_rejected_credential_makes_unready_until_it_works_again(fake_tmdb, start_ambassador):
+async def test_a_rejected_credential_is_an_upstream_state_not_unreadiness(fake_tmdb, start_ambassador):
     ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY))
-    assert (await readiness(ambassador))[0] == 200
+    assert (await upstreams(ambassador))["adapters"]["tmdb"] == {
+        "up": True, "reasons": [], "circuit": "closed", "credential": "present", "probed": True}
     fake_tmdb.api_keys.clear()  # TMDB revoked the key
     assert (await get(ambassador.url + "/movies"))[0].code == 502
     code, report = await readiness(ambassador)
-    assert code == 503
-    assert report["adapters"]["tmdb"]["reasons"] == ["credential rejected by the upstream"]
+    assert code == 200 and report["adapters"]["tmdb"]["ready"] is True  # the Pod stays in its Service
+    tmdb = (await upstreams(ambassador))["adapters"]["tmdb"]
+    assert (tmdb["up"], tmdb["reasons"]) == (False, ["credential rejected by the upstream"])
+    _, exposition = await get(ambassador.admin_url + "/metrics")
+    up = ("ambassador_upstream_up", frozenset({("adapter", "tmdb")}))
+    assert samples(exposition)[up] == 0
+    assert samples(exposition)[("ambassador_adapter_ready", frozenset({("adapter", "tmdb")}))] == 1
     fake_tmdb.api_keys.add("test-api-key")
     assert (await get(ambassador.url + "/movies"))[0].code == 200
-    assert (await readiness(ambassador))[0] == 200
+    assert (await upstreams(ambassador))["adapters"]["tmdb"]["up"] is True
+    assert samples((await get(ambassador.admin_url + "/metrics"))[1])[up] == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -77,9 +90,9 @@ async def test_probe_finds_a_bad_credential_before_any_caller_does(fake_tmdb, st
     probed = fake_tmdb.next_request()
     ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), clock=clock, probe_interval=30)
     await probed
-    code, report = await readiness(ambassador)
-    assert code == 503
-    assert report["adapters"]["tmdb"]["reasons"] == ["probe failed: /3/configuration answered status 401"]
+    assert (await readiness(ambassador))[0] == 200
+    tmdb = (await upstreams(ambassador))["adapters"]["tmdb"]
+    assert tmdb["reasons"] == ["probe failed: /3/configuration answered status 401"] and tmdb["up"] is False
     fake_tmdb.api_keys.add("test-api-key")
     probed = fake_tmdb.next_request()
     clock.advance(29)
@@ -87,7 +100,7 @@ async def test_probe_finds_a_bad_credential_before_any_caller_does(fake_tmdb, st
     clock.advance(1)
     await probed
     assert [r.path for r in fake_tmdb.requests] == ["/3/configuration", "/3/configuration"]
-    assert (await readiness(ambassador))[0] == 200
+    assert (await upstreams(ambassador))["adapters"]["tmdb"]["up"] is True
 
 
 @pytest_twisted.ensureDeferred

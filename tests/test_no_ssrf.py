@@ -313,6 +313,6 @@ async def test_required_token_is_checked_rotated_and_never_forwarded(fake_tmdb, 
     response, _ = await get(ambassador.url + "/movies", headers={"Authorization": "Bearer rotated-token"})
     assert response.code == 200
 
-    for path in ("/readyz", "/metrics", "/healthz"):
+    for path in ("/readyz", "/upstreams", "/metrics", "/healthz"):
         _, body = await get(ambassador.admin_url + path)
         assert b"caller-token" not in body and b"rotated-token" not in body and b"test-api-key" not in body

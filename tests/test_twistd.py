@@ -173,3 +173,45 @@ async def test_memory_stays_bounded_under_abuse(fake_tmdb, tmp_path):
     finally:
         process.transport.signalProcess(signal.SIGTERM)
     assert await process.ended == (0, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_listener_that_cannot_bind_stops_startup_in_one_line(fake_tmdb, tmp_path):
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory
+
+    taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    busy = taken.getHost().port
+    try:
+        cases = [(["--port", str(busy)], f"--port: cannot listen on 127.0.0.1:{busy}: Address already in use"),
+                 (["--port", "0", "--admin-port", f"tcp:{busy}:interface=127.0.0.1"],
+                  f"--admin-port: cannot listen on 127.0.0.1:{busy}: Address already in use"),
+                 (["--port", "tcp:99999"], "--port: cannot listen: bind(): port must be 0-65535."),
+                 (["--port", f"unix:{tmp_path}/absent/amb.sock"], "--port: cannot listen: No such file or directory")]
+        for args, line in cases:
+            output, code = await run_twistd("-n", "ambassador", *args, env=tmdb_env(fake_tmdb, **{"TMDB_API_KEY": "k"}),
+                                            cwd=tmp_path)
+            assert code == 1, output
+            assert [text for text in output.splitlines() if "#critical" in text][0].endswith(line)
+            assert "Traceback" not in output and "listening on" not in output
+            assert not (tmp_path / "twistd.pid").exists()  # removed, as twistd does on a clean stop
+    finally:
+        taken.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_usage_error_prints_its_line_and_a_pointer_not_the_help(tmp_path):
+    for args, line in [(["--port", "abc"], "--port: expected a port number or an endpoint description"),
+                       (["--port", "127.0.0.1:8080"], "--port: expected a port number or an endpoint description"),
+                       (["--admin-port", "abc"], "--admin-port: expected a port number or an endpoint description"),
+                       (["--port", "tcp:not-a-port"], "--port: expected a port number"),
+                       (["--nope"], "option --nope not recognized"),
+                       (["--timeout", "abc"], "--timeout must be a number of seconds")]:
+        output, code = await run_twistd("-n", "ambassador", *args, env={"COLUMNS": "wide"}, cwd=tmp_path)
+        assert code == 1, output
+        assert line in output
+        assert "twistd ambassador --help lists every option" in output
+        assert "--max-connections" not in output and len(output.splitlines()) <= 3  # not the 130-line help
+        assert "Traceback" not in output and "abc" not in output.replace("--nope", "")
+    output, code = await run_twistd("ambassador", "--help", env={"COLUMNS": "wide"}, cwd=tmp_path)
+    assert code == 0 and "--max-connections" in output and "Traceback" not in output

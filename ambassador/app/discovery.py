@@ -55,6 +55,10 @@ def plugin_dirs_from_environment(environ) -> list[str]:
     return [d for d in environ.get(PLUGIN_DIRS_VARIABLE, "").split(os.pathsep) if d.strip()]
 
 
+#: The directories add_plugin_dirs added: their dropins are imported afresh by discover_adapters(fresh=True).
+_ADDED_DIRS: list[str] = []
+
+
 def add_plugin_dirs(dirs: Iterable[str]) -> None:
     """Scan the dropins in ``dirs`` too, as Twisted does for ``twisted/plugins`` on ``sys.path``."""
     import twisted.plugins
@@ -65,18 +69,31 @@ def add_plugin_dirs(dirs: Iterable[str]) -> None:
             raise ConfigurationError(f"plugin directory {directory} does not exist or is not a directory")
         if path not in twisted.plugins.__path__:
             twisted.plugins.__path__.append(path)
+            _ADDED_DIRS.append(path)
 
 
-def discover_adapters() -> Discovery:
-    """Every adapter plugin that can be loaded, and every dropin that could not."""
+def discover_adapters(*, fresh: bool = False) -> Discovery:
+    """Every adapter plugin that can be loaded, and every dropin that could not. ``fresh`` (a reload):
+    the dropins of the added plugin directories are imported again, so a changed file takes effect
+    (installed dropins are not: a new version of a distribution needs a restart)."""
     import twisted.plugins
 
+    if fresh:
+        _forget_added_dropins()
     with _quiet_plugin_log():
         adapters = sorted(getPlugins(IAdapterPlugin, twisted.plugins), key=lambda plugin: plugin.name)
         cache = getCache(twisted.plugins)  # already scanned: only broken dropins are tried again
         modules = [m for m in getModule(twisted.plugins.__name__).iterModules() if _failed(m.name, cache)]
         failures = tuple(filter(None, map(_import_failure, modules)))
     return Discovery(tuple(adapters), failures)
+
+
+def _forget_added_dropins() -> None:
+    prefix = "twisted.plugins."
+    for name, module in list(sys.modules.items()):
+        where = getattr(module, "__file__", None) or ""
+        if name.startswith(prefix) and any(os.path.dirname(where) == d for d in _ADDED_DIRS):
+            del sys.modules[name]
 
 
 def _failed(module: str, cache: dict) -> bool:

@@ -1,8 +1,16 @@
-"""Readiness: is each mounted adapter able to serve, and if not, why.
+"""Health: is the ambassador itself able to serve (liveness, readiness), and how are the outside
+services it calls doing (``/upstreams``) — two questions kept apart on purpose.
 
-The pipeline reports what it learns (the upstream rejected the credential;
-a later answer shows it works again); an optional probe asks the upstream a
-cheap question on an interval for adapters that name one (``probe_path``).
+A sidecar's readiness is its Pod's: if an outside service that is down, slow
+or rejecting the credential made the ambassador unready, one TMDB outage
+would take every replica (and the application next to it, cached answers
+included) out of its Service at once. Readiness therefore covers what the
+ambassador controls: its listeners are bound, its configuration is loaded,
+each adapter it was asked to serve has a credential. What the pipeline learns
+about the outside service (the credential was rejected, the circuit is open,
+a probe failed) is reported per adapter on ``/upstreams``, in metrics and in
+the log. An optional probe asks the upstream a cheap question on an interval
+for adapters that name one (``probe_path``).
 """
 
 from __future__ import annotations
@@ -15,9 +23,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ambassador.interfaces import IExternalAdapter
-from ambassador.pipeline.stages.breaker import OPEN, CircuitBreaker
+from ambassador.pipeline.stages.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 
 log = Logger(namespace="ambassador")
+_CIRCUIT = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half-open"}
 
 
 class StoreState(Protocol):
@@ -30,20 +39,38 @@ class StoreState(Protocol):
     def available(self) -> bool: ...
 
 
+class Listening(Protocol):
+    """What liveness reads of a listener (ambassador.app.service.Listener)."""
+
+    name: str | None
+
+    @property
+    def listening(self) -> bool: ...
+
+
 @define
 class AdapterState:
+    """One served adapter: ``configured`` False for an adapter that was only discovered (not named by
+    --adapter or --config, no credential variable set): it is listed, and does not block readiness."""
+
     adapter: IExternalAdapter
     breaker: CircuitBreaker | None = None
     credential_rejected: bool = False
     probe_failure: str | None = None
+    configured: bool = True
 
     def reasons(self) -> list[str]:
-        """Why the adapter cannot serve now; empty when it can."""
-        reasons = []
+        """Why readiness counts the adapter as unable to serve: a configured adapter without its
+        credential. Empty when it can serve (whatever the upstream is doing)."""
         credential = self.adapter.credential
-        if not credential.present():
-            reasons.append("credential missing: " + credential.missing_reason(self.adapter.name))
-        elif self.credential_rejected:
+        if self.configured and not credential.present():
+            return ["credential missing: " + credential.missing_reason(self.adapter.name)]
+        return []
+
+    def upstream_reasons(self) -> list[str]:
+        """What is known to be wrong with the outside service, or with how it takes the credential."""
+        reasons = []
+        if self.credential_rejected:
             reasons.append("credential rejected by the upstream")
         if self.breaker is not None and self.breaker.state == OPEN:
             reasons.append("circuit open: recent upstream calls kept failing")
@@ -52,13 +79,31 @@ class AdapterState:
         return reasons
 
     def report(self) -> dict:
+        """The adapter's entry in /readyz."""
+        credential = self.adapter.credential
+        if not self.configured and not credential.present():
+            return {"configured": False, "detail": "not configured: " + credential.missing_reason(self.adapter.name)}
         reasons = self.reasons()
-        warning = self.adapter.credential.warning()
-        return {"ready": not reasons, "reasons": reasons, **({"warnings": [warning]} if warning else {})}
+        warning = credential.warning()
+        return {"configured": True, "ready": not reasons, "reasons": reasons,
+                **({"warnings": [warning]} if warning else {})}
+
+    def upstream_report(self) -> dict:
+        """The adapter's entry in /upstreams."""
+        credential = self.adapter.credential
+        reasons = self.upstream_reasons()
+        warning = credential.warning()  # e.g. an OAuth2 token endpoint failing: an outside service too
+        return {"up": not reasons, "reasons": reasons, **({"warnings": [warning]} if warning else {}),
+                "circuit": _CIRCUIT[self.breaker.state] if self.breaker is not None else "off",
+                "credential": "present" if credential.present() else
+                              "missing" if self.configured else "not configured",
+                "probed": bool(getattr(self.adapter, "probe_path", None))}
 
 
 @define
 class Readiness:
+    """The adapter states of one configuration (a reload makes new ones: ambassador.app.reload)."""
+
     adapters: list[AdapterState]
     _by_name: dict[str, AdapterState] = field(init=False)
     cache_store: StoreState | None = None  # a shared cache store (RedisStore): its outage is a warning, not unready
@@ -67,21 +112,65 @@ class Readiness:
         self._by_name = {state.adapter.name: state for state in self.adapters}
 
     @classmethod
-    def of(cls, adapters, breakers: dict[str, CircuitBreaker | None]) -> Readiness:
-        return cls([AdapterState(adapter, breakers.get(adapter.name)) for adapter in adapters])
+    def of(cls, adapters, breakers: dict[str, CircuitBreaker | None],
+           unconfigured: frozenset[str] = frozenset()) -> Readiness:
+        return cls([AdapterState(adapter, breakers.get(adapter.name), configured=adapter.name not in unconfigured)
+                    for adapter in adapters])
 
     def __getitem__(self, name: str) -> AdapterState:
         return self._by_name[name]
 
     def report(self) -> dict:
         adapters = {state.adapter.name: state.report() for state in self.adapters}
-        report = {"ready": all(a["ready"] for a in adapters.values()), "adapters": adapters}
+        report = {"ready": all(a.get("ready", True) for a in adapters.values()), "adapters": adapters}
         store = self.cache_store
         if store is not None:
             report["cache"] = {"store": store.description, "available": store.available}
             if not store.available:
                 report["warnings"] = [f"the shared cache {store.description} is unreachable: answers come "
                                       "from the upstream until it is back"]
+        return report
+
+
+class Health:
+    """What the admin listener and the metrics read: the running configuration's Readiness
+    (swapped by a reload), the listeners, and the outcome of the last reload."""
+
+    def __init__(self, readiness: Readiness) -> None:
+        self.readiness = readiness
+        self.listeners: list = []  # of Listening (twisted's Service types its name as None)
+        self.reload_error: str | None = None  # the last reload's failure, until one succeeds
+
+    @property
+    def adapters(self) -> list[AdapterState]:
+        return self.readiness.adapters
+
+    @property
+    def cache_store(self) -> StoreState | None:
+        return self.readiness.cache_store
+
+    def lost(self) -> list[str]:
+        """The listeners that are not listening (any: the process can no longer serve)."""
+        return [listener.name or "?" for listener in self.listeners if not listener.listening]
+
+    def report(self) -> dict:
+        """/readyz: listeners bound, configuration loaded, each served adapter has its credential."""
+        report = self.readiness.report()
+        lost = self.lost()
+        if lost:
+            report["ready"] = False
+            report["listeners_lost"] = lost
+        if self.reload_error is not None:
+            report.setdefault("warnings", []).append(
+                f"the last reload failed ({self.reload_error}); the previous configuration is serving")
+        return report
+
+    def upstreams(self) -> dict:
+        """/upstreams: what is known of each outside service; never part of readiness."""
+        report: dict = {"adapters": {state.adapter.name: state.upstream_report() for state in self.adapters}}
+        store = self.cache_store
+        if store is not None:
+            report["cache"] = {"store": store.description, "available": store.available}
         return report
 
 

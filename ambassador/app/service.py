@@ -8,12 +8,14 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import NoReturn
 
-from attrs import define
+from attrs import evolve, define
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ReactorNotRunning
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -23,23 +25,24 @@ from ambassador.web.admin import admin_site
 from ambassador.cache.responses import ENTRY_SHARE, MemoryStore, ResponseCache, SharedStore, parse_size
 from ambassador.credentials.sources import FileSecret
 from ambassador.app.discovery import PLUGIN_DIRS_VARIABLE, add_plugin_dirs, discover_adapters, plugin_dirs_from_environment
-from ambassador.app.configfile import CONFIG_HELP, adapters_from_file
-from ambassador.app.health import Prober, Readiness
-from ambassador.app.settings import Settings
+from ambassador.app.configfile import CONFIG_HELP
+from ambassador.app.health import Health, Prober, Readiness
+from ambassador.app.reload import Generation, Reloader, Wiring, load_adapters, reload_on_sighup
+from ambassador.app.settings import AdapterSpec, Settings
 from ambassador.interfaces import ConfigurationError
 from ambassador.web.limits import InboundLimits
 from ambassador.metrics import Metrics
-from ambassador.app.mounting import Mount, check_mount_names, describe_adapters, mounted, select_adapters
+from ambassador.app.mounting import Mount, check_mount_names, describe_adapters, select_adapters
 from ambassador.cache.peers import PeerFactory, Peers
 from ambassador.pipeline.guard import Guard
+from ambassador.pipeline.resilience import POLICY_HELP
 from ambassador.pipeline.stages.ratelimit import TokenBucket
 from ambassador.shared.leases import Leases
 from ambassador.shared.ratelimit import SharedBucket, SharedLimits
-from ambassador.pipeline.resilience import POLICY_HELP, resolve_policies
 from ambassador.cache.redisstore import RedisStore, parse_redis_url
 from ambassador.pipeline.client import UpstreamClient
 from ambassador.pipeline.gateway import Gateway
-from ambassador.web.proxy import ACCESS_LOG_FROM, ProxyFactory, mount_table
+from ambassador.web.proxy import ACCESS_LOG_FROM, ProxyFactory
 from ambassador.app.workers import (PEER_DIR_VARIABLE, WORKER_VARIABLE, AdoptedEndpoint, WorkerPool, accept_one_at_a_time,
                       report_admin_port, share_of, stop_when_primary_ends, worker_index)
 
@@ -59,6 +62,22 @@ def endpoint_description(port: str, *, bare_interface: str) -> str:
     if port.isdigit():
         return f"tcp:{port}:interface={bare_interface}:backlog={LISTEN_BACKLOG}"
     return port
+
+
+def _columns() -> int:
+    """The terminal width for --help: $COLUMNS when it is a number (usage.Options would fail on another)."""
+    text = os.environ.get("COLUMNS", "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else 80
+
+
+def check_endpoint(reactor, option: str, description: str) -> None:
+    """A UsageError unless ``description`` parses as an endpoint description (binding comes later:
+    a port in use is reported by the Listener). Never repeats what was given."""
+    try:
+        serverFromString(reactor, description)
+    except Exception:
+        raise usage.UsageError(f"{option}: expected a port number or an endpoint description such as "
+                               "tcp:8080:interface=127.0.0.1 or unix:/run/ambassador.sock") from None
 
 
 def number(kind, expected: str):
@@ -146,10 +165,16 @@ class Options(usage.Options):
         self["adapter"] = []
         self["mount"] = []
 
+    _refused = False
+
     def parseOptions(self, options=None) -> None:
         # Kept to start --workers with the same command line.
         self.arguments = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        try:
+            super().parseOptions(options)
+        except usage.UsageError:
+            self._refused = True  # twistd prints our usage before the error line: a pointer, not the help
+            raise
 
     def opt_adapter(self, name: str) -> None:
         """Serve only the adapter NAME (repeatable). Default: every discovered adapter."""
@@ -180,6 +205,8 @@ class Options(usage.Options):
         self["forward-request-id"].add(adapter)
 
     def getUsage(self, width=None) -> str:
+        if self._refused:  # twistd's app.run prints the options' usage, then the error line
+            return "twistd ambassador --help lists every option and environment variable."
         lines = ["", "Environment variables (values are never printed):",
                  f"  {PLUGIN_DIRS_VARIABLE:32} directories of adapter dropins, separated by '{os.pathsep}' "
                  "(like --plugin-dir)",
@@ -192,7 +219,7 @@ class Options(usage.Options):
         lines += ["", "Policy keys for --policy [ADAPTER.]KEY=VALUE (defaults in brackets):"]
         lines += [f"  {key:22} {text}" for key, text in POLICY_HELP.items()]
         lines += ["", CONFIG_HELP]
-        return super().getUsage(width) + "\n".join(lines)
+        return super().getUsage(width or _columns()) + "\n".join(lines)
 
     def postOptions(self) -> None:
         from twisted.internet import reactor
@@ -237,7 +264,15 @@ class Options(usage.Options):
                 # twistd's own lines on stdout, formatted for less (one access-log event per request)
                 parent["logger"] = "ambassador.logs.text_observer"
         admin = self["admin-port"].strip()
+        endpoint = endpoint_description(self["port"], bare_interface="127.0.0.1")
+        admin_endpoint = None if admin == "none" else endpoint_description(admin, bare_interface="0.0.0.0")
+        check_endpoint(reactor, "--port", endpoint)
+        if admin_endpoint is not None:
+            check_endpoint(reactor, "--admin-port", admin_endpoint)
         timeout = [] if self["timeout"] is None else [f"timeout={self['timeout']}"]
+        spec = AdapterSpec(config=self["config"], names=self["adapter"], mounts=self["mount"],
+                           policy=timeout + self["policy"], workers=self["workers"],
+                           forward_request_id=self["forward-request-id"], environ=os.environ)
         try:
             add_plugin_dirs(plugin_dirs_from_environment(os.environ))
             discovery = discover_adapters()
@@ -248,38 +283,20 @@ class Options(usage.Options):
                 print(describe_adapters(discovery, self["mount"], os.environ), end="")
                 raise SystemExit(0)
             # Configuring an adapter is how its settings are validated: a bad one is a usage error.
-            if self["config"] is None:
-                configured = [plugin.configure(os.environ, reactor) for plugin in plugins]
-            else:  # the file says which adapters; their variables fill in the rest
-                configured = adapters_from_file(self["config"], os.environ, discovery.adapters, reactor)
-                configured = [a for a in configured if not self["adapter"] or a.name in self["adapter"]]
-                check_mount_names(self["mount"], [adapter.name for adapter in configured])
-            adapters = [mounted(adapter, self["mount"]) for adapter in configured]
-            mount_table(adapters)
-            policies = resolve_policies(adapters, timeout + self["policy"])
+            loaded = load_adapters(spec, reactor, discovery=discovery)
         except ConfigurationError as e:
             raise usage.UsageError(str(e))
-        for failure in discovery.failures:
+        for failure in loaded.failures:
             log.error("Dropin {module} failed to import ({error}); any adapter it provides is not served",
                       module=failure.module, error=failure.error)
-        if self["forward-request-id"] - {adapter.name for adapter in adapters}:
-            raise usage.UsageError("--forward-request-id must name an adapter that is served "
-                                   "(--list-adapters lists them)")
-        endpoint = endpoint_description(self["port"], bare_interface="127.0.0.1")
-        admin_endpoint = None if admin == "none" else endpoint_description(admin, bare_interface="0.0.0.0")
-        for option, description in (("port", endpoint), ("admin-port", admin_endpoint)):
-            try:  # parsed, not listened on; Twisted's error quotes what was given
-                if description is not None:
-                    serverFromString(reactor, description)
-            except Exception:
-                raise usage.UsageError(f"--{option} must be a port number or an endpoint description such as "
-                                       "tcp:8080:interface=127.0.0.1") from None
         # Only validated values leave postOptions, in one frozen record; makeService builds from it.
         self.settings = Settings(
-            adapters=adapters,
+            adapters=loaded.adapters,
             endpoint=endpoint,
             admin_endpoint=admin_endpoint,
-            policies=policies,
+            policies=loaded.policies,
+            unconfigured=loaded.unconfigured,
+            spec=spec,
             connect_timeout=self["connect-timeout"],
             grace_period=self["grace-period"],
             probe_interval=self["probe-interval"],
@@ -297,26 +314,69 @@ class Options(usage.Options):
         )
 
 
+def stop_startup(message: str) -> NoReturn:
+    """A setting that cannot work, found while starting: one line, then exit 1 (SystemExit: twistd
+    prints no traceback for it)."""
+    log.critical("{message}", message=message)
+    raise SystemExit(1)
+
+
+def _reason(failure) -> str:
+    error = failure.value
+    if isinstance(error, CannotListenError):  # says which address, and the system's reason
+        reason = getattr(error.socketError, "strerror", None) or error.socketError
+        return f"cannot listen on {error.interface or '*'}:{error.port}: {reason}"
+    return f"cannot listen: {getattr(error, 'strerror', None) or failure.getErrorMessage()}"
+
+
 class Listener(Service):
-    """Listens on one endpoint description; announces where once the reactor runs."""
+    """Listens on one endpoint description; announces where once the reactor runs.
+
+    ``option`` names the setting in the one line that stops startup when it cannot listen;
+    ``fatal`` is called with that line (default ``stop_startup``)."""
 
     def __init__(self, reactor, endpoint, factory, label: str, *, warn_if_exposed: bool = False,
-                 grace_period: float = 0.0, on_listening=None) -> None:
+                 grace_period: float = 0.0, on_listening=None, option: str | None = None,
+                 fatal: Callable[[str], object] = stop_startup) -> None:
         self._reactor = reactor
         self._on_listening = on_listening
         self._grace_period = grace_period
         self._endpoint = endpoint
         self._factory = factory
         self._label = label
+        self._option = option or label
+        self._fatal = fatal
         self._warn_if_exposed = warn_if_exposed
         self.port: IListeningPort | None = None
         self.setName(label)
 
+    @property
+    def listening(self) -> bool:
+        """Bound and accepting: False before, after stopListening, or once the port was lost."""
+        return self.port is not None and getattr(self.port, "connected", True)
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        endpoint = serverFromString(self._reactor, self._endpoint) if isinstance(self._endpoint, str) else self._endpoint
-        listening = endpoint.listen(self._factory)
-        listening.addCallbacks(self._listening, self._cannot_listen)
+        try:
+            endpoint = serverFromString(self._reactor, self._endpoint) if isinstance(self._endpoint, str) else self._endpoint
+        except Exception:  # postOptions checked it; a caller of assemble may not have
+            self._fatal(f"{self._option}: not an endpoint description")
+            return
+        failed: list[str] = []
+        now = [True]
+
+        def cannot_listen(failure) -> None:
+            message = f"{self._option}: {_reason(failure)}"
+            if now[0]:
+                failed.append(message)
+            else:  # an endpoint that listens later: the reactor runs, so stop it
+                log.critical("{message}", message=message)
+                self._reactor.stop()
+
+        endpoint.listen(self._factory).addCallbacks(self._listening, cannot_listen)
+        now[0] = False
+        if failed:  # TCP, UNIX and adopted sockets fail at once, before the reactor runs
+            self._fatal(failed[0])
 
     def _listening(self, port) -> None:
         self.port = port
@@ -343,10 +403,6 @@ class Listener(Service):
                 address=where,
             )
 
-    def _cannot_listen(self, failure) -> None:
-        log.critical("Cannot listen on {endpoint}: {error}", endpoint=self._endpoint, error=failure.getErrorMessage())
-        raise SystemExit(1)
-
     def stopService(self):
         """Stop accepting, then give requests in flight up to the grace period to finish."""
         super().stopService()
@@ -359,57 +415,91 @@ class Listener(Service):
 
 class Upkeep(Service):
     """What the adapters need while serving: credential file polling, probes, the client pool,
-    the shared cache's Redis connection."""
+    the shared cache's Redis connection. A reload (``swap``) starts the new configuration's and
+    stops the old one's once no exchange it started can still be running."""
 
-    def __init__(self, reactor, adapters, client: UpstreamClient, prober: Prober | None,
-                 redis: RedisStore | None = None) -> None:
+    def __init__(self, reactor, generation: Generation, client: UpstreamClient, redis: RedisStore | None = None) -> None:
         self._reactor = reactor
-        self._adapters = adapters
+        self._generation = generation
         self._client = client
-        self._prober = prober
         self._redis = redis
+        self._retiring: dict[int, Generation] = {}
 
     def startService(self) -> None:
         super().startService()
-        for adapter in self._adapters:
-            adapter.credential.start(self._reactor, self._client)
-        if self._prober is not None:
-            self._prober.start()
+        self._start(self._generation)
         if self._redis is not None:
             self._redis.start()
 
+    def swap(self, old: Generation, new: Generation) -> None:
+        self._generation = new
+        if not self.running:
+            return
+        self._start(new)
+        if old.prober is not None:
+            old.prober.stop()
+        self._retiring[id(old)] = old
+        self._reactor.callLater(old.longest_exchange + 1, self._retire, old)
+
+    def _retire(self, old: Generation) -> None:
+        if self._retiring.pop(id(old), None) is not None:
+            self._stop(old)
+
+    def _start(self, generation: Generation) -> None:
+        for adapter in generation.adapters:
+            adapter.credential.start(self._reactor, self._client)
+        if generation.prober is not None:
+            generation.prober.start()
+
+    @staticmethod
+    def _stop(generation: Generation) -> None:
+        for adapter in generation.adapters:
+            adapter.credential.stop()
+        if generation.prober is not None:
+            generation.prober.stop()
+
     def stopService(self):
         super().stopService()
-        for adapter in self._adapters:
-            adapter.credential.stop()
-        if self._prober is not None:
-            self._prober.stop()
+        for generation in [self._generation, *self._retiring.values()]:
+            self._stop(generation)
+        self._retiring.clear()
         closing = [self._client.close()] + ([self._redis.stop()] if self._redis is not None else [])
         return defer.DeferredList(closing)
 
 
 @define(slots=False)
 class Ambassador:
-    """The assembled parts: ``service`` to run, the rest for whoever needs to look inside (tests)."""
+    """The assembled parts: ``service`` to run, the rest for whoever needs to look inside (tests);
+    ``reloader`` is what SIGHUP calls (None without an AdapterSpec in the settings)."""
 
     service: MultiService
     proxy: Listener
     admin: Listener | None
     metrics: Metrics
-    readiness: Readiness
+    health: Health
     cache: ResponseCache | None
+    wiring: Wiring
+    reloader: Reloader | None = None
+    pool: WorkerPool | None = None  # the primary's, with --workers (SIGHUP is passed on to them)
     url: str = ""  # where the proxy and admin listen, once a caller records it (ambassador.testing)
     admin_url: str = ""
 
+    @property
+    def readiness(self) -> Readiness:
+        """The running configuration's adapter states."""
+        return self.health.readiness
+
 
 def assemble(reactor, settings: Settings, *, clock=None, rng=None,
-             peers: tuple[str, int, int] | None = None) -> Ambassador:
+             peers: tuple[str, int, int] | None = None, fatal: Callable[[str], object] = stop_startup) -> Ambassador:
     """Wire the adapters, pipeline, proxy and admin listeners that ``settings`` describe together.
     ``clock`` drives every timer, ``rng`` (a random.Random) the retry jitter. With ``workers`` > 1
     the primary (``worker`` 0) starts the others with ``worker_args`` (see ambassador.app.workers),
     and each asks the others for the keys they own (ambassador.cache.peers). ``peers`` (directory,
-    index, count) sets that up without workers (tests)."""
-    adapters, limits, grace_period = settings.adapters, settings.limits, settings.grace_period
+    index, count) sets that up without workers (tests). ``fatal`` is called with the one line
+    saying why a listener cannot listen (default: log it and exit 1). What depends on the adapters
+    is one ``Generation`` (ambassador.app.reload), which a reload replaces."""
+    limits, grace_period = settings.limits, settings.grace_period
     workers, worker, cache_bytes = settings.workers, settings.worker, settings.cache_bytes
     endpoint: str | AdoptedEndpoint
     endpoint, admin_endpoint, probe_interval = settings.endpoint, settings.admin_endpoint, settings.probe_interval
@@ -424,27 +514,14 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
         if admin_endpoint is not None:
             admin_endpoint, report = "tcp:0:interface=127.0.0.1", lambda port: report_admin_port(port.getHost().port)
         reactor.callWhenRunning(stop_when_primary_ends, reactor, peer_dir)
-    policies = settings.policies or resolve_policies(adapters, [])
-    guards = {adapter.name: Guard.of(share_of(policies[adapter.name], workers), clock) for adapter in adapters}
     metrics = Metrics()
-    readiness = Readiness.of(adapters, {name: guard.breaker for name, guard in guards.items()})
-    metrics.watch(readiness)
     client = UpstreamClient(reactor, connect_timeout=settings.connect_timeout)
     cache = redis = None
-    if settings.cache_url is not None:  # Redis: the cache (unless off), and the rate limits, are the Deployment's
-        limited = [adapter for adapter in adapters if guards[adapter.name].bucket is not None]
-        replicas = settings.replicas_hint or 1
-        sharing = SharedLimits([adapter.name for adapter in limited], replicas, metrics.rate_limit_mode.labels)
+    replicas = settings.replicas_hint or 1
+    if settings.cache_url is not None:  # Redis: the cache (unless off) and the rate limits are the Deployment's
+        sharing = SharedLimits([adapter.name for adapter in settings.adapters], replicas,
+                               metrics.rate_limit_mode.labels)
         redis = RedisStore(settings.cache_url, reactor, clock=clock, on_change=sharing.changed)
-        readiness.cache_store = redis
-        for adapter in limited:
-            policy, alone = policies[adapter.name], share_of(policies[adapter.name], workers * replicas)
-            assert alone.rate_limit is not None  # it has a bucket
-            guards[adapter.name].bucket = SharedBucket(redis, adapter, clock, policy, TokenBucket(
-                clock, alone.rate_limit, alone.burst, alone.rate_queue))
-        if limited and settings.replicas_hint is None and worker == 0:
-            log.warn("Rate limits are shared through Redis; while it is away each replica allows the whole "
-                     "limit, so a Deployment of several may exceed it: set --replicas-hint to their number")
     if cache_bytes is not None and redis is not None:
         shared = SharedStore(redis, cache_bytes // ENTRY_SHARE)
         cache = ResponseCache(shared, clock, Leases(redis, shared, clock))
@@ -455,32 +532,72 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
     peering = None
     if peers is not None and cache is not None:
         peering = Peers(reactor, *peers, metrics, clock=clock)
-    gateway = Gateway(client, clock, metrics, readiness, guards, forward_request_id=settings.forward_request_id,
-                      rng=rng, cache=cache, peers=peering)
-    prober = Prober(readiness, gateway, clock, probe_interval) if probe_interval > 0 else None
+
+    def make_gateway(adapters, readiness: Readiness, guards: dict[str, Guard]) -> Gateway:
+        if redis is not None:
+            for adapter in adapters:
+                share_bucket(guards[adapter.name], adapter, redis, clock, workers, replicas)
+        return Gateway(client, clock, metrics, readiness, guards, forward_request_id=settings.forward_request_id,
+                       rng=rng, cache=cache, peers=peering)
+
+    def make_prober(readiness: Readiness, gateway: Gateway) -> Prober | None:
+        return Prober(readiness, gateway, clock, probe_interval) if probe_interval > 0 else None
+
+    wiring = Wiring(make_gateway, make_prober, clock, cache_store=redis)
+    generation = wiring.build(settings.adapters, settings.policies, settings.unconfigured)
+    wiring.current = generation
+    if redis is not None and settings.replicas_hint is None and worker == 0 and any(
+            guard.bucket is not None for guard in generation.guards.values()):
+        log.warn("Rate limits are shared through Redis; while it is away each replica allows the whole "
+                 "limit, so a Deployment of several may exceed it: set --replicas-hint to their number")
+    health = wiring.health = Health(generation.readiness)
+    metrics.watch(health)
     service = MultiService()
-    Upkeep(clock, adapters, client, prober, redis).setServiceParent(service)
+    wiring.upkeep = upkeep = Upkeep(clock, generation, client, redis)
+    upkeep.setServiceParent(service)
     if peering is not None:
         peering.setServiceParent(service)
-        Listener(reactor, peering.listening_endpoint(reactor), PeerFactory(adapters, gateway, clock, limits=limits),
-                 label + "peers", grace_period=grace_period).setServiceParent(service)
-    routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in adapters for route in adapter.routes)
+        peer_site = PeerFactory(generation.adapters, generation.gateway, clock, limits=limits)
+        wiring.sites.append(peer_site)
+        peer_listener = Listener(reactor, peering.listening_endpoint(reactor), peer_site, label + "peers",
+                                 grace_period=grace_period, option="the peer socket", fatal=fatal)
+        peer_listener.setServiceParent(service)
+        health.listeners.append(peer_listener)
+    routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in generation.adapters for route in adapter.routes)
     log.info("Routes: {routes}", routes=routes or "none")
-    site = ProxyFactory(adapters, gateway, metrics, clock, limits=limits, token=settings.token,
+    site = ProxyFactory(generation.adapters, generation.gateway, metrics, clock, limits=limits, token=settings.token,
                         access_log=settings.access_log)
+    wiring.sites.append(site)
     proxy = Listener(reactor, endpoint, site, label + "proxy", warn_if_exposed=worker == 0, grace_period=grace_period,
-                     on_listening=accept_one_at_a_time if workers > 1 or worker > 0 else None)
+                     on_listening=accept_one_at_a_time if workers > 1 or worker > 0 else None, option="--port",
+                     fatal=fatal)
     proxy.setServiceParent(service)
+    health.listeners.append(proxy)
     pool = None
     if workers > 1 and worker == 0:
         pool = WorkerPool(reactor, workers, list(settings.worker_args), proxy, grace_period=grace_period, peer_dir=peer_dir)
         pool.setServiceParent(service)
     admin = None
     if admin_endpoint is not None:
-        admin = Listener(reactor, admin_endpoint, admin_site(readiness, metrics, workers=pool), label + "admin",
-                         on_listening=report)
+        admin = Listener(reactor, admin_endpoint, admin_site(health, metrics, workers=pool), label + "admin",
+                         on_listening=report, option="--admin-port", fatal=fatal)
         admin.setServiceParent(service)
-    return Ambassador(service, proxy, admin, metrics, readiness, cache)
+        health.listeners.append(admin)
+    reloader = Reloader(settings.spec, wiring, reactor, metrics.reloads) if settings.spec is not None else None
+    return Ambassador(service, proxy, admin, metrics, health, cache, wiring, reloader, pool)
+
+
+def share_bucket(guard: Guard, adapter, redis: RedisStore, clock, workers: int, replicas: int) -> None:
+    """``guard``'s rate limit (this process's share of ``workers``) kept in Redis for the Deployment, and
+    its share of ``replicas`` enforced here while Redis is away."""
+    policy = guard.policy
+    if not isinstance(guard.bucket, TokenBucket) or policy.rate_limit is None:
+        return  # no limit, or shared already (a guard a reload kept)
+    pod = evolve(policy, rate_limit=policy.rate_limit * workers, rate_burst=policy.burst * workers)
+    alone = share_of(policy, replicas)
+    assert alone.rate_limit is not None
+    guard.bucket = SharedBucket(redis, adapter, clock, pod, TokenBucket(clock, alone.rate_limit, alone.burst,
+                                                                        alone.rate_queue))
 
 
 def _peer_directory(reactor, worker: int) -> str | None:
@@ -506,7 +623,23 @@ def makeService(options: Options) -> MultiService:
     if settings.workers > 1 and settings.worker == 0:
         os.environ[WORKER_VARIABLE] = "0"  # the primary: its JSON log lines say worker 0
     reactor.callWhenRunning(_stop_cleanly_on_sigterm, reactor)
-    return assemble(reactor, settings).service
+    parent = getattr(options, "parent", None)
+    pidfile: str = (parent.get("pidfile") if parent is not None else None) or ""
+
+    def fatal(message: str) -> None:
+        # SystemExit passes by twistd's clean-up: remove the pid file it wrote for this process.
+        try:
+            with open(pidfile) as written:
+                if written.read().strip() == str(os.getpid()):
+                    os.remove(pidfile)
+        except OSError:  # none (--pidfile=), or not ours
+            pass
+        stop_startup(message)
+
+    ambassador = assemble(reactor, settings, fatal=fatal)
+    if ambassador.reloader is not None:
+        reactor.callWhenRunning(reload_on_sighup, reactor, ambassador.reloader, ambassador.pool)
+    return ambassador.service
 
 
 def _stop_cleanly_on_sigterm(reactor) -> None:

@@ -9,6 +9,7 @@ from types import MappingProxyType
 
 from attrs import field, frozen
 
+from ambassador.app.mounting import Mount
 from ambassador.cache.responses import DEFAULT_CACHE_BYTES
 from ambassador.credentials.sources import FileSecret
 from ambassador.interfaces import IExternalAdapter
@@ -24,6 +25,26 @@ def _read_only(policies: Mapping[str, Policy]) -> Mapping[str, Policy]:
     return MappingProxyType(dict(policies))
 
 
+def _snapshot(environ: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType(dict(environ))
+
+
+@frozen(kw_only=True)
+class AdapterSpec:
+    """What the served adapters are built from, kept so that SIGHUP can build them again
+    (``ambassador.app.reload.load_adapters``): ``config`` the --config file, ``names`` the --adapter
+    names, ``mounts``, ``policy`` the --timeout and --policy entries in order, ``environ`` the
+    environment at start (a process's environment does not change; files named in it do)."""
+
+    config: str | None = None
+    names: tuple[str, ...] = field(default=(), converter=tuple)
+    mounts: tuple[Mount, ...] = field(default=(), converter=tuple)
+    policy: tuple[str, ...] = field(default=(), converter=tuple)
+    workers: int = 1
+    forward_request_id: frozenset[str] = field(default=frozenset(), converter=frozenset)
+    environ: Mapping[str, str] = field(factory=dict, converter=_snapshot, repr=False, eq=False)
+
+
 @frozen(kw_only=True)
 class Settings:
     """Every setting, typed, with what is derived from them computed once.
@@ -36,7 +57,9 @@ class Settings:
     Redis URL of a shared cache (None: in memory); ``worker`` this process's index among
     ``workers``, and ``worker_args`` the command line the primary starts the others with;
     ``replicas_hint`` how many replicas share Redis (None: not said, taken as 1): each one's share of a
-    rate limit while Redis is away."""
+    rate limit while Redis is away; ``unconfigured`` the adapters only discovered (not named, no
+    credential variable set: they do not block readiness); ``spec`` what SIGHUP rebuilds the adapters
+    from (None: no reload)."""
 
     adapters: tuple[IExternalAdapter, ...] = field(converter=_adapters)
     endpoint: str
@@ -55,3 +78,5 @@ class Settings:
     worker_args: tuple[str, ...] = field(default=(), converter=tuple)
     access_log: str = "all"
     replicas_hint: int | None = None
+    unconfigured: frozenset[str] = frozenset()
+    spec: AdapterSpec | None = None

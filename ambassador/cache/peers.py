@@ -147,6 +147,9 @@ class PeerFactory(ProxyFactory):
     def __init__(self, adapters, gateway: Gateway, clock, *, limits) -> None:
         super().__init__(adapters, _Relaying(gateway), Metrics(), clock, limits=limits, access_log="none")
 
+    def reroute(self, adapters, gateway: Gateway) -> None:  # type: ignore[override]  # a Gateway, relayed
+        super().reroute(adapters, _Relaying(gateway))
+
 
 class _Relaying:
     """What a PeerFactory's routes call instead of the Gateway: its ``relay``, encoded."""

@@ -1,4 +1,5 @@
-"""The admin listener: liveness, readiness and Prometheus metrics, apart from the proxy.
+"""The admin listener: liveness, readiness, the outside services' state and Prometheus metrics,
+apart from the proxy.
 
 It proxies nothing and shows no credential: readiness names what is missing
 (a variable, a file path), never a value.
@@ -13,7 +14,7 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ambassador.app.health import Readiness
+from ambassador.app.health import Health
 from ambassador.web.limits import LimitedSite
 from ambassador.metrics import Metrics
 from ambassador.problems import PROBLEM_CONTENT_TYPE, Problem, not_found
@@ -61,28 +62,53 @@ class _Leaf(Resource):
 
 
 class Liveness(_Leaf):
+    """200 while the process can serve: answering means the reactor turns, and every listener
+    must still be listening (a lost one is not coming back: restart the container)."""
+
+    def __init__(self, health: Health) -> None:
+        super().__init__()
+        self._health = health
+
     def render_GET(self, request):
-        # Answering at all means the reactor is turning.
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        lost = self._health.lost()
+        if lost:
+            request.setResponseCode(503)
+            return f"not listening: {', '.join(lost)}\n".encode()
         return b"ok\n"
 
 
-class ReadinessResource(_Leaf):
-    def __init__(self, readiness: Readiness, workers=None) -> None:
+def _json(request, document: dict, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(document, indent=1).encode() + b"\n"
+
+
+class UpstreamsResource(_Leaf):
+    """The outside services as the pipeline last saw them: always 200, never readiness."""
+
+    def __init__(self, health: Health) -> None:
         super().__init__()
-        self._readiness = readiness
+        self._health = health
+
+    def render_GET(self, request):
+        return _json(request, self._health.upstreams())
+
+
+class ReadinessResource(_Leaf):
+    def __init__(self, health: Health, workers=None) -> None:
+        super().__init__()
+        self._health = health
         self._workers = workers
 
     def render_GET(self, request):
-        report = self._readiness.report()
+        report = self._health.report()
         if self._workers is not None:  # --workers: every one must be running
             missing = self._workers.missing()
             report["workers"] = {"count": self._workers.count, "not_running": missing}
             if missing:
                 report["ready"] = False
-        request.setResponseCode(200 if report["ready"] else 503)
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(report, indent=1).encode() + b"\n"
+        return _json(request, report, 200 if report["ready"] else 503)
 
 
 class MetricsResource(_Leaf):
@@ -124,10 +150,11 @@ class AdminSite(LimitedSite):
         pass
 
 
-def admin_site(readiness: Readiness, metrics: Metrics, *, workers=None) -> AdminSite:
+def admin_site(health: Health, metrics: Metrics, *, workers=None) -> AdminSite:
     """``workers``: the primary's WorkerPool with --workers (readiness and metrics cover them all)."""
     root = _Root()
-    root.putChild(b"healthz", Liveness())
-    root.putChild(b"readyz", ReadinessResource(readiness, workers))
+    root.putChild(b"healthz", Liveness(health))
+    root.putChild(b"readyz", ReadinessResource(health, workers))
+    root.putChild(b"upstreams", UpstreamsResource(health))
     root.putChild(b"metrics", MetricsResource(metrics, workers))
     return AdminSite(root)

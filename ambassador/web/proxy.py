@@ -241,16 +241,26 @@ class ProxyFactory(LimitedSite):
     def __init__(self, adapters: Iterable[IExternalAdapter], gateway: Answering, metrics: Metrics, clock, *,
                  limits: InboundLimits = InboundLimits(), token: FileSecret | None = None,
                  access_log: str = "all") -> None:
-        routes = {tuple(s.encode() for s in segments): RouteHandler(adapter, route, gateway,
-                                                                     metrics.route(adapter.name, route.name))
-                  for segments, (adapter, route) in mount_table(adapters).items()}
-        super().__init__(_resource_tree(routes), limits=limits, reactor=clock)
+        self._metrics = metrics
+        super().__init__(self._tree(adapters, gateway), limits=limits, reactor=clock)
         self.clock = clock
         self._log_from = ACCESS_LOG_FROM[access_log]
         self._unmatched = metrics.route("", "unmatched")
         self._token = token
         self._in_flight: set = set()
         self._drained: defer.Deferred | None = None
+
+    def _tree(self, adapters: Iterable[IExternalAdapter], gateway: Answering) -> Resource:
+        routes = {tuple(s.encode() for s in segments): RouteHandler(adapter, route, gateway,
+                                                                     self._metrics.route(adapter.name, route.name))
+                  for segments, (adapter, route) in mount_table(adapters).items()}
+        return _resource_tree(routes)
+
+    def reroute(self, adapters: Iterable[IExternalAdapter], gateway: Answering) -> None:
+        """Route new requests to ``adapters`` through ``gateway`` (a reload): the root resource is
+        replaced, and a request already routed keeps the handler, so the adapter and gateway, it
+        started with."""
+        self.resource = self._tree(adapters, gateway)
 
     def startFactory(self) -> None:
         super().startFactory()
