@@ -359,7 +359,7 @@ async def test_replicas_share_answers_through_redis(fake_tmdb, start_ambassador,
     assert (await ask(one))[1] == "ambassador; hit; ttl=60"
     assert len(fake_tmdb.requests) == 2
     [key] = (await redis.cli("--scan")).decode().split()
-    assert key.startswith("ambassador:cache:v1:") and "550" not in key
+    assert key.startswith("ambassador:cache:v1:tmdb:") and "movie" not in key  # a hash, not the URL
     assert 0 < int(await redis.cli("PTTL", key)) <= (60 + 3600) * 1000  # kept an hour for revalidation
 
 

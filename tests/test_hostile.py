@@ -220,8 +220,8 @@ async def test_bad_startup_input_is_one_line_naming_the_setting_never_the_value_
         ("--require-token-file", str(tmp_path / "directory")): f"{tmp_path / 'directory'} is not a regular file",
         ("--require-token-file", str(tmp_path / "latin-1")): f"{tmp_path / 'latin-1'} is not UTF-8 text",
         ("--require-token-file", str(tmp_path / "absent")): f"{tmp_path / 'absent'} cannot be read",
-        ("--port", PASTED): "--port must be a port number or an endpoint description",
-        ("--admin-port", f"tcp:{PASTED}"): "--admin-port must be a port number or an endpoint description",
+        ("--port", PASTED): "--port: expected a port number or an endpoint description",
+        ("--admin-port", f"tcp:{PASTED}"): "--admin-port: expected a port number or an endpoint description",
         ("--config", config(f"    credential: {{style: bearer, secret: {{env: {PASTED}}}}}\n")):
             "credential.secret: expected {env: VARIABLE} with VARIABLE an environment variable name",
         ("--config", config(f"    {PASTED}: 1\n    credential: {{style: bearer, secret: {{env: K}}}}\n")):
