@@ -228,6 +228,7 @@ async def test_bad_startup_input_is_one_line_naming_the_setting_never_the_value_
             "adapters.api.(a key not shown): expected no such key here",
         ("--config", config(f"    timeout: {PASTED}\n    credential: {{style: bearer, secret: {{env: K}}}}\n")):
             "adapters.api.timeout: expected a positive number of seconds",
+        ("--config", config(f"    timeout: *{PASTED}\n")): "not valid YAML at line 5, column 14: found undefined alias",
     }
     runs = [defer.ensureDeferred(run_twistd("-n", "ambassador", "--port", "0", *args, env={}, cwd=tmp_path))
             for args in cases]

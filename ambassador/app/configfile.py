@@ -66,6 +66,8 @@ _HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
 _SOURCE = "{env: VARIABLE} or {file: /path}"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # POSIX: what a shell can export
 # An unknown key is named only when it looks like a mistyped key (a pasted secret does not).
+_YAML_QUOTED = re.compile(r"'([^']*)'")
+_YAML_KEPT = re.compile(r"[^A-Za-z0-9]{0,2}\Z|<[a-z ]+>\Z")
 _KEY_LIKE = re.compile(r"[a-z][a-z_]{0,31}\Z")
 
 
@@ -153,7 +155,10 @@ def adapters_from_file(path: str, environ: Mapping[str, str], plugins: Iterable,
     except yaml.YAMLError as e:  # its text quotes the file; say only where and what
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigurationError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or 'syntax error'}")
+        problem = getattr(e, "problem", None) or "syntax error"
+        # PyYAML quotes what it met (an alias name, a tag, an escape): only punctuation and <markers> stay.
+        problem = _YAML_QUOTED.sub(lambda m: m[0] if _YAML_KEPT.match(m[1]) else "(not shown)", problem)
+        raise ConfigurationError(f"{path}: not valid YAML{where}: {problem}")
     if not isinstance(document, dict):
         raise ConfigurationError(f"{path}: expected a mapping with the key adapters")
     root = Section(path, "", document)
