@@ -172,6 +172,18 @@ async def settle(clock, condition, step=0.025):
     raise AssertionError("condition never held")
 
 
+async def one_fetching_one_waiting(start_ambassador, fake, clock, redis, answer):
+    """Two replicas asked for one URL: the first one's fetch hangs (it will answer ``answer``), the
+    other has looked for the entry for 0.2 s. Returns both calls and when the second one started."""
+    holder, other = [await replica(start_ambassador, fake, clock, redis, CACHING) for _ in range(2)]
+    fake.fault, fake.canned = "hang", answer
+    fetching = ensureDeferred(get(holder.url + "/tmdb/3/movie/550"))
+    await reactor_turns_until(lambda: len(fake.hanging) == 1)
+    waiting, start = ensureDeferred(get(other.url + "/tmdb/3/movie/550")), clock.seconds()
+    await settle(clock, lambda: clock.seconds() >= start + 0.2)
+    return fetching, waiting, start
+
+
 @pytest_twisted.ensureDeferred
 async def test_300_cold_requests_over_3_replicas_make_one_upstream_request(
         fake_tmdb, start_ambassador, clock, redis_server):
@@ -194,12 +206,7 @@ async def test_300_cold_requests_over_3_replicas_make_one_upstream_request(
 @pytest_twisted.ensureDeferred
 async def test_a_lease_holder_that_hangs_frees_the_key_when_its_lease_expires(
         fake_tmdb, start_ambassador, clock, redis_server):
-    holder, other = [await replica(start_ambassador, fake_tmdb, clock, redis_server, CACHING) for _ in range(2)]
-    fake_tmdb.fault, fake_tmdb.canned = "hang", CACHED
-    hung = ensureDeferred(get(holder.url + "/tmdb/3/movie/550"))
-    await reactor_turns_until(lambda: len(fake_tmdb.hanging) == 1)
-    waiting, start = ensureDeferred(get(other.url + "/tmdb/3/movie/550")), clock.seconds()
-    await settle(clock, lambda: clock.seconds() >= start + 0.2)
+    hung, waiting, start = await one_fetching_one_waiting(start_ambassador, fake_tmdb, clock, redis_server, CACHED)
     assert not waiting.called and len(fake_tmdb.requests) == 1
     [lease] = await lease_keys(redis_server)
     assert 0 < int(await redis_server.cli("PTTL", lease)) <= 10_000  # the adapter's timeout
@@ -215,12 +222,8 @@ async def test_a_lease_holder_that_hangs_frees_the_key_when_its_lease_expires(
 @pytest_twisted.ensureDeferred
 async def test_an_answer_that_cannot_be_stored_frees_the_key_at_once(fake_tmdb, start_ambassador, clock,
                                                                    redis_server):
-    holder, other = [await replica(start_ambassador, fake_tmdb, clock, redis_server, CACHING) for _ in range(2)]
-    fake_tmdb.fault, fake_tmdb.canned = "hang", UNSTORED
-    first = ensureDeferred(get(holder.url + "/tmdb/3/movie/550"))
-    await reactor_turns_until(lambda: len(fake_tmdb.hanging) == 1)
-    waiting, start = ensureDeferred(get(other.url + "/tmdb/3/movie/550")), clock.seconds()
-    await settle(clock, lambda: clock.seconds() >= start + 0.1)
+    first, waiting, start = await one_fetching_one_waiting(start_ambassador, fake_tmdb, clock, redis_server,
+                                                           UNSTORED)
     fake_tmdb.fault = None
     fake_tmdb.release()
     await settle(clock, lambda: first.called and waiting.called)
