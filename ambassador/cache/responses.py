@@ -13,7 +13,6 @@ which is attached to each upstream attempt after the key is made.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -31,6 +30,7 @@ from ambassador.exchange import Answer, UpstreamRequest, UpstreamResponse
 from ambassador.problems import Problem
 from ambassador.cache.redisstore import ErrorReply, StoreUnavailable
 from ambassador.pipeline.resilience import http_date
+from ambassador.shared.namespace import redis_key
 
 log = Logger(namespace="ambassador")
 
@@ -494,7 +494,7 @@ class SharedStore:
     is larger, or is not a string at all is a miss, logged once per kind.
     """
 
-    PREFIX = b"ambassador:cache:v1:"
+    PREFIX = "ambassador:cache:v1:"
     META_ALLOWANCE = 16384  # the metadata line beyond the headers ``Entry.size`` counts
     shared = True
 
@@ -543,8 +543,7 @@ class SharedStore:
                      "(this is logged once per kind)", kind=kind)
 
     def _redis_key(self, key: str) -> bytes:
-        namespace = key.partition("\n")[0]
-        return self.PREFIX + f"{namespace}:{hashlib.sha256(key.encode()).hexdigest()}".encode()
+        return redis_key(self.PREFIX, key)
 
 
 class BadEntry(ValueError):

@@ -14,7 +14,6 @@ replica fetches itself; with Redis unreachable it fetches at once.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from twisted.internet.task import deferLater
 
 from ambassador.cache.redisstore import StoreUnavailable
 from ambassador.cache.responses import ForwardFailed, Served, hit
+from ambassador.shared.namespace import redis_key
 
 PREFIX = "ambassador:lease:v1:"
 FIRST_LOOK = 0.025
@@ -61,7 +61,7 @@ class Leases:
         look, waited = FIRST_LOOK, False
         try:
             while True:
-                claimed = await self._redis.script(CLAIM, [self._lease(key)], [token, math.ceil(timeout * 1000)])
+                claimed = await self._redis.script(CLAIM, [redis_key(PREFIX, key)], [token, math.ceil(timeout * 1000)])
                 if claimed == 1:
                     self._held[key] = token
                     # A holder stores its entry before it releases: one freed after our last look has it.
@@ -92,11 +92,6 @@ class Leases:
         """Once the fetch of ``key`` has landed (its entry stored): let the others go on."""
         token = self._held.pop(key, None)
         if token is not None:
-            self._redis.script(RELEASE, [self._lease(key)], [token]).addErrback(
+            self._redis.script(RELEASE, [redis_key(PREFIX, key)], [token]).addErrback(
                 lambda failure: failure.trap(StoreUnavailable))  # it expires on its own
         return result
-
-    @staticmethod
-    def _lease(key: str) -> bytes:
-        namespace = key.partition("\n")[0]
-        return f"{PREFIX}{namespace}:{hashlib.sha256(key.encode()).hexdigest()}".encode()

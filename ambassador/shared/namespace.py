@@ -20,3 +20,10 @@ def namespace(adapter: IExternalAdapter) -> str:
     secret = fingerprint() if fingerprint is not None else ""
     digest = hashlib.sha256(f"{adapter.base_url}\0{secret}".encode("utf-8", "surrogateescape")).hexdigest()
     return f"{adapter.name}:{digest[:16]}"
+
+
+def redis_key(prefix: str, cache_key: str) -> bytes:
+    """``<prefix><namespace>:<SHA-256 of cache_key>``: a Redis key for what belongs to one cache key
+    (``ambassador.cache.responses.cache_key``, which starts with the adapter's namespace)."""
+    namespace = cache_key.partition("\n")[0]
+    return f"{prefix}{namespace}:{hashlib.sha256(cache_key.encode()).hexdigest()}".encode()

@@ -124,7 +124,7 @@ class SharedLimits:
         self._adapters = adapters
         self._replicas_hint = replicas_hint
         self._gauges = mode_gauges
-        self.shared: bool | None = None
+        self.shared = False
         self._set(False)
 
     def changed(self, available: bool) -> None:
