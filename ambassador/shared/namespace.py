@@ -9,6 +9,7 @@ offers no fingerprint is namespaced by name and base URL alone.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from ambassador.interfaces import IExternalAdapter
@@ -17,9 +18,13 @@ from ambassador.interfaces import IExternalAdapter
 def namespace(adapter: IExternalAdapter) -> str:
     """``<adapter name>:<16 hex digits>``, the same in every replica configured alike."""
     fingerprint = getattr(adapter.credential, "fingerprint", None)
-    secret = fingerprint() if fingerprint is not None else ""
-    digest = hashlib.sha256(f"{adapter.base_url}\0{secret}".encode("utf-8", "surrogateescape")).hexdigest()
-    return f"{adapter.name}:{digest[:16]}"
+    return _namespace(adapter.name, adapter.base_url, fingerprint() if fingerprint is not None else "")
+
+
+@functools.lru_cache(maxsize=256)  # asked on every cached request and rate-limit token
+def _namespace(name: str, base_url: str, fingerprint: str) -> str:
+    digest = hashlib.sha256(f"{base_url}\0{fingerprint}".encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{name}:{digest[:16]}"
 
 
 def redis_key(prefix: str, cache_key: str) -> bytes:

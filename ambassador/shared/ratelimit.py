@@ -78,6 +78,7 @@ class SharedBucket:
         self._interval_us = max(1, round(1_000_000 / policy.rate_limit))
         self._burst = policy.burst
         self._max_wait_us = math.floor(policy.rate_queue * 1_000_000)
+        self._warned = False  # about a reply that is not the script's
 
     def _key(self) -> str:
         return PREFIX + namespace(self._adapter)
@@ -99,7 +100,10 @@ class SharedBucket:
 
     def _granted(self, reply: object) -> defer.Deferred | float:
         if not (isinstance(reply, list) and len(reply) == 2 and all(type(n) is int for n in reply)):
-            log.warn("Redis answered the rate-limit script with something else; limiting locally")
+            if not self._warned:
+                self._warned = True
+                log.warn("Redis answered the rate-limit script with something else; such requests are "
+                         "limited locally")
             return self._local.acquire()
         allowed, wait = reply[0] == 1, reply[1] / 1_000_000
         if not allowed:
