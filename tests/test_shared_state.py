@@ -229,3 +229,24 @@ async def test_an_answer_that_cannot_be_stored_frees_the_key_at_once(fake_tmdb, 
     await settle(clock, lambda: first.called and waiting.called)
     assert (await waiting)[0].code == 200 and len(fake_tmdb.requests) == 2
     assert clock.seconds() - start < 1  # the next look took the freed lease; nobody waited out the timeout
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_waiting_replica_fetches_itself_after_its_adapters_timeout(
+        fake_tmdb, start_ambassador, clock, redis_server):
+    holder = await replica(start_ambassador, fake_tmdb, clock, redis_server, CACHING)  # holds for 10 s
+    other = await replica(start_ambassador, fake_tmdb, clock, redis_server, Policy(retries=0, rate_limit=None,
+                                                                                   timeout=2))
+    fake_tmdb.fault, fake_tmdb.canned = "hang", CACHED
+    hung = ensureDeferred(get(holder.url + "/tmdb/3/movie/550"))
+    await reactor_turns_until(lambda: len(fake_tmdb.hanging) == 1)
+    fake_tmdb.fault = None
+    waiting, start = ensureDeferred(get(other.url + "/tmdb/3/movie/550")), clock.seconds()
+    await settle(clock, lambda: clock.seconds() >= start + 1.7)
+    assert not waiting.called and len(fake_tmdb.requests) == 1
+    await settle(clock, lambda: waiting.called)
+    assert (await waiting)[0].code == 200 and len(fake_tmdb.requests) == 2
+    assert 1.7 <= clock.seconds() - start <= 2.1
+    assert len(await lease_keys(redis_server)) == 1  # still the hung holder's
+    fake_tmdb.release()
+    await settle(clock, lambda: hung.called)
