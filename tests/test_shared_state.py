@@ -4,6 +4,7 @@ this process; the rate limit runs on Redis' own clock, so the limits used here a
 token every two seconds or less) that the few requests of a test always fall in one window."""
 
 import json
+import signal
 
 import pytest
 import pytest_twisted
@@ -250,3 +251,35 @@ async def test_a_waiting_replica_fetches_itself_after_its_adapters_timeout(
     assert len(await lease_keys(redis_server)) == 1  # still the hung holder's
     fake_tmdb.release()
     await settle(clock, lambda: hung.called)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_replicas_of_two_workers_hold_one_limit(fake_tmdb, redis_server, tmp_path):
+    """Real processes: two ambassadors of ``--workers 2`` each (four processes), one Redis. A burst of
+    three for the Deployment, and a token every 20 s after it: whatever process each request reaches,
+    exactly three go upstream."""
+    from processes import spawn_ambassador
+    from test_workers import Watched, both_serving
+
+    urls, processes = [], []
+    try:
+        for replica_number in range(2):
+            directory = tmp_path / f"replica-{replica_number}"
+            directory.mkdir()
+            process = spawn_ambassador(
+                "--port", "0", "--admin-port", "tcp:0:interface=127.0.0.1", "--workers", "2", "--adapter", "tmdb",
+                "--log-format", "json", "--cache", redis_server.url(), "--replicas-hint", "2",
+                "--policy", "tmdb.rate_limit=0.05", "--policy", "tmdb.rate_burst=3", "--policy", "tmdb.rate_queue=0",
+                "--policy", "tmdb.retries=0", "--policy", "tmdb.cache=off",
+                env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), cwd=directory)
+            processes.append(process)
+            url, _ = await both_serving(process, Watched(process))
+            urls.append(url)
+        answered = [(await get(urls[n % 2] + "/tmdb/3/movie/550"))[0].code for n in range(16)]
+        assert sorted(answered) == [200] * 3 + [429] * 13, answered
+        assert len(fake_tmdb.requests) == 3
+    finally:
+        for process in processes:
+            process.transport.signalProcess(signal.SIGTERM)
+    for process in processes:
+        assert await process.ended == (0, None), process.output.decode()

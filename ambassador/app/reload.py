@@ -40,7 +40,8 @@ log = Logger(namespace="ambassador")
 
 @frozen
 class Loaded:
-    """The adapters an AdapterSpec describes, validated: ``unconfigured`` those only discovered."""
+    """The adapters an AdapterSpec describes, validated: ``unconfigured`` those only discovered.
+    ``policies`` are the Pod's, as configured; each process's share is taken when its Guards are built."""
 
     adapters: tuple[IExternalAdapter, ...]
     policies: Mapping[str, Policy]
@@ -58,8 +59,6 @@ def load_adapters(spec: AdapterSpec, reactor, *, discovery: Discovery | None = N
     """Configure, mount and give a policy to every adapter ``spec`` asks for; ConfigurationError
     (naming the setting, file and key, never a value) when one cannot work. ``fresh``: import the
     --plugin-dir dropins again (a reload)."""
-    from ambassador.app.workers import share_of  # workers imports the pipeline's client: late, as service does
-
     environ = spec.environ
     if discovery is None:
         discovery = discover_adapters(fresh=fresh)
@@ -77,8 +76,7 @@ def load_adapters(spec: AdapterSpec, reactor, *, discovery: Discovery | None = N
         check_mount_names(spec.mounts, [adapter.name for adapter in configured])
     adapters = [mounted(adapter, spec.mounts) for adapter in configured]
     mount_table(adapters)
-    policies = {name: share_of(policy, spec.workers)
-                for name, policy in resolve_policies(adapters, list(spec.policy)).items()}
+    policies = resolve_policies(adapters, list(spec.policy))
     if spec.forward_request_id - {adapter.name for adapter in adapters}:
         raise ConfigurationError("--forward-request-id must name an adapter that is served "
                                  "(--list-adapters lists them)")
@@ -106,9 +104,10 @@ class Wiring:
     """Builds Generations from the parts that outlive them (client, metrics, cache, clock, ...)
     and swaps them into the Sites, the Health and the Upkeep."""
 
-    make_gateway: Callable[[tuple, Readiness, dict[str, Guard]], Gateway]
+    make_gateway: Callable[[tuple, Readiness, dict[str, Guard], Mapping[str, Policy]], Gateway]
     make_prober: Callable[[Readiness, Gateway], Prober | None]
     clock: IReactorTime
+    workers: int = 1  # processes serving together: each Guard holds this process's share of the Pod's policy
     cache_store: object = None
     health: Health | None = None
     sites: list = field(factory=list)
@@ -116,17 +115,21 @@ class Wiring:
     current: Generation | None = None
 
     def build(self, adapters, policies: Mapping[str, Policy], unconfigured: frozenset[str] = frozenset()) -> Generation:
+        from ambassador.app.workers import share_of  # workers imports the pipeline's client: late, as service does
+
         previous = self.current
         guards = {}
+        policies = {adapter.name: policies.get(adapter.name) or resolve_policies([adapter], [])[adapter.name]
+                    for adapter in adapters}
         for adapter in adapters:
-            policy = policies.get(adapter.name) or resolve_policies([adapter], [])[adapter.name]
+            policy = share_of(policies[adapter.name], self.workers)
             kept = previous.guards.get(adapter.name) if previous is not None else None
             if kept is None or kept.policy != policy or _base_url(previous, adapter.name) != adapter.base_url:
                 kept = Guard.of(policy, self.clock)  # else its breaker and rate limit carry on
             guards[adapter.name] = kept
         readiness = Readiness.of(adapters, {name: guard.breaker for name, guard in guards.items()}, unconfigured)
         readiness.cache_store = self.cache_store  # type: ignore[assignment]  # a StoreState or None
-        gateway = self.make_gateway(adapters, readiness, guards)
+        gateway = self.make_gateway(adapters, readiness, guards, policies)
         return Generation(tuple(adapters), guards, readiness, gateway, self.make_prober(readiness, gateway))
 
     def swap(self, generation: Generation) -> None:

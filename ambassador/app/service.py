@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable
 from typing import NoReturn
 
-from attrs import evolve, define
+from attrs import define
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
@@ -35,7 +35,7 @@ from ambassador.metrics import Metrics
 from ambassador.app.mounting import Mount, check_mount_names, describe_adapters, select_adapters
 from ambassador.cache.peers import PeerFactory, Peers
 from ambassador.pipeline.guard import Guard
-from ambassador.pipeline.resilience import POLICY_HELP
+from ambassador.pipeline.resilience import POLICY_HELP, Policy
 from ambassador.pipeline.stages.ratelimit import TokenBucket
 from ambassador.shared.leases import Leases
 from ambassador.shared.ratelimit import SharedBucket, SharedLimits
@@ -533,17 +533,17 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
     if peers is not None and cache is not None:
         peering = Peers(reactor, *peers, metrics, clock=clock)
 
-    def make_gateway(adapters, readiness: Readiness, guards: dict[str, Guard]) -> Gateway:
+    def make_gateway(adapters, readiness: Readiness, guards: dict[str, Guard], policies) -> Gateway:
         if redis is not None:
             for adapter in adapters:
-                share_bucket(guards[adapter.name], adapter, redis, clock, workers, replicas)
+                share_bucket(guards[adapter.name], policies[adapter.name], adapter, redis, clock, workers * replicas)
         return Gateway(client, clock, metrics, readiness, guards, forward_request_id=settings.forward_request_id,
                        rng=rng, cache=cache, peers=peering)
 
     def make_prober(readiness: Readiness, gateway: Gateway) -> Prober | None:
         return Prober(readiness, gateway, clock, probe_interval) if probe_interval > 0 else None
 
-    wiring = Wiring(make_gateway, make_prober, clock, cache_store=redis)
+    wiring = Wiring(make_gateway, make_prober, clock, workers=workers, cache_store=redis)
     generation = wiring.build(settings.adapters, settings.policies, settings.unconfigured)
     wiring.current = generation
     if redis is not None and settings.replicas_hint is None and worker == 0 and any(
@@ -587,14 +587,12 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
     return Ambassador(service, proxy, admin, metrics, health, cache, wiring, reloader, pool)
 
 
-def share_bucket(guard: Guard, adapter, redis: RedisStore, clock, workers: int, replicas: int) -> None:
-    """``guard``'s rate limit (this process's share of ``workers``) kept in Redis for the Deployment, and
-    its share of ``replicas`` enforced here while Redis is away."""
-    policy = guard.policy
-    if not isinstance(guard.bucket, TokenBucket) or policy.rate_limit is None:
+def share_bucket(guard: Guard, pod: Policy, adapter, redis: RedisStore, clock, processes: int) -> None:
+    """``guard``'s rate limit kept in Redis for the Deployment, as the Pod's policy ``pod`` says it, and
+    this process's share of the ``processes`` (workers × replicas) enforced here while Redis is away."""
+    if not isinstance(guard.bucket, TokenBucket) or pod.rate_limit is None:
         return  # no limit, or shared already (a guard a reload kept)
-    pod = evolve(policy, rate_limit=policy.rate_limit * workers, rate_burst=policy.burst * workers)
-    alone = share_of(policy, replicas)
+    alone = share_of(pod, processes)
     assert alone.rate_limit is not None
     guard.bucket = SharedBucket(redis, adapter, clock, pod, TokenBucket(clock, alone.rate_limit, alone.burst,
                                                                         alone.rate_queue))
