@@ -1,4 +1,4 @@
-"""bench/run works end to end: with tiny durations, every scenario (S1–S7) gets its row, with numbers.
+"""bench/run works end to end: with tiny durations, every scenario (S1–S8) gets its row, with numbers.
 
 Only that: speed is measured by bench/run, never asserted in a test.
 """
@@ -47,8 +47,17 @@ def test_bench_prints_every_scenario(tmp_path):
             assert re.search(rf"^S7 mix, {mode} +{target} +\d+ +[\d.]+ +[\d.]+ .*statuses .*200 share [\d.]+; "
                              r"upstream: \d+ requests, peak \d+/s, \d+ × 429", table, re.M), table
         assert re.search(rf"^S7 mix, {mode} +go seed .*blocked", table, re.M), table
-    verdicts = [line for line in table.splitlines() if re.match(r"S\d .*ambassador", line)]
-    assert len(verdicts) == 9 and all(re.search(r"\b(PASS|MISS)\b", line) for line in verdicts), table
+    for cache in ("memory", "Redis"):
+        assert re.search(rf"^S6 added latency, {cache} miss +ambassador .*added p50 -?[\d.]+ ms", table, re.M), table
+    assert re.search(r"^S6 added latency, Redis miss .*Redis over memory: [+-]+[\d.]+ ms p50, [+-]+\d+ µs CPU",
+                     table, re.M), table
+    assert re.search(r"^S8 replicas, flat out +ambassador .*upstream: \d+ requests \(needs ≤\d+\), peak \d+/s, "
+                     r"\d+ × 429", table, re.M), table
+    assert re.search(r"^S8 replicas, cold burst +ambassador .*upstream requests: \d+ .*\d+/20 answered 200", table,
+                     re.M), table
+    verdicts = [line for line in table.splitlines() if re.match(r"S\d .*ambassador", line)
+                and not re.match(r"S6 added latency, (memory|Redis) miss", line)]
+    assert len(verdicts) == 11 and all(re.search(r"\b(PASS|MISS)\b", line) for line in verdicts), table
     workdir = re.search(r"^bench: working in (\S+)$", run.stdout, re.M)[1]
     assert not Path(workdir).exists()
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and in_directory(pid, workdir)], \
