@@ -7,6 +7,7 @@ setup(
     "credentials injected and failures made clear.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="MIT",
     python_requires=">=3.11",
     # twisted.plugins holds dropins only: it must never ship an __init__.py.
     packages=find_packages(include=["ambassador", "ambassador.*"]) + ["twisted.plugins"],

@@ -1,7 +1,10 @@
 """`twistd -n ambassador` as a real process, exactly as the README starts it."""
 
 import json
+import re
+import shlex
 import signal
+from pathlib import Path
 
 import pytest_twisted
 from twisted.internet import defer
@@ -215,3 +218,42 @@ async def test_a_usage_error_prints_its_line_and_a_pointer_not_the_help(tmp_path
         assert "Traceback" not in output and "abc" not in output.replace("--nope", "")
     output, code = await run_twistd("ambassador", "--help", env={"COLUMNS": "wide"}, cwd=tmp_path)
     assert code == 0 and "--max-connections" in output and "Traceback" not in output
+
+
+def readme_run_command() -> str:
+    """The README's install-and-run command: the first sh block after "Install and run"."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    return re.search(r"Install and run \(.*?```sh\n(.*?)\n```", readme, re.S).group(1)
+
+
+def test_the_readme_command_pastes_into_a_shell():
+    command = readme_run_command()
+    assert "\n" not in command
+    words = list(shlex.shlex(command, posix=True, punctuation_chars=True))
+    assert not {"<", ">", ">>", "|"} & set(words)  # no placeholder the shell reads as a redirection
+    assert words[:4] == ["python3", "-m", "venv", ".venv"]  # PEP 668: never a bare pip install
+    assert words.count("&&") == 2 and ".venv/bin/pip" in words and ".venv/bin/twistd" in words
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_readme_command_started_twice_in_one_directory(fake_tmdb, tmp_path):
+    """The command's twistd part, twice at once in one directory (each on a port of its own): no pid
+    file to collide on, both serve."""
+    words = shlex.split(readme_run_command().rsplit("&&", 1)[1])
+    environ = dict(word.split("=", 1) for word in words if re.match(r"[A-Z_]+=", word))
+    twistd_options = words[words.index(".venv/bin/twistd") + 1:words.index("ambassador")]
+    assert twistd_options[0] == "-n"  # spawn_ambassador gives -n itself
+    fake_tmdb.api_keys.add(environ["TMDB_API_KEY"])
+    processes = [spawn_ambassador("--port", "0", "--admin-port", "none", twistd_options=twistd_options[1:],
+                                  env=tmdb_env(fake_tmdb, **environ), cwd=tmp_path) for _ in range(2)]
+    try:
+        for process in processes:
+            response, _ = await get(f"http://127.0.0.1:{await process.listening}/movies")
+            assert response.code == 200
+        assert fake_tmdb.requests[0].param("api_key") == environ["TMDB_API_KEY"]
+        assert not (tmp_path / "twistd.pid").exists()
+    finally:
+        for process in processes:
+            process.transport.signalProcess(signal.SIGTERM)
+    for process in processes:
+        assert await process.ended == (0, None), process.output.decode()
