@@ -278,7 +278,7 @@ def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
     return _Configured(
         adapter=adapter,
         name=name,
-        base_url=adapter.base_url if origin is None else origin + base_path,
+        base_url=adapter.base_url if origin is None else origin + (base_path or ""),
         credential=credential,
         secret_params=adapter.secret_params | secret_params,
         policy_defaults=tuple(getattr(adapter, "policy_defaults", None) or ()) + _policy(entry),
