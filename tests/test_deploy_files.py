@@ -25,6 +25,8 @@ PROBE_PATHS = {"livenessProbe": "/healthz", "readinessProbe": "/readyz", "startu
 #: Volume types the restricted Pod Security Standard allows.
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                       "projected", "secret"}
+#: SELinux types the baseline standard (which restricted includes) allows.
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
 
 
 def documents(path: Path) -> list[dict]:
@@ -108,6 +110,11 @@ def restricted_violations(spec: dict) -> list[str]:
             found.append(f"{name}: hostPort")
         if context.get("procMount", "Default") != "Default":
             found.append(f"{name}: procMount")
+        selinux = context.get("seLinuxOptions", pod.get("seLinuxOptions", {}))
+        if set(selinux) - {"type", "level"} or selinux.get("type", "") not in SELINUX_TYPES:
+            found.append(f"{name}: seLinuxOptions")
+        if context.get("appArmorProfile", pod.get("appArmorProfile", {})).get("type") == "Unconfined":
+            found.append(f"{name}: appArmorProfile Unconfined")
         if context.get("readOnlyRootFilesystem") is not True:
             found.append(f"{name}: readOnlyRootFilesystem is not true")
     return found
@@ -197,6 +204,7 @@ def test_pod_meets_the_restricted_pod_security_standard(name, kind, spec):
     (lambda pod: pod["containers"][1]["securityContext"].update(readOnlyRootFilesystem=False),
      "readOnlyRootFilesystem"),
     (lambda pod: pod.update(hostNetwork=True), "hostNetwork"),
+    (lambda pod: pod["securityContext"].update(seLinuxOptions={"type": "spc_t"}), "seLinuxOptions"),
     (lambda pod: pod.setdefault("volumes", []).append({"name": "host", "hostPath": {"path": "/"}}), "hostPath"),
 ])
 def test_the_pod_security_check_finds_what_breaks_the_standard(change, violation):
@@ -235,7 +243,8 @@ def test_ambassador_proxy_port_is_reached_from_the_pod_only(name, spec, containe
     # A Service sends to a port by number or by the name of a container's port.
     names = {port.get("name") for port in container.get("ports", [])} - {None}
     for service in services:
-        assert not {port["targetPort"] for port in service["spec"]["ports"]} & ({admin, proxy} | names)
+        targets = {port.get("targetPort", port["port"]) for port in service["spec"]["ports"]}
+        assert not targets & ({admin, proxy} | names)
 
 
 def test_jobs_run_the_ambassador_as_a_native_sidecar():
