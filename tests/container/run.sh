@@ -176,8 +176,8 @@ reads_key_file() {
 }
 check "readiness: GET localhost:9901/readyz answers 200, the key read from TMDB_API_KEY_FILE" reads_key_file
 check "main container: curl localhost:8080/movies returns the fake TMDB's movies" got_movies "$(movies)"
-# The kubelet updates a Secret volume by renaming: so does rotate(), in the
-# volume podman made (podman 4.3 cannot update a secret in place).
+# The kubelet swaps a Secret volume's content in one rename (of its ..data
+# link): rotate() renames the key file in the volume podman made from the secret.
 volume=$(podman volume inspect --format '{{.Mountpoint}}' themoviedb)
 rotate() {  # rotate KEY: the Secret's new value, then waits until the ambassador says it read it
     local before
@@ -196,7 +196,7 @@ refused() {  # refused ANSWER: 502 credential-rejected, from the ambassador that
     [ "${1##*$'\n'}" = 502 ] && grep -q credential-rejected <<<"$1" &&
         [ "$(podman inspect --format '{{.State.StartedAt}}' "$ctr")" = "$started_at" ]
 }
-# Each request asks another page: no cached answer stands in for the upstream's.
+# Each request asks another URL: no cached answer stands in for the upstream's.
 check "Secret rotated to a key the fake TMDB refuses: the ambassador reads it within 5 s" rotate "$rotated_key"
 check "  ... and the next request is refused with it (502 credential-rejected), without a restart" \
     refused "$(movies '?page=2')"
