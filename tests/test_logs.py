@@ -5,13 +5,14 @@ from datetime import datetime, UTC
 
 import pytest
 import pytest_twisted
-from twisted.logger import Logger, formatEvent, formatEventAsClassicLogText
+from twisted.logger import LogLevel, Logger, formatEvent, formatEventAsClassicLogText
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from ambassador.web.limits import InboundLimits
 from ambassador.logs import event_as_json, event_as_text, format_event
 from ambassador.app.service import Options
+from ambassador.pipeline.resilience import Policy
 from conftest import get, raw_exchange, tmdb_env
 from test_metrics import samples
 
@@ -210,6 +211,23 @@ async def test_access_log_says_which_answers_get_a_line_and_metrics_count_all(fa
     assert [e["status"] for e in log_events if e.get("log_namespace") == "ambassador.access"] == logged
     counted = samples(ambassador.metrics.exposition())
     assert sum(v for (name, _), v in counted.items() if name == "ambassador_requests_total") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_lines_of_5xx_answers_are_warnings_the_others_info(fake_tmdb, start_ambassador, log_events):
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"),
+                                        policies={"tmdb": Policy(retries=0)})
+    assert (await get(ambassador.url + "/movies"))[0].code == 200
+    assert (await get(ambassador.url + "/unknown"))[0].code == 404
+    fake_tmdb.fault = "reset"
+    assert (await get(ambassador.url + "/movies?page=2"))[0].code == 502
+    too_large = b"GET /movies HTTP/1.1\r\nX-Big: " + b"a" * (InboundLimits().max_line + 1) + b"\r\n\r\n"
+    assert (await raw_exchange(ambassador.url, too_large))[0] == 431  # refused before it was read whole
+    access = [e for e in log_events if e.get("log_namespace") == "ambassador.access"]
+    assert [(e["status"], e["log_level"]) for e in access] == [
+        (200, LogLevel.info), (404, LogLevel.info), (502, LogLevel.warn), (431, LogLevel.info)]
+    assert json.loads(event_as_json(access[2]))["level"] == "warn"
+    assert "[ambassador.access#warn] GET /movies?page=2 502 " in event_as_text(access[2])
 
 
 def test_access_log_choices_are_checked():
