@@ -5,6 +5,7 @@ import json
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent
 
 from ambassador.credentials.sources import FILE_POLL_INTERVAL
 from ambassador.pipeline.resilience import Policy
@@ -156,6 +157,40 @@ async def test_credential_reloads_are_counted(fake_tmdb, start_ambassador, tmp_p
     assert samples(exposition)[("ambassador_credential_reloads_total", frozenset({("adapter", "tmdb")}))] == 1
     await get(ambassador.url + "/movies")
     assert fake_tmdb.requests[-1].param("api_key") == "rotated-api-key"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rejected_credential_is_logged_once_per_value_and_again_when_accepted(fake_tmdb, start_ambassador,
+                                                                                       tmp_path, log_events):
+    clock = Clock()
+    key = tmp_path / "key"
+    key.write_text("caller-own-key")  # not a key the fake takes
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY_FILE=str(key)), clock=clock)
+    tmdb = ambassador.readiness["tmdb"].adapter
+
+    def credential_events():
+        return [e for e in log_events if "the credential" in formatEvent(e)]
+
+    for page in (1, 2, 3):
+        assert (await get(ambassador.url + f"/movies?page={page}"))[0].code == 502
+    [rejected] = credential_events()
+    first = tmdb.credential.fingerprint()
+    assert rejected["log_level"] == LogLevel.warn and (rejected["fingerprint"], rejected["status"]) == (first, 401)
+    assert formatEvent(rejected) == (f"The tmdb service rejected the credential with fingerprint {first} (status "
+                                     "401); its answers are 502 credential-rejected until it takes one")
+    key.write_text("rotated-api-key")  # rotated to another value the upstream rejects: logged again
+    clock.advance(FILE_POLL_INTERVAL)
+    for page in (4, 5):
+        assert (await get(ambassador.url + f"/movies?page={page}"))[0].code == 502
+    second = tmdb.credential.fingerprint()
+    assert second != first and [e["fingerprint"] for e in credential_events()] == [first, second]
+    key.write_text("test-api-key")
+    clock.advance(FILE_POLL_INTERVAL)
+    for page in (6, 7):
+        assert (await get(ambassador.url + f"/movies?page={page}"))[0].code == 200
+    accepted = credential_events()[2:]
+    assert [(e["log_level"], formatEvent(e)) for e in accepted] == [
+        (LogLevel.info, f"The tmdb service accepts the credential again (fingerprint {tmdb.credential.fingerprint()})")]
 
 
 @pytest_twisted.ensureDeferred

@@ -99,10 +99,10 @@ class Gateway:
             answer = adapter.interpret(inbound, response)
         except Problem as problem:
             if problem.kind == "credential-rejected":
-                state.credential_rejected = True
+                state.credential_refused(response.status)
             raise
         if answer.status < 500:
-            state.credential_rejected = False  # the upstream took the credential
+            state.credential_accepted()
         return answer
 
 
