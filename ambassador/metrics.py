@@ -21,6 +21,12 @@ from ambassador.pipeline.stages.breaker import CLOSED, HALF_OPEN, OPEN
 # hits up to the 10 s default deadline.
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# The problem kinds (docs/problems.md) that say how the outside service or the ambassador's own limits
+# answered a routed request: each served adapter has their series from the start. Other kinds (the
+# caller's mistakes, an adapter's own) are counted from their first answer.
+PROBLEM_KINDS = ("credential-missing", "credential-rejected", "circuit-open", "concurrency-limit", "rate-limited",
+                 "upstream-unreachable", "upstream-timeout", "upstream-too-large", "upstream-bad-answer",
+                 "upstream-error", "upstream-unavailable", "upstream-rate-limited", "internal-error")
 CACHE_OUTCOMES = ("hit", "miss", "refreshed", "revalidated", "stale-while-revalidate", "stale-if-error",
                   "collapsed", "bypass")
 
@@ -66,6 +72,9 @@ class Metrics:
                                  "(--workers), by outcome: relayed (it answered), fallback (it could not be "
                                  "asked; this process fetched from the upstream itself).", ["outcome"],
                                  registry=r)
+        self.problems = Counter("ambassador_problems", "Problem answers (application/problem+json) by kind "
+                                "(docs/problems.md); adapter is empty for a request no route took.",
+                                ["adapter", "kind"], registry=r)
         self.reloads = Counter("ambassador_reloads", "Configuration reloads (SIGHUP), by outcome: ok, error "
                                "(the running configuration stayed).", ["outcome"], registry=r)
         for outcome in ("ok", "error"):
@@ -81,6 +90,8 @@ class Metrics:
         self.cache_answers_of(adapter)
         for counter in (self.retries, self.rate_limit_waits, self.rate_limit_rejections, self.concurrency_rejections):
             counter.labels(adapter)
+        for kind in PROBLEM_KINDS:
+            self.problems.labels(adapter, kind)
 
     def cache_answers_of(self, adapter: str) -> dict:
         """The cache-answer label children of one adapter, by outcome."""

@@ -13,6 +13,7 @@ from twisted.logger import LogLevel, formatEvent
 
 from ambassador import __version__ as ambassador_version
 from ambassador.credentials.sources import FILE_POLL_INTERVAL
+from ambassador.metrics import PROBLEM_KINDS
 from ambassador.pipeline.resilience import Policy
 from conftest import SECRETS, get, header, tmdb_env
 
@@ -85,6 +86,7 @@ AT_ZERO = {
     "ambassador_cache_answers_total": [{"outcome": o} for o in ("hit", "miss", "refreshed", "revalidated",
                                                                  "stale-while-revalidate", "stale-if-error",
                                                                  "collapsed", "bypass")],
+    "ambassador_problems_total": [{"kind": k} for k in PROBLEM_KINDS],
     "ambassador_upstream_retries_total": [{}], "ambassador_rate_limit_waits_total": [{}],
     "ambassador_rate_limit_rejections_total": [{}], "ambassador_concurrency_rejections_total": [{}],
 }
@@ -204,6 +206,9 @@ async def test_metrics_after_a_known_sequence(fake_tmdb, start_ambassador):
     assert value("ambassador_cache_entries") == 1  # TMDB's 404 says nothing about caching
     assert 1000 < value("ambassador_cache_bytes") < 2000 and value("ambassador_cache_max_bytes") == 64 * 2**20
     assert value("ambassador_requests_in_flight", adapter="tmdb") == 0
+    assert value("ambassador_problems_total", adapter="", kind="not-found") == 1
+    assert value("ambassador_problems_total", adapter="tmdb", kind="upstream-unreachable") == 1
+    assert value("ambassador_problems_total", adapter="tmdb", kind="upstream-timeout") == 0
     assert value("ambassador_credential_present", adapter="tmdb") == 1
     assert value("ambassador_adapter_ready", adapter="tmdb") == 1
     label_values = {v for (_, labels) in values for _, v in labels}

@@ -276,6 +276,7 @@ class ProxyFactory(LimitedSite):
 
     def refused(self, problem: Problem, request_id: str) -> None:
         self._unmatched.answered(problem.status, 0.0)
+        self._metrics.problems.labels("", problem.kind).inc()
         if problem.status < self._log_from:
             return
         log_access(problem.status, "Refused {status} {problem} id={request_id}", problem=problem.kind,
@@ -358,6 +359,7 @@ class ProxyFactory(LimitedSite):
 
     def answer_problem(self, request, problem: Problem) -> None:
         request.problem = problem.kind
+        self._metrics.problems.labels(request.handler.adapter.name if request.handler else "", problem.kind).inc()
         body = problem.body(instance=request.path.decode("latin-1"), request_id=request.id)
         self._finish(request, problem.status,
                      [("X-Request-ID", request.id), ("Content-Type", PROBLEM_CONTENT_TYPE), *problem.headers], body)
