@@ -24,6 +24,7 @@ import re
 import sys
 import threading
 import time
+from string import Formatter
 from typing import Any
 from datetime import datetime, UTC
 
@@ -38,14 +39,45 @@ _NOT_FIELDS = frozenset({"format", "message", "time", "level", "logger"})
 
 def format_event(event: dict) -> str:
     """The event's text, as Twisted's ``formatEvent`` gives it from the fields as ``shown``."""
-    event = _shown_fields(event)
     text = event.get("log_format")
     if isinstance(text, str) and "log_flattened" not in event:
-        try:
-            return text.format_map(event)
-        except Exception:
-            pass  # Twisted's formatting: calls, or its text saying why it could not
-    return formatEvent(event)
+        names = _names_in(text)
+        if names is not None:
+            try:
+                if _AS_IS.issuperset(map(type, map(event.__getitem__, names))):  # the usual event, at C speed
+                    return text.format_map(event)
+                values = dict(zip(names, map(event.__getitem__, names)))
+                for name, value in values.items():
+                    if type(value) not in _AS_IS:
+                        values[name] = shown(value)
+                return text.format_map(values)
+            except Exception:
+                pass  # Twisted's formatting: calls, or its text saying why it could not
+    return formatEvent(_shown_fields(event))
+
+
+# The names of the fields each format string reads (one per call site: a bounded set), or None for one
+# with positional fields, which only Twisted's formatting deals with.
+_names_by_format: dict[str, tuple[str, ...] | None] = {}
+
+
+def _names_in(text: str) -> tuple[str, ...] | None:
+    try:
+        return _names_by_format[text]
+    except KeyError:
+        pass
+    if len(_names_by_format) > 1000:  # bounded all the same
+        _names_by_format.clear()
+    names: tuple[str, ...] | None
+    try:
+        fields = [field for _, field, _, _ in Formatter().parse(text) if field is not None]
+        names = tuple(dict.fromkeys(re.split(r"[.\[]", field, maxsplit=1)[0] for field in fields))
+        if any(not name or name.isdigit() for name in names):
+            names = None
+    except ValueError:  # not a format string: Twisted says so
+        names = None
+    _names_by_format[text] = names
+    return names
 
 
 _AS_IS = frozenset({str, int, float, bool})
@@ -99,7 +131,9 @@ def _escape(match: re.Match) -> str:
 
 def escaped(text: str) -> str:
     """``text`` on one line with no control character: ``\\n``, ``\\r``, ``\\t``, ``\\\\``, ``\\x1b``, ``\\u2028``."""
-    return _UNSAFE_TEXT.sub(_escape, text) if _UNSAFE_TEXT.search(text) else text
+    if text.isprintable() and "\\" not in text:  # the usual line, at C speed
+        return text
+    return _UNSAFE_TEXT.sub(_escape, text)
 
 
 class PerSecond:
@@ -161,7 +195,9 @@ def event_as_json(event: dict) -> str:
     except (TypeError, ValueError, RecursionError):  # a container holding such a value, or itself
         line = _to_json({key: value if isinstance(value, _PLAIN) else repr(value) for key, value in document.items()})
     # JSON escapes C0 controls itself; DEL, C1 and U+2028/9 are valid in a JSON string, but not in a terminal
-    return _UNSAFE_IN_JSON.sub(_json_escape, line) if _UNSAFE_IN_JSON.search(line) else line
+    if line.isascii() and "\x7f" not in line:  # the usual line, at C speed
+        return line
+    return _UNSAFE_IN_JSON.sub(_json_escape, line)
 
 
 _UNSAFE_IN_JSON = re.compile(r"[\x7f-\x9f\u2028\u2029]")
