@@ -6,12 +6,15 @@ JSON: each event becomes one JSON object on stdout: ``time`` (UTC, ISO 8601),
 (request_id, status, ...). Fields that are not plain JSON values are shown as
 text; Twisted's internal ``log_*`` keys are left out.
 
-Text: the lines twistd itself writes (``2026-11-26T09:17:55+0000 [ambassador.access#info] GET …``).
+Text: the lines twistd itself writes (``2026-11-26T09:17:55+0000 [ambassador.access#info] GET …``),
+each ``escaped`` onto one line: a caller's CR, LF or ESC in a path or header can neither
+break a line nor forge one. JSON lines escape what JSON leaves as is (DEL, C1, U+2028/9).
 
-An event's text (``message``, the text line) is Twisted's ``formatEvent``'s:
-``format_event`` gives it by ``str.format_map`` (a twelfth of the cost for the
-access line, one per request) and leaves to Twisted what that cannot format
-(calls such as ``{c()}``, a missing field, flattened events).
+An event's text (``message``, the text line) is Twisted's ``formatEvent``'s with
+its fields ``shown`` (no Python reprs: None is "-"): ``format_event`` gives it by
+``str.format_map`` (a twelfth of the cost for the access line, one per request)
+and leaves to Twisted what that cannot format (calls such as ``{c()}``, a
+missing field, flattened events). This module is the one place both are done.
 """
 
 from __future__ import annotations
