@@ -57,6 +57,8 @@ class Gateway:
         self._forward_request_id = forward_request_id
         self._caching = Caching(cache, metrics, peers)
         rng = rng or random.Random()
+        for name in guards:
+            metrics.serve(name)
         self._chains = {name: _chain(guard, client, clock, metrics, name, rng) for name, guard in guards.items()}
         self._probes = {name: _probe_chain(guard, client, clock, metrics, name) for name, guard in guards.items()}
 
@@ -99,10 +101,10 @@ class Gateway:
             answer = adapter.interpret(inbound, response)
         except Problem as problem:
             if problem.kind == "credential-rejected":
-                state.credential_rejected = True
+                state.credential_refused(response.status)
             raise
         if answer.status < 500:
-            state.credential_rejected = False  # the upstream took the credential
+            state.credential_accepted()
         return answer
 
 

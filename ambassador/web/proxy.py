@@ -24,12 +24,11 @@ from ambassador.pipeline.answers import HOP_BY_HOP_HEADERS, hop_by_hop
 from ambassador.credentials.sources import FileSecret
 from ambassador.exchange import Answer, InboundRequest, Route, Trace, resembles_param
 from ambassador.interfaces import ConfigurationError, IExternalAdapter
-from ambassador.web.limits import InboundLimits, LimitedSite, new_request_id
+from ambassador.web.limits import InboundLimits, LimitedSite, log_access, new_request_id
 from ambassador.metrics import Metrics, RouteMetrics
 from ambassador.problems import PROBLEM_CONTENT_TYPE, Problem, not_found
 
 log = Logger(namespace="ambassador")
-access_log = Logger(namespace="ambassador.access")
 #: ``--access-log`` choices: the lowest status that gets an access-log event (above any status: none).
 ACCESS_LOG_FROM = {"all": 0, "errors": 400, "none": 1000}
 
@@ -277,10 +276,11 @@ class ProxyFactory(LimitedSite):
 
     def refused(self, problem: Problem, request_id: str) -> None:
         self._unmatched.answered(problem.status, 0.0)
+        self._metrics.problems.labels("", problem.kind).inc()
         if problem.status < self._log_from:
             return
-        access_log.info("Refused {status} {problem} id={request_id}", status=problem.status,
-                        problem=problem.kind, request_id=request_id)
+        log_access(problem.status, "Refused {status} {problem} id={request_id}", problem=problem.kind,
+                   request_id=request_id)
 
     def drain(self, grace_period: float) -> defer.Deferred:
         """Fires when no request is in flight, or after ``grace_period`` seconds, whichever is first."""
@@ -359,6 +359,7 @@ class ProxyFactory(LimitedSite):
 
     def answer_problem(self, request, problem: Problem) -> None:
         request.problem = problem.kind
+        self._metrics.problems.labels(request.handler.adapter.name if request.handler else "", problem.kind).inc()
         body = problem.body(instance=request.path.decode("latin-1"), request_id=request.id)
         self._finish(request, problem.status,
                      [("X-Request-ID", request.id), ("Content-Type", PROBLEM_CONTENT_TYPE), *problem.headers], body)
@@ -409,13 +410,13 @@ class ProxyFactory(LimitedSite):
         metrics.answered(status, duration)
         if status < self._log_from:  # the access line costs about a third of a cache hit's CPU
             return
-        access_log.info(
+        log_access(
+            status,
             "{method} {path} {status} {duration_ms}ms adapter={adapter} route={route} "
             "upstream={upstream_status} attempts={attempts} cache={cache} id={request_id}",
             request_id=request.id,
             method=request.method.decode("latin-1"),
             path=_redacted_uri(request.uri, secret_params),
-            status=status,
             adapter=adapter,
             route=route,
             upstream_status=trace.upstream_status,
