@@ -188,7 +188,7 @@ class Tracing:
         stopping.start()
         stopping.join(bound)
         if stopping.is_alive():
-            log.warn("Spans not all exported within {bound} s of stopping: the rest are dropped", bound=bound)
+            log.warn("Spans not all exported within {bound:g} s of stopping: the rest are dropped", bound=bound)
 
 
 @lru_cache(maxsize=64)
