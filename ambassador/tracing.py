@@ -117,19 +117,20 @@ class Tracing:
 
     # -- the inbound request (ambassador.web.proxy)
 
-    def server_span(self, headers: Mapping[str, str], method: str, path: str):
+    def server_span(self, headers: Mapping[str, str], method: str):
         """The span of an inbound request, continuing the caller's trace when it sent a ``traceparent``."""
         context = self._propagator.extract(headers) if "traceparent" in headers else None
         method = method if method in _KNOWN_METHODS else "_OTHER"
         return self._tracer.start_span(method, context=context, kind=self._server, attributes={
-            "http.request.method": method, "url.scheme": "http", "url.path": path})
+            "http.request.method": method, "url.scheme": "http"})
 
     @staticmethod
-    def routed(span, method: str, template: str, adapter: str) -> None:
-        """The request was routed to ``adapter``'s route ``template`` (``/movies``, ``/tmdb/{path}``)."""
+    def routed(span, method: str, path: str, template: str, adapter: str) -> None:
+        """The request for ``path`` (checked plain: ``ambassador.web.proxy``) was routed to ``adapter``'s
+        route ``template`` (``/movies``, ``/tmdb/{path}``)."""
         if span.is_recording():
             span.update_name(f"{method if method in _KNOWN_METHODS else '_OTHER'} {template}")
-            span.set_attributes({"http.route": template, "ambassador.adapter": adapter})
+            span.set_attributes({"http.route": template, "url.path": path, "ambassador.adapter": adapter})
 
     def answered(self, span, status: int, cache: str | None, problem: str | None) -> None:
         """Ends the server span with what the caller was answered (499: it left first)."""

@@ -283,6 +283,7 @@ def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
     entry.only(["type", "base_url", "timeout", "policy", "credential", "propagate_trace"])
     origin, base_path = _base_url(entry)
     credential, secret_params = adapter.credential, frozenset[str]()
+    propagate = entry.flag("propagate_trace")
     section = entry.section("credential")
     if section is not None:
         credential, secret_params = _credential(name, section, environ)
@@ -293,12 +294,8 @@ def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
         credential=credential,
         secret_params=adapter.secret_params | secret_params,
         policy_defaults=tuple(getattr(adapter, "policy_defaults", None) or ()) + _policy(entry),
-        propagate_trace=_or(entry.flag("propagate_trace"), bool(getattr(adapter, "propagate_trace", False))),
+        propagate_trace=bool(getattr(adapter, "propagate_trace", False)) if propagate is None else propagate,
     )
-
-
-def _or(given: bool | None, default: bool) -> bool:
-    return default if given is None else given
 
 
 def _credential(adapter: str, section: Section, environ) -> tuple[ICredential, frozenset[str]]:

@@ -53,6 +53,7 @@ _ACCEPTABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}\Z")
 # nginx's status for a request whose caller closed the connection before the answer.
 CLIENT_CLOSED_REQUEST = 499
 _NO_BODY_STATUSES = frozenset({204, 304})
+_NO_IDS: dict[str, str] = {}  # the access log's trace ids, tracing off
 
 
 class Answering(Protocol):
@@ -315,8 +316,7 @@ class ProxyFactory(LimitedSite):
         request.gone = False
         request.trace = Trace()
         if self._tracing is not None:
-            request.trace.span = self._tracing.server_span(request.headers, request.method.decode("latin-1"),
-                                                           request.path.decode("latin-1"))
+            request.trace.span = self._tracing.server_span(request.headers, request.method.decode("latin-1"))
         request.notifyFinish().addErrback(self._gone, request)
         resource = super().getResourceFor(request)
         problem = _target_problem(request.uri)
@@ -338,7 +338,8 @@ class ProxyFactory(LimitedSite):
         request.handler = handler
         handler.metrics.in_flight.inc()
         if request.trace.span is not None:
-            Tracing.routed(request.trace.span, request.method.decode("latin-1"), handler.template, handler.adapter.name)
+            Tracing.routed(request.trace.span, request.method.decode("latin-1"), request.path.decode("latin-1"),
+                           handler.template, handler.adapter.name)
         try:
             inbound = handler.inbound(request, segments)
         except Problem as problem:
@@ -418,7 +419,7 @@ class ProxyFactory(LimitedSite):
             adapter, route = handler.adapter.name, handler.route.name
             secret_params, metrics = handler.adapter.secret_params, handler.metrics
         metrics.answered(status, duration)
-        ids = {}
+        ids = _NO_IDS
         if trace.span is not None and self._tracing is not None:
             self._tracing.answered(trace.span, status, trace.cache, request.problem)
             ids = Tracing.log_ids(trace.span)
