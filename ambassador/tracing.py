@@ -156,11 +156,12 @@ class Tracing:
 
     def client_span(self, parent, method: str, base_url: str, path: str, resend_count: int):
         """The span of one attempt, a child of the inbound request's span ``parent``. ``path`` is the
-        upstream path alone: the query, where a credential may be, is never in a span."""
-        scheme, host, port = _origin(base_url)
+        request's path, below the base URL's own (a plugin's may have one): the query, where a credential
+        may be, is never in a span."""
+        scheme, host, port, prefix = _parts(base_url)
         method = method if method in _KNOWN_METHODS else "_OTHER"
         attributes: dict[str, Any] = {"http.request.method": method, "server.address": host,
-                                      "server.port": port, "url.scheme": scheme, "url.path": path}
+                                      "server.port": port, "url.scheme": scheme, "url.path": prefix + path}
         if resend_count:
             attributes["http.request.resend_count"] = resend_count
         return self._tracer.start_span(method, context=self._in_context(parent), kind=self._client,
@@ -194,9 +195,11 @@ class Tracing:
 
 
 @lru_cache(maxsize=64)
-def _origin(base_url: str) -> tuple[str, str, int]:
+def _parts(base_url: str) -> tuple[str, str, int, str]:
+    """Scheme, host, port and path prefix of an adapter's base URL (checked when it was configured)."""
     parts = urlsplit(base_url)
-    return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    return (parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80),
+            parts.path.rstrip("/"))
 
 
 class _ToTwistedLog(logging.Handler):

@@ -122,7 +122,7 @@ def _config(tmp_path, fake_tmdb, fake_api) -> str:
 adapters:
   tmdb:
     type: tmdb
-    base_url: {fake_tmdb.base_url}
+    base_url: {fake_tmdb.base_url}/egress
     policy: {{backoff_base: 0.01, backoff_cap: 0.01}}
   traced:
     mount: /traced
@@ -156,6 +156,7 @@ def _servers(spans, route):
 @pytest_twisted.ensureDeferred
 async def test_spans_of_requests_are_exported_with_their_links_and_never_a_secret(collector, fake_tmdb, fake_api,
                                                                                   tmp_path):
+    fake_tmdb.base_path = "/egress"  # TMDB below an egress gateway's path: url.path says the whole path
     process = spawn_ambassador("--port", "0", "--admin-port", "none", "--log-format", "json",
                                "--config", _config(tmp_path, fake_tmdb, fake_api),
                                env=_tracing_env(collector, fake_tmdb), cwd=tmp_path)
@@ -197,7 +198,7 @@ async def test_spans_of_requests_are_exported_with_their_links_and_never_a_secre
     assert attempt.trace_id == CALLER_TRACE
     assert attempt.attributes["server.address"] == "127.0.0.1"
     assert attempt.attributes["server.port"] == int(fake_tmdb.base_url.rsplit(":", 1)[1])
-    assert attempt.attributes["url.path"] == "/3/discover/movie"
+    assert attempt.attributes["url.path"] == "/egress/3/discover/movie"  # below the base URL's path
     assert attempt.attributes["http.response.status_code"] == 200
     assert "http.request.resend_count" not in attempt.attributes
     assert (logged["miss"]["trace_id"], logged["miss"]["span_id"]) == (miss.trace_id, miss.span_id)
