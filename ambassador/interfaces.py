@@ -59,6 +59,9 @@ class IExternalAdapter(Interface):
                            "credential is bad; used by --probe-interval. Absent or None: not probed.")
     max_response_bytes = Attribute("Optional: the longest upstream answer read, in bytes; a longer one is "
                                    "a 502. Absent: ambassador.pipeline.client.DEFAULT_MAX_RESPONSE_BYTES (10 MiB).")
+    propagate_trace = Attribute("Optional: True to send the W3C traceparent (and tracestate) of each attempt's span "
+                                "to the outside service when tracing is on. Absent or False: the trace stops at "
+                                "the ambassador (the config file's propagate_trace overrides it).")
 
     def upstream_request(inbound):
         """

@@ -47,6 +47,7 @@ Config file (--config FILE, YAML; secrets only by reference, never written in it
       probe_path: /status     http: cheap GET for --probe-interval (default: not probed)
       timeout: SECONDS        per adapter (policy timeout); --timeout and --policy override it
       policy: {KEY: VALUE}    per adapter: the --policy keys (retries, rate_limit …); --policy overrides
+      propagate_trace: false  true: send the trace's traceparent upstream (tracing on only; docs/tracing.md)
       credential:             http: required; plugin: replaces what its variables configure
         style: query | header | bearer | basic | oauth2
         secret: {env: VAR} | {file: /path}              query, header, bearer
@@ -120,6 +121,12 @@ class Section:
             raise self.error(key, expected)
         return value
 
+    def flag(self, key: str) -> bool | None:
+        value = self.data.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise self.error(key, "true or false")
+        return value
+
     def seconds(self, key: str) -> float | None:
         value = self.get(key, (int, float), "a positive number of seconds")
         if value is not None and not value > 0:
@@ -187,7 +194,8 @@ def adapters_from_file(path: str, environ: Mapping[str, str], plugins: Iterable,
 
 
 def _http_adapter(name: str, entry: Section, environ) -> HTTPAdapter:
-    entry.only(["type", "mount", "base_url", "methods", "paths", "probe_path", "timeout", "policy", "credential"])
+    entry.only(["type", "mount", "base_url", "methods", "paths", "probe_path", "timeout", "policy", "credential",
+                "propagate_trace"])
     mount = entry.text("mount", "a path like /weather", pattern=_MOUNT, required=True)
     if {".", ".."} & set(mount.split("/")):
         raise entry.error("mount", "a path like /weather")
@@ -209,6 +217,7 @@ def _http_adapter(name: str, entry: Section, environ) -> HTTPAdapter:
         secret_params=secret_params,
         probe_path=entry.text("probe_path", "a path like /status", pattern=_PATH),
         policy_defaults=_policy(entry),
+        propagate_trace=bool(entry.flag("propagate_trace")),
     )
 
 
@@ -249,6 +258,8 @@ class _Configured:
     credential: ICredential
     secret_params: frozenset[str]
     policy_defaults: tuple[tuple[str, str], ...]
+    propagate_trace: bool
+
     @property
     def max_response_bytes(self) -> int:
         return getattr(self.adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
@@ -269,9 +280,10 @@ class _Configured:
 
 
 def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
-    entry.only(["type", "base_url", "timeout", "policy", "credential"])
+    entry.only(["type", "base_url", "timeout", "policy", "credential", "propagate_trace"])
     origin, base_path = _base_url(entry)
     credential, secret_params = adapter.credential, frozenset[str]()
+    propagate = entry.flag("propagate_trace")
     section = entry.section("credential")
     if section is not None:
         credential, secret_params = _credential(name, section, environ)
@@ -282,6 +294,7 @@ def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
         credential=credential,
         secret_params=adapter.secret_params | secret_params,
         policy_defaults=tuple(getattr(adapter, "policy_defaults", None) or ()) + _policy(entry),
+        propagate_trace=bool(getattr(adapter, "propagate_trace", False)) if propagate is None else propagate,
     )
 
 
