@@ -41,6 +41,9 @@ from ambassador.shared.leases import Leases
 from ambassador.shared.ratelimit import SharedBucket, SharedLimits
 from ambassador.cache.redisstore import RedisStore, parse_redis_url
 from ambassador.pipeline.client import UpstreamClient
+from ambassador.pipeline.egress import egress_of
+from ambassador.pipeline.proxies import ProxyEnvironment
+from ambassador.pipeline.trust import read_ca_file
 from ambassador.pipeline.gateway import Gateway
 from ambassador.web.proxy import ACCESS_LOG_FROM, ProxyFactory
 from ambassador.app.workers import (PEER_DIR_VARIABLE, WORKER_VARIABLE, AdoptedEndpoint, WorkerPool, accept_one_at_a_time,
@@ -153,6 +156,9 @@ class Options(usage.Options):
          "How many replicas share the Redis of --cache: while Redis is away, each enforces that share of "
          "every rate limit (default 1: each replica then allows the whole limit).",
          whole("replicas-hint")],
+        ["ca-file", None, None,
+         "A PEM file of CA certificates every adapter trusts besides the system's store (a private CA; "
+         "per adapter: ca_file in the config file). SSL_CERT_FILE and SSL_CERT_DIR replace the system's store."],
         ["config", None, None,
          "YAML file configuring the adapters to serve (several at once, generic http ones included; see "
          "below). Without it every discovered adapter is configured from its environment variables."],
@@ -211,7 +217,12 @@ class Options(usage.Options):
                  f"  {PLUGIN_DIRS_VARIABLE:32} directories of adapter dropins, separated by '{os.pathsep}' "
                  "(like --plugin-dir)",
                  f"  {CACHE_URL_VARIABLE:32} where the response cache keeps answers when --cache is not given "
-                 "(memory or redis://…; may hold a password)"]
+                 "(memory or redis://…; may hold a password)",
+                 f"  {'HTTPS_PROXY, HTTP_PROXY':32} the forward proxy for https and http upstreams, "
+                 "http://[user:password@]host:port (lower-case spellings win; a config file's proxy: overrides)",
+                 f"  {'NO_PROXY':32} what goes direct, separated by commas: *, host names, .domains, IPs, CIDRs, "
+                 "each with an optional :port",
+                 f"  {'SSL_CERT_FILE, SSL_CERT_DIR':32} where OpenSSL finds the system's CA certificates"]
         for plugin in discover_adapters().adapters:
             lines.append(f"  {plugin.name}: {plugin.description}")
             for setting in plugin.settings:
@@ -269,6 +280,11 @@ class Options(usage.Options):
         check_endpoint(reactor, "--port", endpoint)
         if admin_endpoint is not None:
             check_endpoint(reactor, "--admin-port", admin_endpoint)
+        try:
+            proxies = ProxyEnvironment.from_environ(os.environ)
+            ca_certificates = () if self["ca-file"] is None else read_ca_file(self["ca-file"], "--ca-file")
+        except ConfigurationError as e:
+            raise usage.UsageError(str(e))
         timeout = [] if self["timeout"] is None else [f"timeout={self['timeout']}"]
         spec = AdapterSpec(config=self["config"], names=self["adapter"], mounts=self["mount"],
                            policy=timeout + self["policy"], workers=self["workers"],
@@ -311,6 +327,8 @@ class Options(usage.Options):
             worker_args=self.arguments,
             access_log=self["access-log"],
             replicas_hint=self["replicas-hint"],
+            proxies=proxies,
+            ca_certificates=ca_certificates,
         )
 
 
@@ -447,7 +465,7 @@ class Upkeep(Service):
 
     def _start(self, generation: Generation) -> None:
         for adapter in generation.adapters:
-            adapter.credential.start(self._reactor, self._client)
+            adapter.credential.start(self._reactor, self._client.through(egress_of(adapter)))
         if generation.prober is not None:
             generation.prober.start()
 
@@ -515,7 +533,8 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
             admin_endpoint, report = "tcp:0:interface=127.0.0.1", lambda port: report_admin_port(port.getHost().port)
         reactor.callWhenRunning(stop_when_primary_ends, reactor, peer_dir)
     metrics = Metrics()
-    client = UpstreamClient(reactor, connect_timeout=settings.connect_timeout)
+    client = UpstreamClient(reactor, connect_timeout=settings.connect_timeout, proxies=settings.proxies,
+                            ca_certificates=settings.ca_certificates, clock=clock)
     cache = redis = None
     replicas = settings.replicas_hint or 1
     if settings.cache_url is not None:  # Redis: the cache (unless off) and the rate limits are the Deployment's
