@@ -58,6 +58,10 @@ class IExternalAdapter(Interface):
     max_response_bytes = Attribute("Optional: the longest upstream answer read, in bytes; a longer one is "
                                    "a 502. Absent: ambassador.pipeline.client.DEFAULT_MAX_RESPONSE_BYTES (10 MiB).")
 
+    egress = Attribute("Optional: an ambassador.adapter.Egress (forward proxy, extra CAs, client certificate) "
+                       "for its upstream calls, token requests and probes. Absent or None: the process's "
+                       "(HTTPS_PROXY/HTTP_PROXY/NO_PROXY, --ca-file, the system's trust store).")
+
     def upstream_request(inbound):
         """
         Translate an ambassador.exchange.InboundRequest into an UpstreamRequest.

@@ -15,6 +15,7 @@ from zope.interface import implementer
 
 from ambassador.adapter import (
     DEFAULT_MAX_RESPONSE_BYTES,
+    Egress,
     Answer,
     ICredential,
     IExternalAdapter,
@@ -48,6 +49,8 @@ class HTTPAdapter:
     probe_path: str | None = None
     #: (key, value) pairs of ambassador.pipeline.resilience.Policy from the config file (timeout, retries …).
     policy_defaults: tuple[tuple[str, str], ...] = ()
+    #: How its requests leave (proxy, trust, client certificate); None: the process's defaults.
+    egress: Egress | None = None
     max_response_bytes: ClassVar[int] = DEFAULT_MAX_RESPONSE_BYTES
 
     @property

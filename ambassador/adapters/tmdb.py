@@ -9,6 +9,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ambassador.adapter import (
+    Egress,
     DEFAULT_MAX_RESPONSE_BYTES,
     Answer,
     Credential,
@@ -63,6 +64,7 @@ class TMDBAdapter:
     # slowly: a five-minute-old answer serves a caller better than an outage does.
     policy_defaults: tuple[tuple[str, str], ...] = (("rate_limit", "40"), ("rate_burst", "40"),
                                                     ("stale_if_error", "300"))
+    egress: Egress | None = None  # the process's (a config file entry's proxy:, ca_file: … replace it)
 
     def upstream_request(self, inbound: InboundRequest) -> UpstreamRequest:
         if inbound.route.name == MOVIES.name:

@@ -83,6 +83,6 @@ class Settings:
     access_log: str = "all"
     replicas_hint: int | None = None
     proxies: ProxyEnvironment = DIRECT
-    ca_certificates: tuple[Certificate, ...] = field(default=(), converter=tuple)
+    ca_certificates: tuple[Certificate, ...] = ()
     unconfigured: frozenset[str] = frozenset()
     spec: AdapterSpec | None = None

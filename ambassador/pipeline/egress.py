@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from attrs import field, frozen
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate
 from twisted.web.client import URI, ProxyAgent
@@ -81,6 +81,7 @@ class Routes:
 
     def __call__(self, uri: URI):
         proxy = self.proxy_for(uri) if uri.scheme == b"https" else None
+        endpoint: IStreamClientEndpoint
         if proxy is not None:
             endpoint = TunnelEndpoint(self.proxy_endpoint(proxy), uri.host.decode("ascii"), uri.port, self._clock,
                                       self._timeout)

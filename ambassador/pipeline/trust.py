@@ -90,7 +90,7 @@ class TrustPolicy:
         else:
             self._root = platformTrust()
         self._sources = (client_cert, client_key) if client_cert is not None and client_key is not None else None
-        self._loaded: tuple[tuple[str, str], PrivateCertificate | None] | None = None
+        self._loaded: tuple[tuple[str, ...], PrivateCertificate | None] | None = None
 
     def creatorForNetloc(self, hostname: bytes, port: int):
         return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._root,
@@ -106,7 +106,7 @@ class TrustPolicy:
                 file.reload()  # a stat when unchanged
         pems = tuple(source.current() or "" for source in self._sources)
         if self._loaded is None or self._loaded[0] != pems:
-            self._loaded = (pems, _private_certificate(*pems))
+            self._loaded = pems, _private_certificate(*pems)
         return self._loaded[1]
 
 

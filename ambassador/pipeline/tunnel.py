@@ -15,9 +15,11 @@ refused the tunnel (its status said), or did not answer within the timeout
 
 from __future__ import annotations
 
+from typing import cast
+
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -107,14 +109,14 @@ class _Tunnel(LineReceiver):
         self._request, self._factory, self._proxy = request, factory, proxy
         self._clock, self._timeout = clock, timeout
         self._status: int | None = None
-        self._inner = None
-        self._timer = None
+        self._inner: IProtocol | None = None
+        self._timer: IDelayedCall | None = None
         self.connecting: defer.Deferred | None = None
         self.established: defer.Deferred = defer.Deferred(self._cancel)
 
     def connectionMade(self) -> None:
         self._timer = self._clock.callLater(self._timeout, self._stalled)
-        self.transport.write(self._request)
+        self._tcp().write(self._request)
 
     def lineReceived(self, line: bytes) -> None:
         if self._status is None:
@@ -135,10 +137,10 @@ class _Tunnel(LineReceiver):
             self._refuse(f"refused the tunnel with status {status}{said}")
             return
         self._stop_timer()
-        self._inner = self._factory.buildProtocol(self.transport.getPeer())
+        inner = self._inner = self._factory.buildProtocol(self._tcp().getPeer())
         self.setRawMode()
-        self._inner.makeConnection(self.transport)
-        self.established.callback(self._inner)
+        inner.makeConnection(self._tcp())
+        self.established.callback(inner)
 
     def rawDataReceived(self, data: bytes) -> None:
         assert self._inner is not None
@@ -168,15 +170,19 @@ class _Tunnel(LineReceiver):
         if not self.established.called:
             self.established.errback(failure)
         if self.transport is not None:
-            self.transport.abortConnection()
+            self._tcp().abortConnection()
 
     def _cancel(self, established: defer.Deferred) -> None:
         # The Deferred then fails with CancelledError; what the abort or the cancelled connect says after is dropped.
         self._stop_timer()
         if self.transport is not None:
-            self.transport.abortConnection()
+            self._tcp().abortConnection()
         elif self.connecting is not None:
             self.connecting.cancel()
+
+    def _tcp(self) -> ITCPTransport:
+        # the proxy connection's transport: TCP (HostnameEndpoint), typed as a plain transport
+        return cast(ITCPTransport, self.transport)
 
     def _stop_timer(self) -> None:
         if self._timer is not None and self._timer.active():
