@@ -24,6 +24,7 @@ import re
 from typing import cast
 
 from OpenSSL.SSL import Error as TLSError
+from service_identity import VerificationError as CertificateNameMismatch
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet import defer, error
@@ -330,7 +331,7 @@ def _as_contracted(failure: Failure) -> Failure:
     proxy_failed = _cause(failure.value, ProxyFailed)  # a tunnel's failure arrives wrapped by the Agent
     if proxy_failed is not None:
         return Failure(proxy_failed)
-    if _caused_by(failure.value, TLSError):
+    if _caused_by(failure.value, (TLSError, CertificateNameMismatch)):
         reason = "the TLS handshake failed (certificate not trusted or wrong host)"
     elif failure.check(error.ConnectError, error.TimeoutError, error.DNSLookupError):
         reason = f"could not connect ({why_not_connected(failure.value)})"
@@ -342,11 +343,11 @@ def _as_contracted(failure: Failure) -> Failure:
     return Failure(UpstreamFailed(reason))
 
 
-def _caused_by(exc: BaseException, kind: type) -> bool:
+def _caused_by(exc: BaseException, kind: type | tuple[type, ...]) -> bool:
     return _cause(exc, kind) is not None
 
 
-def _cause(exc: BaseException, kind: type):
+def _cause(exc: BaseException, kind: type | tuple[type, ...]):
     """``exc``, or the first of the failures it wraps (ResponseNeverReceived's ``reasons``), that is a ``kind``."""
     if isinstance(exc, kind):
         return exc
