@@ -77,6 +77,7 @@ class _ProxyConnection(LineReceiver):
         self.upstream: _Upstream | None = None
         self.pending = bytearray()
         self.tunnel = False
+        self.ready = False  # connected upstream, what came before sent
 
     def lineReceived(self, line: bytes) -> None:
         if line:
@@ -103,8 +104,9 @@ class _ProxyConnection(LineReceiver):
         rest = target.split("://", 1)[1]
         authority, _, path = rest.partition("/")
         host, _, port = authority.rpartition(":")
-        head = [f"{method} /{path} HTTP/1.1".encode()] + [h for h in self.head[1:]
-                                                           if not h.lower().startswith(b"proxy-")]
+        # One request per connection (the upstream closes after it), so each is seen here.
+        head = [f"{method} /{path} HTTP/1.1".encode(), b"Connection: close"] + [
+            h for h in self.head[1:] if not h.lower().startswith((b"proxy-", b"connection:"))]
         self.pending += b"\r\n".join(head) + b"\r\n\r\n"
         self._connect(host, int(port or 80), b"")
 
@@ -117,6 +119,7 @@ class _ProxyConnection(LineReceiver):
             self.transport.write(answer)
             protocol.transport.write(bytes(self.pending))
             self.pending.clear()
+            self.ready = True
 
         connectProtocol(TCP4ClientEndpoint(reactor, host, port), self.upstream).addCallbacks(
             connected, lambda _: self.transport.loseConnection())
@@ -124,7 +127,7 @@ class _ProxyConnection(LineReceiver):
     def rawDataReceived(self, data: bytes) -> None:
         if self.tunnel:
             self.proxy.relayed += data
-        if self.upstream is not None and self.upstream.transport is not None:
+        if self.ready:
             self.upstream.transport.write(data)
         else:
             self.pending += data

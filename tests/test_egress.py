@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 
 from ambassador.interfaces import ConfigurationError
 from ambassador.pipeline.proxies import DIRECT, NoProxy, ProxyEnvironment, parse_proxy_url
-from ambassador.testing import FakeAPI, QuietSite
+from ambassador.testing import FakeAPI, FakeOAuth2TokenEndpoint, QuietSite
 from certificates import ThrowawayCA
 from conftest import adapters_from_yaml, get, reactor_turns_until
 from forward_proxy import ForwardProxy
@@ -288,3 +288,22 @@ async def test_through_a_real_tinyproxy(ca, serve_tls, start_ambassador, tmp_pat
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_oauth2_token_requests_go_out_as_their_adapters_do(forward_proxy, serve_fake, start_ambassador,
+                                                                 tmp_path):
+    tokens = FakeOAuth2TokenEndpoint()
+    token_url = serve_fake(tokens) + "/oauth/token"
+    api = FakeAPI(accept=lambda request: tokens.valid(request.headers.get("authorization", "")[len("Bearer "):]))
+    base_url = serve_fake(api)
+    text = ("adapters:\n  films:\n    mount: /films\n"
+            f"    base_url: {base_url}\n    proxy: http://127.0.0.1:{forward_proxy.port}\n"
+            "    credential: {style: oauth2, client_id: test-client, client_secret: {env: CLIENT_SECRET}, "
+            f"token_url: '{token_url}'}}\n")
+    adapters = adapters_from_yaml(tmp_path, text, {"CLIENT_SECRET": "test-client-secret"})
+    ambassador = await start_ambassador(adapters=adapters)  # the environment names no proxy: the adapter does
+    response, body = await get(ambassador.url + "/films/a")
+    assert response.code == 200, body
+    assert [(seen.method, seen.target) for seen in forward_proxy.seen] == [
+        ("POST", token_url), ("GET", f"{base_url}/a")]
