@@ -206,8 +206,9 @@ class PEMFileSecret(FileSecret):
         return f"<PEMFileSecret {self.path}>"
 
 
-def secret_from_environment(environ, variable: str, *, allow_file: bool = True) -> SecretSource | None:
-    """``VARIABLE`` as a literal or ``VARIABLE_FILE`` as a path; both set is an error."""
+def secret_from_environment(environ, variable: str, *, allow_file: bool = True, pem: bool = False) -> SecretSource | None:
+    """``VARIABLE`` as a literal or ``VARIABLE_FILE`` as a path (``pem``: of PEM text, several lines); both set
+    is an error."""
     literal = environ.get(variable, "").strip()
     path = environ.get(variable + "_FILE", "").strip() if allow_file else ""
     if literal and path:
@@ -215,7 +216,7 @@ def secret_from_environment(environ, variable: str, *, allow_file: bool = True) 
             f"both {variable} and {variable}_FILE are set; set only one of them"
         )
     if path:
-        return FileSecret(path)
+        return PEMFileSecret(path) if pem else FileSecret(path)
     if literal:
         return EnvironmentSecret(variable, literal)
     return None
