@@ -43,7 +43,7 @@ from ambassador.cache.redisstore import RedisStore, parse_redis_url
 from ambassador.pipeline.client import UpstreamClient
 from ambassador.pipeline.egress import egress_of
 from ambassador.pipeline.proxies import ProxyEnvironment
-from ambassador.pipeline.trust import read_ca_file
+from ambassador.pipeline.trust import read_ca_file, trust_root
 from ambassador.pipeline.gateway import Gateway
 from ambassador.web.proxy import ACCESS_LOG_FROM, ProxyFactory
 from ambassador.app.workers import (PEER_DIR_VARIABLE, WORKER_VARIABLE, AdoptedEndpoint, WorkerPool, accept_one_at_a_time,
@@ -540,7 +540,8 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
     if settings.cache_url is not None:  # Redis: the cache (unless off) and the rate limits are the Deployment's
         sharing = SharedLimits([adapter.name for adapter in settings.adapters], replicas,
                                metrics.rate_limit_mode.labels)
-        redis = RedisStore(settings.cache_url, reactor, clock=clock, on_change=sharing.changed)
+        redis = RedisStore(settings.cache_url, reactor, clock=clock, on_change=sharing.changed,
+                           trust_root=trust_root(settings.ca_certificates))  # rediss://: --ca-file as upstreams
     if cache_bytes is not None and redis is not None:
         shared = SharedStore(redis, cache_bytes // ENTRY_SHARE)
         cache = ResponseCache(shared, clock, Leases(redis, shared, clock))

@@ -27,7 +27,7 @@ from ambassador.interfaces import ConfigurationError
 if TYPE_CHECKING:  # the credentials import the client, which imports this
     from ambassador.credentials.sources import SecretSource
 
-__all__ = ["TrustPolicy", "read_ca_file"]
+__all__ = ["TrustPolicy", "read_ca_file", "trust_root"]
 
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 #: A CA bundle larger than this is refused (the system's is about 200 KiB).
@@ -76,6 +76,15 @@ def _system_certificates() -> tuple[Certificate, ...]:
     return tuple(found.values())
 
 
+def trust_root(extra: tuple[Certificate, ...] = (), *, only: bool = False):
+    """An ``IOpenSSLTrustRoot``: the system's store plus ``extra``, or ``extra`` alone with ``only``."""
+    if only:
+        return trustRootFromCertificates(list(extra))
+    if extra:
+        return trustRootFromCertificates(list(_system_certificates() + extra))
+    return platformTrust()
+
+
 @implementer(IPolicyForHTTPS)
 class TrustPolicy:
     """TLS to an upstream trusting the system store plus ``extra`` (or only ``extra`` with ``only``),
@@ -83,12 +92,7 @@ class TrustPolicy:
 
     def __init__(self, extra: tuple[Certificate, ...] = (), *, only: bool = False,
                  client_cert: SecretSource | None = None, client_key: SecretSource | None = None) -> None:
-        if only:
-            self._root = trustRootFromCertificates(list(extra))
-        elif extra:
-            self._root = trustRootFromCertificates(list(_system_certificates() + extra))
-        else:
-            self._root = platformTrust()
+        self._root = trust_root(extra, only=only)
         self._sources = (client_cert, client_key) if client_cert is not None and client_key is not None else None
         self._loaded: tuple[tuple[str, ...], PrivateCertificate | None] | None = None
 
