@@ -47,7 +47,9 @@ class IExternalAdapter(Interface):
 
     name = Attribute("The plugin's name.")
     routes = Attribute("Sequence of ambassador.exchange.Route it serves.")
-    base_url = Attribute("Scheme, host and port of the outside service, e.g. 'https://api.themoviedb.org'.")
+    base_url = Attribute("Scheme, host, port and an optional path prefix of the outside service, e.g. "
+                         "'https://api.themoviedb.org' or 'https://egress.example.com/tmdb'; request paths "
+                         "are appended to it.")
     credential = Attribute("The ICredential attached to every upstream request.")
     secret_params = Attribute("Lower-case query parameter names that carry credentials: removed from "
                               "what callers send and redacted in logs.")

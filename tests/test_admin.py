@@ -104,6 +104,23 @@ async def test_probe_finds_a_bad_credential_before_any_caller_does(fake_tmdb, st
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_base_url_with_a_path_prefix_is_kept_by_requests_and_probes(fake_tmdb, start_ambassador):
+    # TMDB_BASE_URL=https://egress.example.com/tmdb: an egress gateway serving the API below a path.
+    fake_tmdb.base_path = "/egress/tmdb"
+    probed = fake_tmdb.next_request()
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_BASE_URL=fake_tmdb.base_url + "/egress/tmdb/", **KEY),
+                                        clock=Clock(), probe_interval=30)
+    await probed
+    response, _ = await get(ambassador.url + "/movies")
+    assert response.code == 200
+    response, _ = await get(ambassador.url + "/tmdb/3/movie/550")
+    assert response.code == 200
+    assert [r.path for r in fake_tmdb.requests] == [
+        "/egress/tmdb/3/configuration", "/egress/tmdb/3/discover/movie", "/egress/tmdb/3/movie/550"]
+    assert (await upstreams(ambassador))["adapters"]["tmdb"]["up"] is True
+
+
+@pytest_twisted.ensureDeferred
 async def test_metrics_after_a_known_sequence(fake_tmdb, start_ambassador):
     ambassador = await start_ambassador(tmdb_env(fake_tmdb, **KEY), policies={"tmdb": Policy(retries=0)})
     url = ambassador.url

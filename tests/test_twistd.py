@@ -61,7 +61,8 @@ async def test_bad_configuration_stops_startup_with_a_clear_message(tmp_path):
     output, code = await run_twistd("-n", "ambassador", "--port", "0",
                                     env={"TMDB_BASE_URL": "ftp://tmdb.example/path"}, cwd=tmp_path)
     assert code != 0
-    assert "TMDB_BASE_URL must look like https://host" in output
+    assert "TMDB_BASE_URL: expected a URL like https://api.example.com" in output
+    assert "ftp://" not in output
     assert "Traceback" not in output
 
     output, code = await run_twistd("-n", "ambassador", "--timeout", "-1", env={}, cwd=tmp_path)

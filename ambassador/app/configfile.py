@@ -45,7 +45,7 @@ Config file (--config FILE, YAML; secrets only by reference, never written in it
     NAME:                     one entry per adapter; NAME labels logs and metrics
       type: http              http (the default: no code needed) or an adapter plugin's name (tmdb)
       mount: /NAME            http: where it is served
-      base_url: URL           where the outside API is; http: may carry a path (https://api.example.com/v2)
+      base_url: URL           where the outside API is; may carry a path prefix (https://egress.example.com/tmdb)
       methods: [GET, HEAD]    http: methods forwarded
       paths: [/a, /b/c]       http: path prefixes forwarded below the mount (default: all)
       probe_path: /status     http: cheap GET for --probe-interval (default: not probed)
@@ -285,8 +285,6 @@ class _Configured:
 def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
     entry.only(["type", "base_url", "timeout", "policy", "credential", *_EGRESS_KEYS])
     origin, base_path = _base_url(entry)
-    if base_path:
-        raise entry.error("base_url", f"a URL with no path for {adapter.name} (like https://host:port)")
     credential, secret_params = adapter.credential, frozenset[str]()
     section = entry.section("credential")
     if section is not None:
@@ -294,7 +292,7 @@ def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
     return _Configured(
         adapter=adapter,
         name=name,
-        base_url=origin or adapter.base_url,
+        base_url=adapter.base_url if origin is None else origin + (base_path or ""),
         credential=credential,
         secret_params=adapter.secret_params | secret_params,
         policy_defaults=tuple(getattr(adapter, "policy_defaults", None) or ()) + _policy(entry),

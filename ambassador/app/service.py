@@ -32,7 +32,7 @@ from ambassador.app.settings import AdapterSpec, Settings
 from ambassador.interfaces import ConfigurationError
 from ambassador.web.limits import InboundLimits
 from ambassador.metrics import Metrics
-from ambassador.app.mounting import Mount, check_mount_names, describe_adapters, select_adapters
+from ambassador.app.mounting import Mount, check_mount_names, describe_adapters, describe_configured, select_adapters
 from ambassador.cache.peers import PeerFactory, Peers
 from ambassador.pipeline.guard import Guard
 from ambassador.pipeline.resilience import POLICY_HELP, Policy
@@ -108,7 +108,8 @@ class Options(usage.Options):
         ["no-cache", None, "Turn the response cache off for every adapter (per adapter: --policy ADAPTER.cache=off)."],
         ["list-adapters", None,
          "Print every discovered adapter (name, paths, description, the environment variables it reads "
-         "and whether each is set, never its value) and exit."],
+         "and whether each is set, never its value) and exit. With --config: the adapters the file "
+         "serves, their paths and whether each has its credential (the file is checked first)."],
     ]
     optParameters = [
         ["port", "p", "8080",
@@ -295,11 +296,14 @@ class Options(usage.Options):
             if self["config"] is None:
                 plugins = select_adapters(discovery, self["adapter"])
                 check_mount_names(self["mount"], [plugin.name for plugin in plugins])
-            if self["list-adapters"]:
+            if self["list-adapters"] and self["config"] is None:
                 print(describe_adapters(discovery, self["mount"], os.environ), end="")
                 raise SystemExit(0)
             # Configuring an adapter is how its settings are validated: a bad one is a usage error.
             loaded = load_adapters(spec, reactor, discovery=discovery)
+            if self["list-adapters"]:
+                print(describe_configured(loaded.adapters, discovery, self["config"]), end="")
+                raise SystemExit(0)
         except ConfigurationError as e:
             raise usage.UsageError(str(e))
         for failure in loaded.failures:

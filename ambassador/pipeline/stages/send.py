@@ -21,7 +21,7 @@ from ambassador.pipeline.client import (
 from ambassador.pipeline.egress import egress_of
 from ambassador.pipeline.resilience import Policy
 from ambassador.pipeline.stages import Call
-from ambassador.pipeline.stages.deadline import deadline_passed, host_of
+from ambassador.pipeline.stages.deadline import deadline_passed
 
 
 class AttemptTimedOut(Exception):
@@ -75,7 +75,8 @@ def _outcome_of(e: Exception) -> str:
 
 def _explained(e: Exception, adapter, timeout: float) -> Exception:
     """The Problem a failed attempt is for the caller; anything the client's contract does not name as is."""
-    where = f"the {adapter.name} service ({host_of(adapter.base_url)})"
+    # The caller is told which service, never where it is: the upstream's address is the operator's business.
+    where = f"the {adapter.name} service"
     if isinstance(e, AttemptTimedOut):
         return Problem(504, "upstream-timeout", "Upstream timed out",
                        f"{where} did not answer completely within {timeout:g} s.")
