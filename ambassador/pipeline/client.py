@@ -30,6 +30,7 @@ from treq.cookies import IndexableCookieJar
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.ssl import Certificate
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -113,7 +114,7 @@ class UpstreamClient:
         endpoints=None,
         user_agent: str = USER_AGENT,
         proxies: ProxyEnvironment = DIRECT,
-        ca_certificates: tuple = (),
+        ca_certificates: tuple[Certificate, ...] = (),
         clock=None,
     ) -> None:
         self._reactor, self._clock = reactor, clock or reactor
