@@ -2,7 +2,7 @@
 
 It records the head of every request it receives (``seen``: method, target and headers) and every
 byte that passed through a tunnel (``relayed``). ``mode`` makes it misbehave: ``"refuse"`` answers
-CONNECT with 403, ``"auth"`` with 407, ``"stall"`` never answers. ``hosts`` maps names to the
+CONNECT with 403, ``"auth"`` CONNECT and plain requests with 407, ``"stall"`` never answers CONNECT. ``hosts`` maps names to the
 address it connects to instead (the ambassador never resolves an upstream's name behind a proxy).
 """
 
@@ -100,6 +100,10 @@ class _ProxyConnection(LineReceiver):
                 host, _, port = target.rpartition(":")
                 self._connect(host, int(port), b"HTTP/1.1 200 Connection established\r\n\r\n")
             return  # stall: nothing
+        if self.proxy.mode == "auth":  # a plain request refused the same way
+            self.transport.write(b'HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic '
+                                 b'realm="p"\r\nContent-Length: 0\r\n\r\n')
+            return
         # absolute form: http://host:port/path -> origin form to the upstream
         rest = target.split("://", 1)[1]
         authority, _, path = rest.partition("/")

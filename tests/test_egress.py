@@ -200,10 +200,11 @@ async def test_no_proxy_and_proxy_none_go_direct(forward_proxy, serve_fake, star
     assert len(forward_proxy.seen) == 1 and len(api.requests) == 3
 
 
+@pytest.mark.parametrize("scheme", ["https", "http"])
 @pytest_twisted.ensureDeferred
-async def test_an_unreachable_proxy_is_a_502_naming_it_not_its_credentials(start_ambassador, tmp_path):
-    adapters = adapters_from_yaml(tmp_path, adapter_yaml(f"https://{UPSTREAM_NAME}:8443"), TOKEN)
-    proxies = ProxyEnvironment.from_environ({"HTTPS_PROXY": f"http://alice:{PROXY_PASSWORD}@127.0.0.1:1"})
+async def test_an_unreachable_proxy_is_a_502_naming_it_not_its_credentials(start_ambassador, tmp_path, scheme):
+    adapters = adapters_from_yaml(tmp_path, adapter_yaml(f"{scheme}://{UPSTREAM_NAME}:8443"), TOKEN)
+    proxies = ProxyEnvironment.from_environ({f"{scheme.upper()}_PROXY": f"http://alice:{PROXY_PASSWORD}@127.0.0.1:1"})
     ambassador = await start_ambassador(adapters=adapters, proxies=proxies, policies={})
     response, body = await get(ambassador.url + "/films/a")
     problem = json.loads(body)
@@ -226,6 +227,19 @@ async def test_a_refused_tunnel_is_a_502_with_the_proxys_status(forward_proxy, s
     assert response.code == 502 and problem["type"].endswith("proxy-failed"), problem
     assert f"the forward proxy 127.0.0.1:{forward_proxy.port} refused the tunnel with status {status}" in problem["detail"]
     assert UPSTREAM_NAME not in body.decode() and "8443" not in body.decode() and PROXY_PASSWORD not in body.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plain_request_the_proxy_answers_407_is_a_502_not_the_upstreams_answer(forward_proxy, start_ambassador,
+                                                                                     tmp_path):
+    forward_proxy.mode = "auth"
+    adapters = adapters_from_yaml(tmp_path, adapter_yaml(f"http://{UPSTREAM_NAME}:8080"), TOKEN)
+    proxies = ProxyEnvironment.from_environ({"HTTP_PROXY": f"127.0.0.1:{forward_proxy.port}"})
+    ambassador = await start_ambassador(adapters=adapters, proxies=proxies)
+    response, body = await get(ambassador.url + "/films/a")
+    problem = json.loads(body)
+    assert response.code == 502 and problem["type"].endswith("proxy-failed"), problem
+    assert "refused the request with status 407" in problem["detail"] and UPSTREAM_NAME not in body.decode()
 
 
 @pytest_twisted.ensureDeferred

@@ -83,11 +83,17 @@ async def test_a_private_ca_is_trusted_and_unverified_wrong_name_and_expired_sti
     assert (await refused(client().fetch(expired, GET, egress=trusting(ca)))).startswith("the TLS handshake")
 
 
+@pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "SSL_CERT_DIR"])
 @pytest_twisted.ensureDeferred
-async def test_ssl_cert_file_replaces_the_system_store(ca, client, upstream, tmp_path, monkeypatch):
+async def test_ssl_cert_file_and_dir_are_honoured(ca, client, upstream, tmp_path, monkeypatch, variable):
     _, url = upstream(ca.issue("localhost"))
-    (tmp_path / "bundle.pem").write_bytes(ca.pem)
-    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "bundle.pem"))
+    if variable == "SSL_CERT_FILE":
+        (tmp_path / "bundle.pem").write_bytes(ca.pem)
+        monkeypatch.setenv(variable, str(tmp_path / "bundle.pem"))
+    else:  # a hashed directory, as c_rehash makes it
+        certificate = ssl.Certificate.loadPEM(ca.pem).original
+        (tmp_path / f"{certificate.subject_name_hash():08x}.0").write_bytes(ca.pem)
+        monkeypatch.setenv(variable, str(tmp_path))
     assert (await client().fetch(url, GET)).status == 200
 
 
