@@ -16,7 +16,7 @@ from ambassador.interfaces import ConfigurationError
 from ambassador.pipeline.proxies import DIRECT, NoProxy, ProxyEnvironment, parse_proxy_url
 from ambassador.testing import FakeAPI, FakeOAuth2TokenEndpoint, QuietSite
 from certificates import ThrowawayCA
-from conftest import adapters_from_yaml, get, reactor_turns_until
+from conftest import adapters_from_yaml, get, reactor_turns_until, tmdb_env
 from forward_proxy import ForwardProxy
 
 TOKEN = {"API_TOKEN": "bearer-secret"}
@@ -321,3 +321,17 @@ async def test_oauth2_token_requests_go_out_as_their_adapters_do(forward_proxy, 
     assert response.code == 200, body
     assert [(seen.method, seen.target) for seen in forward_proxy.seen] == [
         ("POST", token_url), ("GET", f"{base_url}/a")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plugin_adapters_calls_and_its_probes_go_through_the_proxy(forward_proxy, fake_tmdb, start_ambassador,
+                                                                          clock):
+    proxies = ProxyEnvironment.from_environ({"HTTP_PROXY": f"127.0.0.1:{forward_proxy.port}"})
+    probed = forward_proxy.next_request()
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), proxies=proxies,
+                                        clock=clock, probe_interval=30)
+    assert (await probed).target == fake_tmdb.base_url + "/3/configuration?api_key=test-api-key"
+    response, _ = await get(ambassador.url + "/movies")
+    assert response.code == 200
+    assert forward_proxy.seen[-1].target.startswith(fake_tmdb.base_url + "/3/discover/movie?")
+    assert len(fake_tmdb.requests) == 2
