@@ -11,7 +11,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.python import usage
 
+from ambassador.app.service import Options
 from ambassador.interfaces import ConfigurationError
 from ambassador.pipeline.proxies import DIRECT, NoProxy, ProxyEnvironment, parse_proxy_url
 from ambassador.testing import FakeAPI, FakeOAuth2TokenEndpoint, QuietSite
@@ -130,6 +132,14 @@ def test_a_bad_proxy_url_is_refused_without_repeating_it(value):
         parse_proxy_url(value, "HTTPS_PROXY")
     assert str(raised.value).startswith("HTTPS_PROXY: expected")
     assert "basic-password" not in str(raised.value) and "proxy.test" not in str(raised.value)
+
+
+def test_a_bad_proxy_variable_stops_startup_with_one_line_naming_it(monkeypatch):
+    monkeypatch.setenv("https_proxy", f"socks5://alice:{PROXY_PASSWORD}@proxy.test:1080")
+    with pytest.raises(usage.UsageError) as refused:
+        Options().parseOptions([])
+    assert str(refused.value).startswith("https_proxy: expected an http:// proxy URL")
+    assert PROXY_PASSWORD not in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_a_proxy_password_written_in_the_config_file_is_refused(tmp_path):
