@@ -9,8 +9,8 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ambassador.adapter import (
-    Egress,
     DEFAULT_MAX_RESPONSE_BYTES,
+    Egress,
     Answer,
     Credential,
     IAdapterPlugin,
