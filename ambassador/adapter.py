@@ -19,6 +19,8 @@ tests from ``ambassador.testing``; docs/writing-an-adapter.md shows both.
 - Answers: ``forward``, ``outside_failure``, ``parse_json_object``, ``is_json_type``,
   ``looks_like_json``, ``retry_after``; problems the caller gets: ``Problem``,
   ``bad_answer``, ``credential_rejected``, ``not_found``, ``bad_gateway``.
+- Egress (optional ``egress`` attribute): ``Egress`` says the proxy (``ProxyEnvironment``, ``DIRECT``,
+  ``parse_proxy_url``), extra CAs (``read_ca_file``) and client certificate an adapter's requests use.
 - ``DEFAULT_MAX_RESPONSE_BYTES``: the longest upstream answer read when an adapter sets no
   ``max_response_bytes``.
 """
@@ -41,6 +43,9 @@ from ambassador.credentials.sources import (
 from ambassador.exchange import Answer, InboundRequest, Query, Route, UpstreamRequest, UpstreamResponse, without_params
 from ambassador.interfaces import ConfigurationError, IAdapterPlugin, ICredential, IExternalAdapter, Setting
 from ambassador.pipeline.client import DEFAULT_MAX_RESPONSE_BYTES
+from ambassador.pipeline.egress import Egress
+from ambassador.pipeline.proxies import DIRECT, ProxyEnvironment, parse_proxy_url
+from ambassador.pipeline.trust import read_ca_file
 from ambassador.pipeline.answers import (
     PASSED_RESPONSE_HEADERS,
     bad_answer,
@@ -90,6 +95,12 @@ __all__ = [
     "looks_like_json",
     "retry_after",
     "DEFAULT_MAX_RESPONSE_BYTES",
+    # egress
+    "Egress",
+    "ProxyEnvironment",
+    "DIRECT",
+    "parse_proxy_url",
+    "read_ca_file",
     # problems
     "Problem",
     "PROBLEM_CONTENT_TYPE",

@@ -63,6 +63,10 @@ class IExternalAdapter(Interface):
                                 "to the outside service when tracing is on. Absent or False: the trace stops at "
                                 "the ambassador (the config file's propagate_trace overrides it).")
 
+    egress = Attribute("Optional: an ambassador.adapter.Egress (forward proxy, extra CAs, client certificate) "
+                       "for its upstream calls, token requests and probes. Absent or None: the process's "
+                       "(HTTPS_PROXY/HTTP_PROXY/NO_PROXY, --ca-file, the system's trust store).")
+
     def upstream_request(inbound):
         """
         Translate an ambassador.exchange.InboundRequest into an UpstreamRequest.

@@ -207,7 +207,7 @@ def test_every_example_in_the_docs_is_a_valid_file(tmp_path):
 
     top = os.path.join(os.path.dirname(__file__), "..")
     docs = "".join(open(os.path.join(top, name), encoding="utf-8").read()
-                   for name in ("README.md", "docs/http-adapter.md"))
+                   for name in ("README.md", "docs/http-adapter.md", "docs/egress.md"))
     examples = [block for block in re.findall(r"```yaml\n(.*?)```", docs, re.S) if block.startswith("adapters:")]
     assert len(examples) >= 5
     for example in examples:

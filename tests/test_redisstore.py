@@ -31,6 +31,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent
 
 from ambassador.cache.redisstore import BACKOFF_FIRST, BACKOFF_MAX, ErrorReply, RedisStore, StoreUnavailable, parse_redis_url
+from conftest import reactor_turns_until, tmdb_env
 
 PASSWORD = "test-redis-password"
 
@@ -431,6 +432,20 @@ async def test_rediss_speaks_tls_verified_against_the_trust_root(start_redis, op
                                trust_root=Certificate.loadPEM(ca))
     assert await by_name.get(b"k") == value
     assert events_about(log_events, store)[0] == f"Redis cache {store.description} is connected"
+
+
+@pytest_twisted.ensureDeferred
+async def test_rediss_trusts_the_ca_file_the_upstreams_do(start_redis, tls_files, start_ambassador, fake_tmdb,
+                                                          log_events):
+    certificate, key, ca = tls_files(LOOPBACK)
+    server = await start_redis(password=PASSWORD, tls=(certificate, key))
+    for trusted, connected in (((), False), ((Certificate.loadPEM(ca),), True)):  # without and with --ca-file
+        before = len(log_events)
+        ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"),
+                                            cache_url=server.url(password=PASSWORD), ca_certificates=trusted)
+        store = ambassador.wiring.cache_store
+        await reactor_turns_until(lambda: events_about(log_events[before:], store))  # the first outcome, logged
+        assert store.available is connected
 
 
 @pytest.mark.parametrize("signed_by_ca, names, trusted, said", [

@@ -15,6 +15,7 @@ from zope.interface import implementer
 
 from ambassador.adapter import (
     DEFAULT_MAX_RESPONSE_BYTES,
+    Egress,
     Answer,
     ICredential,
     IExternalAdapter,
@@ -49,6 +50,8 @@ class HTTPAdapter:
     #: (key, value) pairs of ambassador.pipeline.resilience.Policy from the config file (timeout, retries …).
     policy_defaults: tuple[tuple[str, str], ...] = ()
     propagate_trace: bool = False  # send traceparent upstream (config file's propagate_trace)
+    #: How its requests leave (proxy, trust, client certificate); None: the process's defaults.
+    egress: Egress | None = None
     max_response_bytes: ClassVar[int] = DEFAULT_MAX_RESPONSE_BYTES
 
     @property

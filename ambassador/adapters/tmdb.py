@@ -10,6 +10,7 @@ from zope.interface import implementer
 
 from ambassador.adapter import (
     DEFAULT_MAX_RESPONSE_BYTES,
+    Egress,
     Answer,
     Credential,
     IAdapterPlugin,
@@ -64,6 +65,7 @@ class TMDBAdapter:
     policy_defaults: tuple[tuple[str, str], ...] = (("rate_limit", "40"), ("rate_burst", "40"),
                                                     ("stale_if_error", "300"))
     propagate_trace: bool = False  # an outside service: the caller's trace ends at the ambassador
+    egress: Egress | None = None  # the process's (a config file entry's proxy:, ca_file: … replace it)
 
     def upstream_request(self, inbound: InboundRequest) -> UpstreamRequest:
         if inbound.route.name == MOVIES.name:

@@ -24,6 +24,7 @@ from ambassador.credentials.sources import (
     EnvironmentSecret,
     FileSecret,
     OAuth2ClientCredentials,
+    PEMFileSecret,
     PlainValue,
     SecretSource,
     as_basic,
@@ -33,6 +34,9 @@ from ambassador.credentials.sources import (
 )
 from ambassador.interfaces import ConfigurationError, ICredential, IExternalAdapter
 from ambassador.pipeline.client import DEFAULT_MAX_RESPONSE_BYTES
+from ambassador.pipeline.egress import Egress
+from ambassador.pipeline.proxies import DIRECT, ProxyEnvironment, parse_proxy_url
+from ambassador.pipeline.trust import read_ca_file
 from ambassador.pipeline.resilience import Policy
 
 CONFIG_HELP = """\
@@ -56,6 +60,12 @@ Config file (--config FILE, YAML; secrets only by reference, never written in it
         username: TEXT | {env: VAR} | {file: /path}     basic (with password: {env:..} | {file:..})
         token_url: URL  client_id: TEXT | {env|file}  client_secret: {env: VAR} | {file: /path}
         client_auth: basic | form  scope: TEXT  audience: TEXT  timeout: SECONDS      oauth2
+      proxy: none | URL | {env: VAR} | {file: /path}   forward proxy (default: HTTPS_PROXY, HTTP_PROXY, NO_PROXY);
+                              none: direct; a URL with user:password@ only by {env} or {file}
+      ca_file: /path          PEM CA certificates trusted besides the system's store (and --ca-file)
+      ca_only: true           trust only ca_file's certificates
+      client_cert: {env: VAR} | {file: /path}   PEM client certificate for mutual TLS (with client_key);
+      client_key: {env: VAR} | {file: /path}    files are re-read when they change
 """
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}\Z")
@@ -195,7 +205,7 @@ def adapters_from_file(path: str, environ: Mapping[str, str], plugins: Iterable,
 
 def _http_adapter(name: str, entry: Section, environ) -> HTTPAdapter:
     entry.only(["type", "mount", "base_url", "methods", "paths", "probe_path", "timeout", "policy", "credential",
-                "propagate_trace"])
+                "propagate_trace", *_EGRESS_KEYS])
     mount = entry.text("mount", "a path like /weather", pattern=_MOUNT, required=True)
     if {".", ".."} & set(mount.split("/")):
         raise entry.error("mount", "a path like /weather")
@@ -218,6 +228,7 @@ def _http_adapter(name: str, entry: Section, environ) -> HTTPAdapter:
         probe_path=entry.text("probe_path", "a path like /status", pattern=_PATH),
         policy_defaults=_policy(entry),
         propagate_trace=bool(entry.flag("propagate_trace")),
+        egress=_egress(entry, environ),
     )
 
 
@@ -259,6 +270,7 @@ class _Configured:
     secret_params: frozenset[str]
     policy_defaults: tuple[tuple[str, str], ...]
     propagate_trace: bool
+    egress: Egress | None
 
     @property
     def max_response_bytes(self) -> int:
@@ -280,7 +292,7 @@ class _Configured:
 
 
 def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
-    entry.only(["type", "base_url", "timeout", "policy", "credential", "propagate_trace"])
+    entry.only(["type", "base_url", "timeout", "policy", "credential", "propagate_trace", *_EGRESS_KEYS])
     origin, base_path = _base_url(entry)
     credential, secret_params = adapter.credential, frozenset[str]()
     propagate = entry.flag("propagate_trace")
@@ -295,7 +307,54 @@ def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
         secret_params=adapter.secret_params | secret_params,
         policy_defaults=tuple(getattr(adapter, "policy_defaults", None) or ()) + _policy(entry),
         propagate_trace=bool(getattr(adapter, "propagate_trace", False)) if propagate is None else propagate,
+        egress=_egress(entry, environ) or getattr(adapter, "egress", None),
     )
+
+
+_EGRESS_KEYS = ("proxy", "ca_file", "ca_only", "client_cert", "client_key")
+
+
+def _egress(entry: Section, environ) -> Egress | None:
+    """The entry's own way out (proxy, trust, client certificate), or None when it sets none of it."""
+    if not any(key in entry.data for key in _EGRESS_KEYS):
+        return None
+    proxies = None
+    if entry.data.get("proxy") == "none":
+        proxies = DIRECT
+    elif entry.data.get("proxy") is not None:
+        proxies = _proxy(entry, environ)
+    ca_file = entry.text("ca_file", "the absolute path of a PEM file of CA certificates",
+                         pattern=re.compile(r"/.*\Z", re.DOTALL))
+    certificates = () if ca_file is None else read_ca_file(ca_file, f"{entry.file}: {entry.where}.ca_file")
+    ca_only = entry.data.get("ca_only", False)
+    if not isinstance(ca_only, bool):
+        raise entry.error("ca_only", "true or false")
+    if ca_only and ca_file is None:
+        raise entry.error("ca_only", "true only with ca_file (the certificates to trust only)")
+    cert = _source(entry, "client_cert", environ, pem=True) if "client_cert" in entry.data else None
+    key = _source(entry, "client_key", environ, pem=True) if "client_key" in entry.data else None
+    if (cert is None) != (key is None):
+        raise entry.error("client_key" if key is None else "client_cert", "set together with "
+                          + ("client_cert" if key is None else "client_key") + " (a certificate and its key)")
+    return Egress(proxies, certificates, ca_only, cert, key)
+
+
+def _proxy(entry: Section, environ) -> ProxyEnvironment:
+    """A ``proxy:`` URL (credentials only through {env} or {file}) as the proxy for http and https alike."""
+    setting = f"{entry.file}: {entry.where}.proxy"
+    value = entry.data["proxy"]
+    if isinstance(value, str):
+        proxy = parse_proxy_url(value, setting)
+        if proxy.authorization is not None:  # written in the file: the file would hold a secret
+            raise entry.error("proxy", "a proxy URL with user:password@ as {env: VARIABLE} or {file: /path}, "
+                                       "not written in the file")
+    else:
+        source = _source(entry, "proxy", environ, expected="none, a proxy URL, " + _SOURCE)
+        text = source.current()
+        if text is None:
+            raise entry.error("proxy", f"a proxy URL in {source.describe()}, which is empty or unreadable")
+        proxy = parse_proxy_url(text, setting)
+    return ProxyEnvironment(https=proxy, http=proxy)
 
 
 def _credential(adapter: str, section: Section, environ) -> tuple[ICredential, frozenset[str]]:
@@ -339,8 +398,9 @@ def _credential(adapter: str, section: Section, environ) -> tuple[ICredential, f
     raise section.error("style", " | ".join(_STYLES))
 
 
-def _source(section: Section, key: str, environ, plain: bool = False) -> SecretSource:
-    expected = ("a string or " if plain else "") + _SOURCE
+def _source(section: Section, key: str, environ, plain: bool = False, pem: bool = False,
+            expected: str | None = None) -> SecretSource:
+    expected = expected or ("a string or " if plain else "") + _SOURCE
     value = section.data.get(key)
     if plain and isinstance(value, str) and value:
         return PlainValue(f"{section.where}.{key}", value)
@@ -353,5 +413,5 @@ def _source(section: Section, key: str, environ, plain: bool = False) -> SecretS
         raise section.error(key, "{env: VARIABLE} with VARIABLE an environment variable name (letters, digits "
                                  "and _, not starting with a digit)")
     if kind == "file" and name.startswith("/"):
-        return FileSecret(name)
+        return PEMFileSecret(name) if pem else FileSecret(name)
     raise section.error(key, expected + " (the file an absolute path)")

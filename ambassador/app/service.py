@@ -41,6 +41,9 @@ from ambassador.shared.leases import Leases
 from ambassador.shared.ratelimit import SharedBucket, SharedLimits
 from ambassador.cache.redisstore import RedisStore, parse_redis_url
 from ambassador.pipeline.client import UpstreamClient
+from ambassador.pipeline.egress import egress_of
+from ambassador.pipeline.proxies import ProxyEnvironment
+from ambassador.pipeline.trust import read_ca_file, trust_root
 from ambassador.pipeline.gateway import Gateway
 from ambassador.web.proxy import ACCESS_LOG_FROM, ProxyFactory
 from ambassador.tracing import TRACING_HELP, Tracing, tracing_wanted
@@ -155,6 +158,9 @@ class Options(usage.Options):
          "How many replicas share the Redis of --cache: while Redis is away, each enforces that share of "
          "every rate limit (default 1: each replica then allows the whole limit).",
          whole("replicas-hint")],
+        ["ca-file", None, None,
+         "A PEM file of CA certificates every adapter trusts besides the system's store (a private CA; "
+         "per adapter: ca_file in the config file). SSL_CERT_FILE and SSL_CERT_DIR replace the system's store."],
         ["config", None, None,
          "YAML file configuring the adapters to serve (several at once, generic http ones included; see "
          "below). Without it every discovered adapter is configured from its environment variables."],
@@ -213,7 +219,12 @@ class Options(usage.Options):
                  f"  {PLUGIN_DIRS_VARIABLE:32} directories of adapter dropins, separated by '{os.pathsep}' "
                  "(like --plugin-dir)",
                  f"  {CACHE_URL_VARIABLE:32} where the response cache keeps answers when --cache is not given "
-                 "(memory or redis://…; may hold a password)"]
+                 "(memory or redis://…; may hold a password)",
+                 f"  {'HTTPS_PROXY, HTTP_PROXY':32} the forward proxy for https and http upstreams, "
+                 "http://[user:password@]host:port (lower-case spellings win; a config file's proxy: overrides)",
+                 f"  {'NO_PROXY':32} what goes direct, separated by commas: *, host names, .domains, IPs, CIDRs, "
+                 "each with an optional :port",
+                 f"  {'SSL_CERT_FILE, SSL_CERT_DIR':32} where OpenSSL finds the system's CA certificates"]
         lines += [f"  {name:32} {text}" for name, text in TRACING_HELP.items()]
         lines.append("  (tracing: docs/tracing.md; OTEL_EXPORTER_OTLP_HEADERS and the other OTLP variables are "
                      "the SDK's own)")
@@ -274,6 +285,11 @@ class Options(usage.Options):
         check_endpoint(reactor, "--port", endpoint)
         if admin_endpoint is not None:
             check_endpoint(reactor, "--admin-port", admin_endpoint)
+        try:
+            proxies = ProxyEnvironment.from_environ(os.environ)
+            ca_certificates = () if self["ca-file"] is None else read_ca_file(self["ca-file"], "--ca-file")
+        except ConfigurationError as e:
+            raise usage.UsageError(str(e))
         timeout = [] if self["timeout"] is None else [f"timeout={self['timeout']}"]
         spec = AdapterSpec(config=self["config"], names=self["adapter"], mounts=self["mount"],
                            policy=timeout + self["policy"], workers=self["workers"],
@@ -321,6 +337,8 @@ class Options(usage.Options):
             access_log=self["access-log"],
             replicas_hint=self["replicas-hint"],
             tracing=tracing,
+            proxies=proxies,
+            ca_certificates=ca_certificates,
         )
 
 
@@ -457,7 +475,7 @@ class Upkeep(Service):
 
     def _start(self, generation: Generation) -> None:
         for adapter in generation.adapters:
-            adapter.credential.start(self._reactor, self._client)
+            adapter.credential.start(self._reactor, self._client.through(egress_of(adapter)))
         if generation.prober is not None:
             generation.prober.start()
 
@@ -529,13 +547,15 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
     tracing = Tracing.from_environment(os.environ) if settings.tracing else None
     if tracing is not None:
         log.info("Tracing on: spans exported over OTLP/HTTP as the OTEL_* variables say")
-    client = UpstreamClient(reactor, connect_timeout=settings.connect_timeout)
+    client = UpstreamClient(reactor, connect_timeout=settings.connect_timeout, proxies=settings.proxies,
+                            ca_certificates=settings.ca_certificates, clock=clock)
     cache = redis = None
     replicas = settings.replicas_hint or 1
     if settings.cache_url is not None:  # Redis: the cache (unless off) and the rate limits are the Deployment's
         sharing = SharedLimits([adapter.name for adapter in settings.adapters], replicas,
                                metrics.rate_limit_mode.labels)
-        redis = RedisStore(settings.cache_url, reactor, clock=clock, on_change=sharing.changed)
+        redis = RedisStore(settings.cache_url, reactor, clock=clock, on_change=sharing.changed,
+                           trust_root=trust_root(settings.ca_certificates))  # rediss://: --ca-file as upstreams
     if cache_bytes is not None and redis is not None:
         shared = SharedStore(redis, cache_bytes // ENTRY_SHARE)
         cache = ResponseCache(shared, clock, Leases(redis, shared, clock))

@@ -8,11 +8,13 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
 from attrs import field, frozen
+from twisted.internet.ssl import Certificate
 
 from ambassador.app.mounting import Mount
 from ambassador.cache.responses import DEFAULT_CACHE_BYTES
 from ambassador.credentials.sources import FileSecret
 from ambassador.interfaces import IExternalAdapter
+from ambassador.pipeline.proxies import DIRECT, ProxyEnvironment
 from ambassador.pipeline.resilience import Policy
 from ambassador.web.limits import InboundLimits
 
@@ -57,7 +59,9 @@ class Settings:
     Redis URL of a shared cache (None: in memory); ``worker`` this process's index among
     ``workers``, and ``worker_args`` the command line the primary starts the others with;
     ``replicas_hint`` how many replicas share Redis (None: not said, taken as 1): each one's share of a
-    rate limit while Redis is away; ``unconfigured`` the adapters only discovered (not named, no
+    rate limit while Redis is away; ``proxies`` the forward proxies the environment names (HTTPS_PROXY …),
+    ``ca_certificates`` the CAs --ca-file adds to the system's trust store, both for every adapter whose
+    egress does not say otherwise; ``unconfigured`` the adapters only discovered (not named, no
     credential variable set: they do not block readiness); ``spec`` what SIGHUP rebuilds the adapters
     from (None: no reload); ``tracing`` whether the OTEL_* variables turn tracing on (ambassador.tracing)."""
 
@@ -78,6 +82,8 @@ class Settings:
     worker_args: tuple[str, ...] = field(default=(), converter=tuple)
     access_log: str = "all"
     replicas_hint: int | None = None
+    proxies: ProxyEnvironment = DIRECT
+    ca_certificates: tuple[Certificate, ...] = ()
     unconfigured: frozenset[str] = frozenset()
     spec: AdapterSpec | None = None
     tracing: bool = False

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import stat
-from typing import Protocol
+from typing import ClassVar, Protocol
 from collections.abc import Callable
 from urllib.parse import quote_plus, urlencode, urlsplit
 
@@ -111,6 +111,7 @@ class FileSecret:
     _poll: LoopingCall | None = field(default=None, init=False)
     problem: str | None = field(default=None, init=False)
     reloads: int = field(default=0, init=False)
+    one_line: ClassVar[bool] = True  # a token or key; control characters mean a wrong file
 
     def __attrs_post_init__(self) -> None:
         self.reload()
@@ -169,7 +170,7 @@ class FileSecret:
         if not value:
             self._keep("is empty")
             return
-        if any(ord(c) < 32 or ord(c) == 127 for c in value):  # a line break inside, a NUL: not one value
+        if self.one_line and any(ord(c) < 32 or ord(c) == 127 for c in value):  # a line break, a NUL: not one value
             self._keep("holds control characters (more than one line?)")
             return
         rotated = self._value is not None and value != self._value
@@ -195,8 +196,19 @@ class FileSecret:
             self._poll.stop()
 
 
-def secret_from_environment(environ, variable: str, *, allow_file: bool = True) -> SecretSource | None:
-    """``VARIABLE`` as a literal or ``VARIABLE_FILE`` as a path; both set is an error."""
+@define(repr=False)
+class PEMFileSecret(FileSecret):
+    """A file of PEM blocks (a client certificate or key): several lines, re-read when it changes."""
+
+    one_line: ClassVar[bool] = False
+
+    def __repr__(self) -> str:
+        return f"<PEMFileSecret {self.path}>"
+
+
+def secret_from_environment(environ, variable: str, *, allow_file: bool = True, pem: bool = False) -> SecretSource | None:
+    """``VARIABLE`` as a literal or ``VARIABLE_FILE`` as a path (``pem``: of PEM text, several lines); both set
+    is an error."""
     literal = environ.get(variable, "").strip()
     path = environ.get(variable + "_FILE", "").strip() if allow_file else ""
     if literal and path:
@@ -204,7 +216,7 @@ def secret_from_environment(environ, variable: str, *, allow_file: bool = True) 
             f"both {variable} and {variable}_FILE are set; set only one of them"
         )
     if path:
-        return FileSecret(path)
+        return PEMFileSecret(path) if pem else FileSecret(path)
     if literal:
         return EnvironmentSecret(variable, literal)
     return None

@@ -1,7 +1,7 @@
 """The process's one HTTP client for upstream calls: treq over one persistent Agent pool.
 
 Contract (what the pipeline relies on): ``UpstreamClient.fetch(base_url,
-request, max_body=...)`` returns a Deferred that fires with an
+request, max_body=..., egress=...)`` returns a Deferred that fires with an
 ``UpstreamResponse`` holding the whole answer, or fails with exactly one of
 
 - ``ResponseTooLarge(limit)``: the answer held more than ``max_body`` bytes
@@ -9,6 +9,9 @@ request, max_body=...)`` returns a Deferred that fires with an
 - ``UpstreamFailed(reason)``: no complete answer arrived (could not connect,
   TLS refused, connection lost or cut short); ``reason`` is a phrase for a
   problem's detail, never a secret;
+- ``ProxyFailed(reason)``: the forward proxy did not carry the request (could
+  not be reached, refused, stalled: ``timed_out``); ``reason`` names the proxy,
+  never its credentials or the upstream;
 - ``CancelledError``: the Deferred was cancelled (caller left, timeout).
 """
 
@@ -21,17 +24,17 @@ import re
 from typing import cast
 
 from OpenSSL.SSL import Error as TLSError
+from service_identity import VerificationError as CertificateNameMismatch
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.ssl import Certificate
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
-    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     RequestNotSent,
     RequestTransmissionFailed,
@@ -46,8 +49,12 @@ from zope.interface import implementer
 
 from ambassador import __version__
 from ambassador.exchange import UpstreamRequest, UpstreamResponse
+from ambassador.pipeline.egress import DEFAULT_EGRESS, Egress, EgressAgent, Routes
+from ambassador.pipeline.proxies import DIRECT, ProxyEnvironment
+from ambassador.pipeline.tunnel import ProxyFailed, why_not_connected
 
-__all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "USER_AGENT", "ResponseTooLarge", "UpstreamClient", "UpstreamFailed"]
+__all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "USER_AGENT", "ProxyFailed", "ResponseTooLarge", "UpstreamClient",
+           "UpstreamFailed"]
 
 USER_AGENT = f"ambassador/{__version__}"
 #: The most an upstream answer may hold unless the adapter sets ``max_response_bytes``.
@@ -81,15 +88,19 @@ class UpstreamFailed(Exception):
 class UpstreamClient:
     """The process's HTTP client, shared by every adapter (and, with ``endpoints``, by peer asks).
 
-    Every request goes through one treq ``HTTPClient`` over one persistent
-    ``HTTPConnectionPool``: up to ``max_idle_per_host`` idle connections per
+    Every request goes through a treq ``HTTPClient`` over a persistent
+    ``HTTPConnectionPool``, one of each per distinct ``Egress`` (adapters with
+    equal egress share them): up to ``max_idle_per_host`` idle connections per
     upstream, each closed after ``idle_timeout`` seconds. No redirect is
     followed (a Location may point elsewhere and the credential would follow),
     no cookie is kept (one caller's cookies must not reach the next), and
-    HTTPS is verified through ``tls_policy`` (``BrowserLikePolicyForHTTPS``:
-    the system trust store, host name checked) unless ``endpoints`` says
-    where to connect instead (a callable from the request's URI to an
-    endpoint).
+    HTTPS is verified against the system trust store plus ``ca_certificates``
+    (``--ca-file``), host name checked, or by ``tls_policy`` when given.
+    ``proxies`` are the forward proxies an egress without its own uses (the
+    environment's, for the adapters' client; none by default: peer and
+    primary asks stay on this host). ``endpoints`` (a callable from the
+    request's URI to an endpoint) says where to connect instead. ``clock``
+    times a proxy's answer to CONNECT (within ``connect_timeout``).
     """
 
     def __init__(
@@ -102,25 +113,54 @@ class UpstreamClient:
         tls_policy=None,
         endpoints=None,
         user_agent: str = USER_AGENT,
+        proxies: ProxyEnvironment = DIRECT,
+        ca_certificates: tuple[Certificate, ...] = (),
+        clock=None,
     ) -> None:
+        self._reactor, self._clock = reactor, clock or reactor
         self._user_agent = user_agent
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = max_idle_per_host
-        self._pool.cachedConnectionTimeout = idle_timeout  # type: ignore[assignment]  # annotated int; a delay
-        if endpoints is None:
-            endpoints = _TCPEndpoints(reactor, connect_timeout, tls_policy or BrowserLikePolicyForHTTPS())
+        self._connect_timeout, self._max_idle, self._idle_timeout = connect_timeout, max_idle_per_host, idle_timeout
+        self._tls_policy, self._endpoints = tls_policy, endpoints
+        self._proxies, self._ca = proxies, tuple(ca_certificates)
         self._closes = _CloseReasons()
-        agent = _GzipNotAsked(Agent.usingEndpointFactory(reactor, _Watched(endpoints, self._closes), pool=self._pool))
+        self._pools: list[HTTPConnectionPool] = []
+        self._clients: dict[tuple, HTTPClient] = {}
+
+    def through(self, egress: Egress) -> BoundClient:
+        """This client as one adapter's: its ``fetch`` goes out as ``egress`` says (OAuth2 token requests)."""
+        return BoundClient(self, egress)
+
+    def _client_for(self, egress: Egress) -> HTTPClient:
+        key = egress.key()
+        if key not in self._clients:
+            self._clients[key] = self._new_client(egress)
+        return self._clients[key]
+
+    def _new_client(self, egress: Egress) -> HTTPClient:
+        reactor = self._reactor
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = self._max_idle
+        pool.cachedConnectionTimeout = self._idle_timeout  # type: ignore[assignment]  # annotated int; a delay
+        self._pools.append(pool)
+        if self._endpoints is not None:
+            agent = Agent.usingEndpointFactory(reactor, _Watched(self._endpoints, self._closes), pool=pool)
+        else:
+            routes = Routes(reactor, self._clock, egress.proxies or self._proxies,
+                            self._tls_policy or egress.tls_policy(self._ca), self._connect_timeout)
+            agent = EgressAgent(reactor, routes, Agent.usingEndpointFactory(reactor, _Watched(routes, self._closes),
+                                                                            pool=pool),
+                                pool, lambda endpoint: _WatchedEndpoint(endpoint, self._closes))
         # treq wraps the Agent in a CookieAgent over this jar: a jar that keeps nothing.
         nothing = IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
-        self._http = HTTPClient(agent, cookiejar=nothing)
+        return HTTPClient(_GzipNotAsked(agent), cookiejar=nothing)
 
-    def fetch(self, base_url: str, request: UpstreamRequest, *,
-              max_body: int = DEFAULT_MAX_RESPONSE_BYTES) -> defer.Deferred:
+    def fetch(self, base_url: str, request: UpstreamRequest, *, max_body: int = DEFAULT_MAX_RESPONSE_BYTES,
+              egress: Egress = DEFAULT_EGRESS) -> defer.Deferred:
         """A Deferred firing with the UpstreamResponse; cancelling it drops the request."""
-        return defer.ensureDeferred(self._fetch(base_url, request, max_body)).addErrback(_as_contracted)
+        return defer.ensureDeferred(self._fetch(base_url, request, max_body, egress)).addErrback(_as_contracted)
 
-    async def _fetch(self, base_url: str, request: UpstreamRequest, max_body: int) -> UpstreamResponse:
+    async def _fetch(self, base_url: str, request: UpstreamRequest, max_body: int,
+                     egress: Egress) -> UpstreamResponse:
         path = request.path or "/"
         if not _PLAIN_PATH.match(path):
             path = quote(path, safe="/:@!$&'()*+,;=-._~%")
@@ -130,7 +170,7 @@ class UpstreamClient:
         headers = Headers({"User-Agent": [self._user_agent]})
         for name, value in request.headers.items():
             headers.setRawHeaders(name, [value])
-        response = await self._http.request(request.method, url, headers=headers, data=request.body,
+        response = await self._client_for(egress).request(request.method, url, headers=headers, data=request.body,
                                             allow_redirects=False, unbuffered=True)
         collector = _Collector(max_body, response.length, self._closes)
         response.deliverBody(collector)
@@ -138,7 +178,18 @@ class UpstreamClient:
         return UpstreamResponse(status=response.code, headers=_headers(response.headers), body=body)
 
     def close(self) -> defer.Deferred:
-        return self._pool.closeCachedConnections()
+        return defer.DeferredList([pool.closeCachedConnections() for pool in self._pools])
+
+
+class BoundClient:
+    """An UpstreamClient whose ``fetch`` goes out through one adapter's egress."""
+
+    def __init__(self, client: UpstreamClient, egress: Egress) -> None:
+        self._client, self._egress = client, egress
+
+    def fetch(self, base_url: str, request: UpstreamRequest, *,
+              max_body: int = DEFAULT_MAX_RESPONSE_BYTES) -> defer.Deferred:
+        return self._client.fetch(base_url, request, max_body=max_body, egress=self._egress)
 
 
 @implementer(IAgent)
@@ -270,31 +321,21 @@ class _WatchingFactory(WrappingFactory):
         self.closes = closes
 
 
-class _TCPEndpoints:
-    """The endpoint for an upstream URI: TCP to its host and port, TLS verified by ``policy`` for https."""
-
-    def __init__(self, reactor, timeout: float, policy) -> None:
-        self._reactor, self._timeout, self._policy = reactor, timeout, policy
-
-    def __call__(self, uri):
-        endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
-        if uri.scheme == b"https":
-            endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
-        return endpoint
-
-
 def _as_contracted(failure: Failure) -> Failure:
     """A failure of the call as one of the contract's three kinds (anything else passes unchanged)."""
-    if failure.check(defer.CancelledError, ResponseTooLarge, UpstreamFailed):
+    if failure.check(defer.CancelledError, ResponseTooLarge, UpstreamFailed, ProxyFailed):
         return failure
     # treq reports a cancelled request as ResponseNeverReceived wrapping CancelledError: a caller who
     # left, not an unreachable upstream.
     if _caused_by(failure.value, defer.CancelledError):
         return Failure(defer.CancelledError())
-    if _caused_by(failure.value, TLSError):
+    proxy_failed = _cause(failure.value, ProxyFailed)  # a tunnel's failure arrives wrapped by the Agent
+    if proxy_failed is not None:
+        return Failure(proxy_failed)
+    if _caused_by(failure.value, (TLSError, CertificateNameMismatch)):
         reason = "the TLS handshake failed (certificate not trusted or wrong host)"
     elif failure.check(error.ConnectError, error.TimeoutError, error.DNSLookupError):
-        reason = f"could not connect ({_describe(failure.value)})"
+        reason = f"could not connect ({why_not_connected(failure.value)})"
     elif failure.check(ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed, RequestNotSent,
                        error.ConnectionLost, error.ConnectionDone):
         reason = CUT
@@ -303,16 +344,16 @@ def _as_contracted(failure: Failure) -> Failure:
     return Failure(UpstreamFailed(reason))
 
 
-def _describe(exc: BaseException) -> str:
-    return {
-        error.ConnectionRefusedError: "connection refused",
-        error.DNSLookupError: "host name not found",
-        error.TCPTimedOutError: "connect timed out",
-        error.TimeoutError: "connect timed out",
-    }.get(type(exc), type(exc).__name__)
+def _caused_by(exc: BaseException, kind: type | tuple[type, ...]) -> bool:
+    return _cause(exc, kind) is not None
 
 
-def _caused_by(exc: BaseException, kind: type) -> bool:
+def _cause(exc: BaseException, kind: type | tuple[type, ...]):
+    """``exc``, or the first of the failures it wraps (ResponseNeverReceived's ``reasons``), that is a ``kind``."""
     if isinstance(exc, kind):
-        return True
-    return any(_caused_by(reason.value, kind) for reason in getattr(exc, "reasons", ()))
+        return exc
+    for reason in getattr(exc, "reasons", ()):
+        found = _cause(reason.value, kind)
+        if found is not None:
+            return found
+    return None

@@ -48,5 +48,7 @@ class Counted(Protocol):
 
     def inc(self) -> None: ...
 
-#: Problem kinds that say an attempt reached for the upstream and failed (not a refusal of our own).
-ATTEMPT_FAILURES = frozenset({"upstream-unreachable", "upstream-timeout", "upstream-too-large"})
+#: Problem kinds that say an attempt reached for the upstream and failed (not a refusal of our own); the
+#: forward proxy's failures count: the upstream is as unreachable through a proxy that cannot carry the call.
+ATTEMPT_FAILURES = frozenset({"upstream-unreachable", "upstream-timeout", "upstream-too-large", "proxy-failed",
+                              "proxy-timeout"})

@@ -11,7 +11,14 @@ from twisted.python.failure import Failure
 from ambassador.exchange import UpstreamResponse
 from ambassador.metrics import UpstreamMetrics
 from ambassador.problems import Problem
-from ambassador.pipeline.client import DEFAULT_MAX_RESPONSE_BYTES, ResponseTooLarge, UpstreamClient, UpstreamFailed
+from ambassador.pipeline.client import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    ProxyFailed,
+    ResponseTooLarge,
+    UpstreamClient,
+    UpstreamFailed,
+)
+from ambassador.pipeline.egress import egress_of
 from ambassador.pipeline.resilience import Policy
 from ambassador.pipeline.stages import Call
 from ambassador.pipeline.stages.deadline import deadline_passed
@@ -46,7 +53,7 @@ class Send:
         started = clock.seconds()
         limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
         try:
-            fetched = self.client.fetch(adapter.base_url, request, max_body=limit)
+            fetched = self.client.fetch(adapter.base_url, request, max_body=limit, egress=egress_of(adapter))
         except Exception:  # a request the client refuses at once (a bad header) fails like any other attempt
             fetched = defer.fail()
         # The timeout cancels the call, which drops its connection.
@@ -75,6 +82,8 @@ def _outcome_of(e: Exception) -> str:
         return "timeout"
     if isinstance(e, defer.CancelledError):
         return "cancelled"
+    if isinstance(e, ProxyFailed):
+        return "proxy-timeout" if e.timed_out else "proxy-failed"
     return "too-large" if isinstance(e, ResponseTooLarge) else "unreachable"
 
 
@@ -90,4 +99,9 @@ def _explained(e: Exception, adapter, timeout: float) -> Exception:
                        f"{where} answered more than {e.args[0]} bytes, the most the ambassador reads from it.")
     if isinstance(e, UpstreamFailed):
         return Problem(502, "upstream-unreachable", "Upstream unreachable", f"Calling {where}: {e.reason}.")
+    if isinstance(e, ProxyFailed):  # the reason names the proxy; the upstream stays unnamed (the proxy's to reach)
+        if e.timed_out:
+            return Problem(504, "proxy-timeout", "Forward proxy timed out", f"Calling the {adapter.name} service: "
+                           f"{e.reason}.")
+        return Problem(502, "proxy-failed", "Forward proxy failed", f"Calling the {adapter.name} service: {e.reason}.")
     return e
