@@ -34,7 +34,7 @@ class Metrics:
                                ["adapter"], registry=r)
         self.upstream_attempts = Counter("ambassador_upstream_attempts",
                                          "Requests sent to an outside service, by outcome (status class, "
-                                         "timeout, unreachable).", ["adapter", "outcome"], registry=r)
+                                         "timeout, unreachable, too-large, undecodable).", ["adapter", "outcome"], registry=r)
         self.upstream_seconds = Histogram("ambassador_upstream_duration_seconds",
                                           "Time one upstream attempt took, whole body included.",
                                           ["adapter"], registry=r, buckets=_BUCKETS)

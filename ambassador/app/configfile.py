@@ -33,6 +33,7 @@ from ambassador.credentials.sources import (
 )
 from ambassador.interfaces import ConfigurationError, ICredential, IExternalAdapter
 from ambassador.pipeline.client import DEFAULT_MAX_RESPONSE_BYTES
+from ambassador.pipeline.decoding import ACCEPT_ENCODINGS
 from ambassador.pipeline.resilience import Policy
 
 CONFIG_HELP = """\
@@ -45,6 +46,8 @@ Config file (--config FILE, YAML; secrets only by reference, never written in it
       methods: [GET, HEAD]    http: methods forwarded
       paths: [/a, /b/c]       http: path prefixes forwarded below the mount (default: all)
       probe_path: /status     http: cheap GET for --probe-interval (default: not probed)
+      accept_encoding: gzip   ask for gzip answers (decoded, size cap counted decoded) or identity;
+                              default identity, a plugin's own default for a plugin (tmdb: gzip)
       timeout: SECONDS        per adapter (policy timeout); --timeout and --policy override it
       policy: {KEY: VALUE}    per adapter: the --policy keys (retries, rate_limit …); --policy overrides
       credential:             http: required; plugin: replaces what its variables configure
@@ -62,6 +65,7 @@ _MOUNT = re.compile(r"(/[A-Za-z0-9_.,:~-]+)+/?\Z")
 _PATH = re.compile(r"(/[A-Za-z0-9_.,:~-]+)*/?\Z")
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _STYLES = ("query", "header", "bearer", "basic", "oauth2")
+_ACCEPT_ENCODING = re.compile("(" + "|".join(ACCEPT_ENCODINGS) + r")\Z")
 _HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
 _SOURCE = "{env: VARIABLE} or {file: /path}"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # POSIX: what a shell can export
@@ -187,7 +191,8 @@ def adapters_from_file(path: str, environ: Mapping[str, str], plugins: Iterable,
 
 
 def _http_adapter(name: str, entry: Section, environ) -> HTTPAdapter:
-    entry.only(["type", "mount", "base_url", "methods", "paths", "probe_path", "timeout", "policy", "credential"])
+    entry.only(["type", "mount", "base_url", "methods", "paths", "probe_path", "timeout", "policy", "credential",
+                "accept_encoding"])
     mount = entry.text("mount", "a path like /weather", pattern=_MOUNT, required=True)
     if {".", ".."} & set(mount.split("/")):
         raise entry.error("mount", "a path like /weather")
@@ -209,7 +214,12 @@ def _http_adapter(name: str, entry: Section, environ) -> HTTPAdapter:
         secret_params=secret_params,
         probe_path=entry.text("probe_path", "a path like /status", pattern=_PATH),
         policy_defaults=_policy(entry),
+        accept_encoding=_accept_encoding(entry, "identity"),
     )
+
+
+def _accept_encoding(entry: Section, default: str) -> str:
+    return entry.text("accept_encoding", " or ".join(ACCEPT_ENCODINGS), pattern=_ACCEPT_ENCODING, default=default)
 
 
 def _policy(entry: Section) -> tuple[tuple[str, str], ...]:
@@ -249,6 +259,8 @@ class _Configured:
     credential: ICredential
     secret_params: frozenset[str]
     policy_defaults: tuple[tuple[str, str], ...]
+    accept_encoding: str
+
     @property
     def max_response_bytes(self) -> int:
         return getattr(self.adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
@@ -269,7 +281,7 @@ class _Configured:
 
 
 def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
-    entry.only(["type", "base_url", "timeout", "policy", "credential"])
+    entry.only(["type", "base_url", "timeout", "policy", "credential", "accept_encoding"])
     origin, base_path = _base_url(entry)
     if base_path:
         raise entry.error("base_url", f"a URL with no path for {adapter.name} (like https://host:port)")
@@ -284,6 +296,7 @@ def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
         credential=credential,
         secret_params=adapter.secret_params | secret_params,
         policy_defaults=tuple(getattr(adapter, "policy_defaults", None) or ()) + _policy(entry),
+        accept_encoding=_accept_encoding(entry, getattr(adapter, "accept_encoding", "identity")),
     )
 
 

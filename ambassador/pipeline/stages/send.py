@@ -11,7 +11,14 @@ from twisted.python.failure import Failure
 from ambassador.exchange import UpstreamResponse
 from ambassador.metrics import UpstreamMetrics
 from ambassador.problems import Problem
-from ambassador.pipeline.client import DEFAULT_MAX_RESPONSE_BYTES, ResponseTooLarge, UpstreamClient, UpstreamFailed
+from ambassador.pipeline.answers import bad_answer
+from ambassador.pipeline.client import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    ResponseTooLarge,
+    UnreadableAnswer,
+    UpstreamClient,
+    UpstreamFailed,
+)
 from ambassador.pipeline.resilience import Policy
 from ambassador.pipeline.stages import Call
 from ambassador.pipeline.stages.deadline import deadline_passed, host_of
@@ -37,8 +44,9 @@ class Send:
         call.trace.attempts += 1
         started = clock.seconds()
         limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
+        encoding = getattr(adapter, "accept_encoding", "identity")
         try:
-            fetched = self.client.fetch(adapter.base_url, call.request, max_body=limit)
+            fetched = self.client.fetch(adapter.base_url, call.request, max_body=limit, accept_encoding=encoding)
         except Exception:  # a request the client refuses at once (a bad header) fails like any other attempt
             fetched = defer.fail()
         # The timeout cancels the call, which drops its connection.
@@ -61,6 +69,8 @@ def _outcome_of(e: Exception) -> str:
         return "timeout"
     if isinstance(e, defer.CancelledError):
         return "cancelled"
+    if isinstance(e, UnreadableAnswer):
+        return "undecodable"
     return "too-large" if isinstance(e, ResponseTooLarge) else "unreachable"
 
 
@@ -73,6 +83,8 @@ def _explained(e: Exception, adapter, timeout: float) -> Exception:
     if isinstance(e, ResponseTooLarge):
         return Problem(502, "upstream-too-large", "Upstream answer too large",
                        f"{where} answered more than {e.args[0]} bytes, the most the ambassador reads from it.")
+    if isinstance(e, UnreadableAnswer):
+        return bad_answer(adapter.name, e.reason)
     if isinstance(e, UpstreamFailed):
         return Problem(502, "upstream-unreachable", "Upstream unreachable", f"Calling {where}: {e.reason}.")
     return e
