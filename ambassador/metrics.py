@@ -102,7 +102,7 @@ class RouteMetrics:
 class UpstreamMetrics:
     """The label children one adapter's upstream attempts update, bound once."""
 
-    OUTCOMES = STATUS_CLASSES + ("timeout", "cancelled", "too-large", "unreachable")
+    OUTCOMES = STATUS_CLASSES + ("timeout", "cancelled", "too-large", "undecodable", "unreachable")
 
     def __init__(self, metrics: Metrics, adapter: str) -> None:
         self._attempts = {o: metrics.upstream_attempts.labels(adapter, o) for o in self.OUTCOMES}
