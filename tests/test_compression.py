@@ -10,10 +10,15 @@ import json
 import pytest
 import pytest_twisted
 from attrs import asdict, define, field
+from twisted.internet import reactor
 from twisted.web.resource import EncodingResourceWrapper
 from twisted.web.server import GzipEncoderFactory
 
 from ambassador.adapters.http import HTTPAdapter
+from ambassador.adapters.tmdb import TMDBAdapter, TMDBPlugin
+from ambassador.app.discovery import Discovery
+from ambassador.app.reload import load_adapters
+from ambassador.app.settings import AdapterSpec
 from ambassador.interfaces import ConfigurationError
 from ambassador.testing import MOVIES, FakeService, FakeTMDB, serving
 from conftest import adapters_from_yaml, raw_exchange
@@ -175,3 +180,19 @@ async def test_an_upstream_that_compresses_unasked_is_decoded_or_refused_never_p
             assert status == 502, path
             assert "a content coding the ambassador does not decode" in problem_of(headers, body)["detail"]
     assert all("accept-encoding" not in request.headers for request in fake.requests)
+
+
+class BrotliTMDB(TMDBAdapter):
+    accept_encoding = "br"
+
+
+class BrotliTMDBPlugin(TMDBPlugin):
+    def configure(self, environ, reactor):
+        return BrotliTMDB(**asdict(super().configure(environ, reactor), recurse=False))
+
+
+def test_a_plugin_asking_for_a_coding_the_client_cannot_decode_stops_startup():
+    discovery = Discovery((BrotliTMDBPlugin(),), ())
+    with pytest.raises(ConfigurationError) as raised:
+        load_adapters(AdapterSpec(names=["tmdb"], environ={}), reactor, discovery=discovery)
+    assert str(raised.value) == "the tmdb adapter's accept_encoding: expected identity or gzip"
