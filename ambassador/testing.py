@@ -10,8 +10,9 @@ in memory as they are, through ``treq.testing.StubTreq`` (no sockets)::
     client = treq.testing.StubTreq(fake)
     response = await client.get("http://tmdb.test/3/movie/550?api_key=test-api-key")
 
-or on a loopback port with ``serve`` / ``serving``, with an ambassador in
-front of them, in this process, as ``twistd ambassador`` would serve it::
+or on a loopback port with ``serve`` / ``serving`` (``gzip=True``: answering gzip
+to a request that asks for it, as TMDB does), with an ambassador in front of
+them, in this process, as ``twistd ambassador`` would serve it::
 
     port = serve(FakeTMDB(api_keys={"my-key"}))            # port.base_url: http://127.0.0.1:<port>
     ambassador = start_ambassador([TMDBPlugin().configure({"TMDB_BASE_URL": port.base_url, ...}, reactor)])
