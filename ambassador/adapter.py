@@ -15,7 +15,7 @@ tests from ``ambassador.testing``; docs/writing-an-adapter.md shows both.
   file named by ``VAR_FILE``; ``Credential`` attaches it ``as_query_parameter``,
   ``as_header``, ``as_bearer_token`` or ``as_basic`` (a ``BasicPair``);
   ``OAuth2ClientCredentials`` fetches a token first.
-- ``base_url_from_environment`` reads and checks a ``scheme://host[:port]`` setting.
+- ``base_url_from_environment`` reads and checks a ``scheme://host[:port][/prefix]`` setting.
 - Answers: ``forward``, ``outside_failure``, ``parse_json_object``, ``is_json_type``,
   ``looks_like_json``, ``retry_after``; problems the caller gets: ``Problem``,
   ``bad_answer``, ``credential_rejected``, ``not_found``, ``bad_gateway``.

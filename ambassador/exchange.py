@@ -13,6 +13,7 @@ import functools
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from attrs import define, field, frozen
 
@@ -100,6 +101,9 @@ class Trace:
     upstream_status: int | None = None
     attempts: int = 0
     cache: str | None = None
+    #: The inbound request's OpenTelemetry span when tracing is on (ambassador.tracing): the parent of
+    #: each attempt's span, passed along here because Deferreds do not carry OTel's current context.
+    span: Any = None
 
 
 def without_params(query: Query, names: frozenset[str]) -> Query:

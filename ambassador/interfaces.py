@@ -47,7 +47,9 @@ class IExternalAdapter(Interface):
 
     name = Attribute("The plugin's name.")
     routes = Attribute("Sequence of ambassador.exchange.Route it serves.")
-    base_url = Attribute("Scheme, host and port of the outside service, e.g. 'https://api.themoviedb.org'.")
+    base_url = Attribute("Scheme, host, port and an optional path prefix of the outside service, e.g. "
+                         "'https://api.themoviedb.org' or 'https://egress.example.com/tmdb'; request paths "
+                         "are appended to it.")
     credential = Attribute("The ICredential attached to every upstream request.")
     secret_params = Attribute("Lower-case query parameter names that carry credentials: removed from "
                               "what callers send and redacted in logs.")
@@ -58,6 +60,9 @@ class IExternalAdapter(Interface):
     max_response_bytes = Attribute("Optional: the longest upstream answer read, in bytes; a longer one is "
                                    "a 502. Absent: ambassador.pipeline.client.DEFAULT_MAX_RESPONSE_BYTES (10 MiB). "
                                    "Counted decoded when the answer is compressed.")
+    propagate_trace = Attribute("Optional: True to send the W3C traceparent (and tracestate) of each attempt's span "
+                                "to the outside service when tracing is on. Absent or False: the trace stops at "
+                                "the ambassador (the config file's propagate_trace overrides it).")
     accept_encoding = Attribute("Optional: 'gzip' to ask the outside service for gzip answers (decoded, with "
                                 "max_response_bytes as the bound, before interpret sees them), or 'identity'. "
                                 "Absent: 'identity'.")

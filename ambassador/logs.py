@@ -6,12 +6,15 @@ JSON: each event becomes one JSON object on stdout: ``time`` (UTC, ISO 8601),
 (request_id, status, ...). Fields that are not plain JSON values are shown as
 text; Twisted's internal ``log_*`` keys are left out.
 
-Text: the lines twistd itself writes (``2026-11-26T09:17:55+0000 [ambassador.access#info] GET …``).
+Text: the lines twistd itself writes (``2026-11-26T09:17:55+0000 [ambassador.access#info] GET …``),
+each ``escaped`` onto one line: a caller's CR, LF or ESC in a path or header can neither
+break a line nor forge one. JSON lines escape what JSON leaves as is (DEL, C1, U+2028/9).
 
-An event's text (``message``, the text line) is Twisted's ``formatEvent``'s:
-``format_event`` gives it by ``str.format_map`` (a twelfth of the cost for the
-access line, one per request) and leaves to Twisted what that cannot format
-(calls such as ``{c()}``, a missing field, flattened events).
+An event's text (``message``, the text line) is Twisted's ``formatEvent``'s with
+its fields ``shown`` (no Python reprs: None is "-"): ``format_event`` gives it by
+``str.format_map`` (a twelfth of the cost for the access line, one per request)
+and leaves to Twisted what that cannot format (calls such as ``{c()}``, a
+missing field, flattened events). This module is the one place both are done.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ import atexit
 import json
 import json.encoder
 import os
+import re
 import sys
 import threading
 import time
+from string import Formatter
 from typing import Any
 from datetime import datetime, UTC
 
-from twisted.logger import ILogObserver, formatEvent, formatEventAsClassicLogText
+from twisted.logger import ILogObserver, formatEvent
 from twisted.python import threadable
 from zope.interface import provider
 
@@ -36,14 +41,102 @@ _NOT_FIELDS = frozenset({"format", "message", "time", "level", "logger"})
 
 
 def format_event(event: dict) -> str:
-    """The event's text, as Twisted's ``formatEvent`` gives it."""
+    """The event's text, as Twisted's ``formatEvent`` gives it from the fields as ``shown``."""
     text = event.get("log_format")
     if isinstance(text, str) and "log_flattened" not in event:
-        try:
-            return text.format_map(event)
-        except Exception:
-            pass  # Twisted's formatting: calls, or its text saying why it could not
-    return formatEvent(event)
+        names = _names_in(text)
+        if names is not None:
+            try:
+                if _AS_IS.issuperset(map(type, map(event.__getitem__, names))):  # the usual event, at C speed
+                    return text.format_map(event)
+                values = dict(zip(names, map(event.__getitem__, names)))
+                for name, value in values.items():
+                    if type(value) not in _AS_IS:
+                        values[name] = shown(value)
+                return text.format_map(values)
+            except Exception:
+                pass  # Twisted's formatting: calls, or its text saying why it could not
+    return formatEvent(_shown_fields(event))
+
+
+# The names of the fields each format string reads (one per call site: a bounded set), or None for one
+# with positional fields, which only Twisted's formatting deals with.
+_names_by_format: dict[str, tuple[str, ...] | None] = {}
+
+
+def _names_in(text: str) -> tuple[str, ...] | None:
+    try:
+        return _names_by_format[text]
+    except KeyError:
+        pass
+    if len(_names_by_format) > 1000:  # bounded all the same
+        _names_by_format.clear()
+    names: tuple[str, ...] | None
+    try:
+        fields = [field for _, field, _, _ in Formatter().parse(text) if field is not None]
+        names = tuple(dict.fromkeys(re.split(r"[.\[]", field, maxsplit=1)[0] for field in fields))
+        if any(not name or name.isdigit() for name in names):
+            names = None
+    except ValueError:  # not a format string: Twisted says so
+        names = None
+    _names_by_format[text] = names
+    return names
+
+
+_AS_IS = frozenset({str, int, float, bool})
+
+
+def shown(value: Any, *, inner: bool = False) -> Any:
+    """A field's value as an event's text gives it: no Python reprs. None is "-", bytes are their text,
+    a list or tuple its items joined by ", " (one level), an object without a text of its own its type's name."""
+    if value is None:
+        return "-"
+    kind = type(value)
+    if kind in _AS_IS:
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, (list, tuple, set, frozenset)) and not inner:
+        return ", ".join(str(shown(item, inner=True)) for item in value)
+    if kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__:
+        return kind.__name__  # not <... object at 0x7f...>
+    return value
+
+
+def _shown_fields(event: dict) -> dict:
+    """``event``, or a copy with the fields whose text would be a repr ``shown`` (most events have none)."""
+    copy = None
+    for key in _fields(event):
+        value = event[key]
+        if value is None or type(value) not in _AS_IS:
+            if copy is None:
+                copy = dict(event)
+            copy[key] = shown(value)
+    return event if copy is None else copy
+
+
+# What a text line must not hold as is: line breaks and every other control character (C0, DEL, C1,
+# the Unicode line and paragraph separators), and the backslash that starts an escape (so an escape
+# in a line is always ours: a caller's literal "\n" is written "\\n").
+_UNSAFE_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+_UNSAFE_IN_TRACEBACK = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")  # its own lines stay
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def _escape(match: re.Match) -> str:
+    character = match.group()
+    escape = _ESCAPES.get(character)
+    if escape is None:
+        code = ord(character)
+        escape = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return escape
+
+
+def escaped(text: str) -> str:
+    """``text`` on one line with no control character: ``\\n``, ``\\r``, ``\\t``, ``\\\\``, ``\\x1b``, ``\\u2028``."""
+    if text.isprintable() and "\\" not in text:  # the usual line, at C speed
+        return text
+    return _UNSAFE_TEXT.sub(_escape, text)
 
 
 class PerSecond:
@@ -101,9 +194,20 @@ def event_as_json(event: dict) -> str:
         document["error"] = failure.getErrorMessage()
         document["traceback"] = failure.getTraceback()
     try:
-        return _to_json(document)  # a value JSON has no word for is written as its repr()
+        line = _to_json(document)  # a value JSON has no word for is written as its repr()
     except (TypeError, ValueError, RecursionError):  # a container holding such a value, or itself
-        return _to_json({key: value if isinstance(value, _PLAIN) else repr(value) for key, value in document.items()})
+        line = _to_json({key: value if isinstance(value, _PLAIN) else repr(value) for key, value in document.items()})
+    # JSON escapes C0 controls itself; DEL, C1 and U+2028/9 are valid in a JSON string, but not in a terminal
+    if line.isascii() and "\x7f" not in line:  # the usual line, at C speed
+        return line
+    return _UNSAFE_IN_JSON.sub(_json_escape, line)
+
+
+_UNSAFE_IN_JSON = re.compile(r"[\x7f-\x9f\u2028\u2029]")
+
+
+def _json_escape(match: re.Match) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 class _LineWriter:
@@ -200,18 +304,26 @@ _local_seconds = PerSecond(lambda second: time.strftime("%Y-%m-%dT%H:%M:%S%z", t
 
 
 def event_as_text(event: dict) -> str | None:
-    """The line twistd's text observer writes for ``event`` (None for an event with nothing to say)."""
-    if "log_failure" in event or "log_time" not in event:
-        return formatEventAsClassicLogText(event)
-    text = format_event(event)
+    """The line twistd's text observer writes for ``event`` (None for an event with nothing to say), with
+    its text ``escaped`` and its fields ``shown``: one line, whatever a caller put in a path or a header.
+    A failure's traceback follows on continuation lines (each starting with a tab), as twistd writes it."""
+    text = escaped(format_event(event))
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            traceback = failure.getTraceback()
+        except BaseException as e:
+            traceback = f"(UNABLE TO OBTAIN TRACEBACK FROM EVENT): {e}"
+        traceback = _UNSAFE_IN_TRACEBACK.sub(_escape, traceback)
+        text = f"{text}\n{traceback}".replace("\n", "\n\t")
     if not text:
         return None
     system = event.get("log_system")
     if system is None:
         level = event.get("log_level")
         system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
-    text = text.replace("\n", "\n\t")
-    return f"{_local_seconds.at(event['log_time'])} [{system}] {text}\n"
+    when = event.get("log_time")
+    return f"{'-' if when is None else _local_seconds.at(when)} [{system}] {text}\n"
 
 
 def text_observer(stream=None):

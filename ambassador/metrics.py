@@ -9,15 +9,24 @@ global one), so tests and processes can each build their own.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, PlatformCollector,
+                               ProcessCollector, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 
+from ambassador import __version__
 from ambassador.pipeline.stages.breaker import CLOSED, HALF_OPEN, OPEN
 
 # Latencies of a sidecar in front of an internet API: sub-millisecond cache
 # hits up to the 10 s default deadline.
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# The problem kinds (docs/problems.md) that say how the outside service or the ambassador's own limits
+# answered a routed request: each served adapter has their series from the start. Other kinds (the
+# caller's mistakes, an adapter's own) are counted from their first answer.
+PROBLEM_KINDS = ("credential-missing", "credential-rejected", "circuit-open", "concurrency-limit", "rate-limited",
+                 "upstream-unreachable", "upstream-timeout", "upstream-too-large", "upstream-bad-answer",
+                 "upstream-error", "upstream-unavailable", "upstream-rate-limited", "internal-error")
 CACHE_OUTCOMES = ("hit", "miss", "refreshed", "revalidated", "stale-while-revalidate", "stale-if-error",
                   "collapsed", "bypass")
 
@@ -25,6 +34,12 @@ CACHE_OUTCOMES = ("hit", "miss", "refreshed", "revalidated", "stale-while-revali
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
+        # What every Prometheus client exposes by convention: process_* (CPU, memory, file descriptors,
+        # start time), python_info and python_gc_*; and which ambassador this is.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        Info("ambassador_build", "The ambassador's version (always 1).", registry=r).info({"version": __version__})
         self.requests = Counter("ambassador_requests", "Inbound requests answered, by status class.",
                                 ["adapter", "route", "code_class"], registry=r)
         self.request_seconds = Histogram("ambassador_request_duration_seconds",
@@ -57,10 +72,26 @@ class Metrics:
                                  "(--workers), by outcome: relayed (it answered), fallback (it could not be "
                                  "asked; this process fetched from the upstream itself).", ["outcome"],
                                  registry=r)
+        self.problems = Counter("ambassador_problems", "Problem answers (application/problem+json) by kind "
+                                "(docs/problems.md); adapter is empty for a request no route took.",
+                                ["adapter", "kind"], registry=r)
         self.reloads = Counter("ambassador_reloads", "Configuration reloads (SIGHUP), by outcome: ok, error "
                                "(the running configuration stayed).", ["outcome"], registry=r)
         for outcome in ("ok", "error"):
             self.reloads.labels(outcome)
+        for outcome in ("relayed", "fallback"):
+            self.peer_asks.labels(outcome)
+
+    def serve(self, adapter: str) -> None:
+        """Make every per-adapter counter's series for ``adapter``, at 0 until something is counted: a
+        served adapter's series exist from the start, so rate() and alerts on them work from the first
+        scrape. (Route series are made when a route is mounted: ``route``.)"""
+        UpstreamMetrics(self, adapter)
+        self.cache_answers_of(adapter)
+        for counter in (self.retries, self.rate_limit_waits, self.rate_limit_rejections, self.concurrency_rejections):
+            counter.labels(adapter)
+        for kind in PROBLEM_KINDS:
+            self.problems.labels(adapter, kind)
 
     def cache_answers_of(self, adapter: str) -> dict:
         """The cache-answer label children of one adapter, by outcome."""
@@ -82,7 +113,14 @@ class Metrics:
         return RouteMetrics(self, adapter, route)
 
     def exposition(self) -> bytes:
+        """The Prometheus text format."""
         return generate_latest(self.registry)
+
+    def exposition_for(self, accept: str) -> tuple[bytes, str]:
+        """The exposition a scraper sending ``accept`` asks for, and its content type: OpenMetrics
+        when it accepts ``application/openmetrics-text``, else the Prometheus text format."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
 
 
 class RouteMetrics:
@@ -124,15 +162,17 @@ class _StateCollector:
                                       "Times a credential file changed and was re-read.", labels=["adapter"])
         ready = GaugeMetricFamily("ambassador_adapter_ready", "1 when the adapter is ready to serve.",
                                   labels=["adapter"])
-        circuit = GaugeMetricFamily("ambassador_circuit_state",
-                                    "Circuit breaker state: 0 closed, 1 open, 2 half-open.", labels=["adapter"])
+        circuit = GaugeMetricFamily("ambassador_circuit_state", "1 for the circuit breaker's state now "
+                                    "(closed, open, half_open), 0 for the others.", labels=["adapter", "state"])
         for state in self._readiness.adapters:
             credential = state.adapter.credential
             present.add_metric([state.adapter.name], 1.0 if credential.present() else 0.0)
             reloads.add_metric([state.adapter.name], credential.reloads())
             ready.add_metric([state.adapter.name], 0.0 if state.reasons() else 1.0)
             if state.breaker is not None:
-                circuit.add_metric([state.adapter.name], _CIRCUIT_STATES[state.breaker.state])
+                now = state.breaker.state
+                for name, label in _CIRCUIT_STATES.items():
+                    circuit.add_metric([state.adapter.name, label], 1.0 if name == now else 0.0)
         yield from (present, reloads, ready, circuit)
         store = self._readiness.cache_store
         if store is not None:
@@ -156,7 +196,7 @@ class _CacheCollector:
                                   value=store.evictions)
 
 
-_CIRCUIT_STATES = {CLOSED: 0.0, OPEN: 1.0, HALF_OPEN: 2.0}
+_CIRCUIT_STATES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}  # label values: Prometheus style
 
 
 class _UpstreamCollector:

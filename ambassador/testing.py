@@ -241,6 +241,9 @@ class FakeTMDB(FakeService):
     credential has been checked. ``script`` is a list of such faults or
     canned answers used up one per request, before ``fault`` and ``canned``.
 
+    With ``base_path`` (``/tmdb``) it answers below that prefix, as an egress
+    gateway that serves TMDB under a path would, and 404 elsewhere.
+
     Like TMDB, its data pages say ``Cache-Control: public, max-age=<max_age>``
     and carry an ETag; a request whose ``If-None-Match`` holds it gets 304.
     """
@@ -252,6 +255,7 @@ class FakeTMDB(FakeService):
     canned: tuple[int, dict[str, str], bytes] | None = None
     script: list = field(factory=list)
     hanging: list = field(factory=list)
+    base_path: str = ""
 
     def render(self, request):
         recorded = self.record(request)
@@ -286,7 +290,9 @@ class FakeTMDB(FakeService):
         return recorded.param("api_key") in self.api_keys
 
     def _route(self, request, recorded: RecordedRequest):
-        parts = recorded.path.strip("/").split("/")
+        if not recorded.path.startswith(self.base_path + "/"):
+            return self._json(request, 404, NOT_FOUND)
+        parts = recorded.path[len(self.base_path):].strip("/").split("/")
         if parts == ["3", "discover", "movie"]:
             return self._discover(request, recorded)
         if parts == ["3", "search", "movie"]:

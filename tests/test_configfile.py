@@ -100,6 +100,17 @@ async def test_a_plugin_credential_from_the_file_replaces_its_variables(fake_tmd
     assert fake_tmdb.requests[0].param("api_key") is None
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_plugin_base_url_from_the_file_may_carry_a_path_prefix(fake_tmdb, start_ambassador, tmp_path):
+    fake_tmdb.base_path = "/tmdb"
+    text = f"adapters:\n  tmdb:\n    type: tmdb\n    base_url: {fake_tmdb.base_url}/tmdb\n"
+    adapters = adapters_from_yaml(tmp_path, text, {"TMDB_API_KEY": "test-api-key"})
+    ambassador = await start_ambassador(adapters=adapters)
+    response, _ = await get(ambassador.url + "/tmdb/3/movie/550")
+    assert response.code == 200
+    assert [r.path for r in fake_tmdb.requests] == ["/tmdb/3/movie/550"]
+
+
 class SmallTMDB(TMDBAdapter):
     max_response_bytes = 1000
 

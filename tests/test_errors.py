@@ -24,6 +24,8 @@ def problem(response, body, status, kind):
     assert document["type"] == f"urn:ambassador:problem:{kind}"
     assert document["title"] and document["detail"]
     assert b"test-api-key" not in body and b"test-read-token" not in body
+    # The caller learns which service failed, never where it is (every upstream here is 127.0.0.1 or .invalid).
+    assert "127.0.0.1" not in document["detail"] and ".invalid" not in document["detail"]
     return document
 
 

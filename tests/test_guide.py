@@ -41,6 +41,16 @@ def load_module(path: Path):
     return module
 
 
+def test_guide_documents_every_public_name_of_the_adapter_and_testing_modules():
+    import ambassador.adapter
+    import ambassador.testing
+
+    reference = GUIDE.read_text(encoding="utf-8").split("## Reference: the public names", 1)[1]
+    named = set(re.findall(r"`([A-Za-z_0-9]+)", reference))
+    assert set(ambassador.adapter.__all__) - named == set()
+    assert set(ambassador.testing.__all__) - named == set()
+
+
 def test_guide_shows_every_file_of_its_layout():
     assert set(guide_files()) == {
         "ambassador-weather/setup.py",

@@ -5,13 +5,14 @@ from datetime import datetime, UTC
 
 import pytest
 import pytest_twisted
-from twisted.logger import Logger, formatEvent, formatEventAsClassicLogText
+from twisted.logger import LogLevel, Logger, formatEvent, formatEventAsClassicLogText
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from ambassador.web.limits import InboundLimits
 from ambassador.logs import event_as_json, event_as_text, format_event
 from ambassador.app.service import Options
+from ambassador.pipeline.resilience import Policy
 from conftest import get, raw_exchange, tmdb_env
 from test_metrics import samples
 
@@ -24,23 +25,67 @@ def emitted(text, /, **fields):
 
 @pytest.mark.parametrize("text, fields", [
     ("{method} {path} {status} {duration_ms}ms route={route} id={request_id}",
-     dict(method="GET", path="/movies?api_key=[REDACTED]", status=200, duration_ms=3.7, route=None, request_id="r")),
-    ("{name!r} {count:>5} {ratio:.2f} {{literal}} {text!s}", dict(name="tmdb", count=7, ratio=0.5, text=b"x")),
-    ("{a.b} {c()}", dict(a=None, c=lambda: "called")),  # more than names: Twisted's own formatting
+     dict(method="GET", path="/movies?api_key=[REDACTED]", status=200, duration_ms=3.7, route="movies",
+          request_id="r")),
+    ("{name!r} {count:>5} {ratio:.2f} {{literal}} {text!s}", dict(name="tmdb", count=7, ratio=0.5, text="x")),
+    ("{c()}", dict(c=lambda: "called")),  # more than names: Twisted's own formatting
     ("missing {nope}", {}),
     ("no fields at all", {}),
-    ("line one\nline two {x}", dict(x=1)),
-    ("quotes ' \" and a \\ backslash {a!r:^10} {b:,} {c!a}", dict(a="x", b=12345, c="\u00e9")),
+    ("quotes ' \" {a!r:^10} {b:,} {c}", dict(a="x", b=12345, c="\u00e9")),
     ("{a:{width}}", dict(a=1, width=5)),  # a nested spec
     ("{0} {}", {}),  # positional fields: none in an event
     ("{a[k]} {a.real}", dict(a={"k": "v"})),  # an index, a missing attribute
     ("{x:d}", dict(x="not a number")),  # a spec the value refuses
 ])
-def test_text_is_what_twisted_writes(text, fields):
+def test_text_is_what_twisted_writes_for_fields_with_a_text_of_their_own(text, fields):
     event = emitted(text, **fields)
     assert format_event(event) == formatEvent(event)
     assert event_as_text(event) == formatEventAsClassicLogText(event)
     assert json.loads(event_as_json(event))["message"] == formatEvent(event)
+
+
+class Plain:
+    pass
+
+
+@pytest.mark.parametrize("value, text", [
+    (None, "-"), (b"bytes \xc3\xa9", "bytes \u00e9"), (["a", "b", None], "a, b, -"), (("x", 1), "x, 1"),
+    (Plain(), "Plain"), (7, "7"), (True, "True"), ("", ""),
+])
+def test_text_lines_hold_no_python_reprs(value, text):
+    event = emitted("v={value} end", value=value)
+    assert format_event(event) == f"v={text} end"
+    assert event_as_text(event).endswith(f"] v={text} end\n")
+    assert json.loads(event_as_json(event))["message"] == f"v={text} end"
+
+
+@pytest.mark.parametrize("value, text", [
+    ("a\nb", "a\\nb"), ("a\r\nforged line", "a\\r\\nforged line"), ("\x1b[31mred", "\\x1b[31mred"),
+    ("tab\there", "tab\\there"), ("nul\x00 del\x7f csi\x9b", "nul\\x00 del\\x7f csi\\x9b"),
+    ("line\u2028sep\u2029", "line\\u2028sep\\u2029"), ("back\\slash", "back\\\\slash"), ("\u00e9", "\u00e9"),
+])
+def test_text_lines_escape_line_breaks_and_control_characters(value, text):
+    event = emitted("path={path}", path=value)
+    line = event_as_text(event)
+    assert line.endswith(f"] path={text}\n") and line.count("\n") == 1
+    assert not any(c in line[:-1] for c in "\r\x00\x1b\x7f\x9b\u2028\u2029\t")
+    json_line = event_as_json(event)
+    assert json.loads(json_line)["path"] == value and json.loads(json_line)["message"] == f"path={value}"
+    assert not any(c in json_line for c in "\n\r\x00\x1b\x7f\x9b\u2028\u2029\t")
+
+
+def test_a_failure_keeps_its_traceback_on_continuation_lines_and_its_message_on_one():
+    try:
+        raise ValueError("bad\r\nvalue\x1b")
+    except ValueError:
+        failure = Failure()
+    events = []
+    Logger(namespace="ambassador", observer=events.append).failure("Failed {what}", failure, what="a\nb")
+    line = event_as_text(events[0])
+    first, *rest = line[:-1].split("\n")
+    assert first.endswith("[ambassador#critical] Failed a\\nb")
+    assert rest[0] == "\tTraceback (most recent call last):" and all(r.startswith("\t") for r in rest)
+    assert rest[-3:] == ["\tbuiltins.ValueError: bad\\r", "\tvalue\\x1b", "\t"]  # its \n: a continuation
 
 
 def test_json_time_is_utc_with_milliseconds():
@@ -69,7 +114,7 @@ def access_event(**fields):
 def test_access_event_as_json_line():
     assert event_as_json(access_event()) == (
         '{"time": "2026-11-26T15:43:25.042+00:00", "level": "info", "logger": "ambassador.access", '
-        '"message": "GET /movies?q=\u00e9\\"\\\\ 200 12.3ms adapter=tmdb route=movies upstream=None attempts=0 '
+        '"message": "GET /movies?q=\u00e9\\"\\\\ 200 12.3ms adapter=tmdb route=movies upstream=- attempts=0 '
         'cache=hit id=5d03ede44434f09b25ca74ec61f01b01", "request_id": "5d03ede44434f09b25ca74ec61f01b01", '
         '"method": "GET", "path": "/movies?q=\u00e9\\"\\\\", "status": 200, "adapter": "tmdb", "route": "movies", '
         '"upstream_status": null, "attempts": 0, "cache": "hit", "problem": null, "duration_ms": 12.3}')
@@ -121,7 +166,7 @@ def test_json_failure_has_error_and_traceback():
     assert (document["level"], document["message"], document["what"]) == ("critical", "Failed dividing", "dividing")
     assert document["error"] == "no good"
     assert document["traceback"].startswith("Traceback") and "ValueError: no good" in document["traceback"]
-    assert event_as_text(events[0]) == formatEventAsClassicLogText(events[0])
+    assert event_as_text(events[0]) == formatEventAsClassicLogText(events[0])  # a traceback of one-line text
 
 
 @pytest_twisted.ensureDeferred
@@ -210,6 +255,23 @@ async def test_access_log_says_which_answers_get_a_line_and_metrics_count_all(fa
     assert [e["status"] for e in log_events if e.get("log_namespace") == "ambassador.access"] == logged
     counted = samples(ambassador.metrics.exposition())
     assert sum(v for (name, _), v in counted.items() if name == "ambassador_requests_total") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_lines_of_5xx_answers_are_warnings_the_others_info(fake_tmdb, start_ambassador, log_events):
+    ambassador = await start_ambassador(tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"),
+                                        policies={"tmdb": Policy(retries=0)})
+    assert (await get(ambassador.url + "/movies"))[0].code == 200
+    assert (await get(ambassador.url + "/unknown"))[0].code == 404
+    fake_tmdb.fault = "reset"
+    assert (await get(ambassador.url + "/movies?page=2"))[0].code == 502
+    too_large = b"GET /movies HTTP/1.1\r\nX-Big: " + b"a" * (InboundLimits().max_line + 1) + b"\r\n\r\n"
+    assert (await raw_exchange(ambassador.url, too_large))[0] == 431  # refused before it was read whole
+    access = [e for e in log_events if e.get("log_namespace") == "ambassador.access"]
+    assert [(e["status"], e["log_level"]) for e in access] == [
+        (200, LogLevel.info), (404, LogLevel.info), (502, LogLevel.warn), (431, LogLevel.info)]
+    assert json.loads(event_as_json(access[2]))["level"] == "warn"
+    assert "[ambassador.access#warn] GET /movies?page=2 502 " in event_as_text(access[2])
 
 
 def test_access_log_choices_are_checked():

@@ -27,6 +27,8 @@ DOCUMENTED = [
     ("ambassador_concurrency_rejections", "counter", {"adapter"}),
     ("ambassador_cache_answers", "counter", {"adapter", "outcome"}),
     ("ambassador_peer_asks", "counter", {"outcome"}),
+    ("ambassador_problems", "counter", {"adapter", "kind"}),
+    ("ambassador_build_info", "gauge", {"version"}),
 ]
 LE = ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0",
       "30.0", "+Inf"]
@@ -43,6 +45,7 @@ def used(metrics: Metrics) -> Metrics:
         counter.labels("tmdb").inc()
     metrics.cache_answers_of("tmdb")["hit"].inc()
     metrics.peer_asks.labels("relayed").inc()
+    metrics.problems.labels("tmdb", "circuit-open").inc()
     return metrics
 
 

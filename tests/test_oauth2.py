@@ -72,6 +72,7 @@ def problem(response, body, status, kind):
     assert response.code == status and header(response, "content-type") == "application/problem+json"
     document = json.loads(body)
     assert document["type"] == f"urn:ambassador:problem:{kind}"
+    assert "127.0.0.1" not in document["detail"]  # the token endpoint is named in the log, not to the caller
     return document
 
 

@@ -78,6 +78,37 @@ async def test_list_adapters_shows_routes_and_which_settings_are_set_never_value
 
 
 @pytest_twisted.ensureDeferred
+async def test_list_adapters_with_a_config_file_shows_what_the_file_serves(tmp_path):
+    config = tmp_path / "ambassador.yaml"
+    config.write_text("adapters:\n"
+                      "  films:\n    type: tmdb\n    base_url: http://tmdb.internal:8000\n"
+                      "  weather:\n    mount: /weather\n    base_url: http://weather.internal\n"
+                      "    credential: {style: query, secret: {env: WEATHER_KEY}}\n")
+    env = {"TMDB_API_KEY": "test-api-key"}
+    output, code = await run_twistd("ambassador", "--config", str(config), "--list-adapters",
+                                    "--mount", "films.movies=/films", env=env, cwd=tmp_path)
+    assert code == 0, output
+    lines = output.splitlines()
+    assert lines[:7] == [
+        f"Served from {config}:",
+        "films: The Movie Database v3 API: /movies (discover) and /tmdb/3/… passthrough",
+        "  mounted at: /tmdb/… (tmdb-v3), /films (movies)",
+        "  credential: set",
+        "weather: an HTTP API (type http)",
+        "  mounted at: /weather/… (weather)",
+        lines[6],
+    ]
+    assert lines[6].startswith("  credential: missing: ") and "WEATHER_KEY" in lines[6]
+    assert "Found but not in" in output and "tmdb" in output.split("Found but not in")[1]
+    assert "test-api-key" not in output and "internal" not in output
+
+    config.write_text("adapters:\n  films:\n    type: nonesuch\n")
+    output, code = await run_twistd("ambassador", "--config", str(config), "--list-adapters", env=env, cwd=tmp_path)
+    assert code != 0 and f"{config}: adapters.films.type: expected http or an adapter plugin" in output
+    assert "Traceback" not in output
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_installed_distribution_is_listed_and_serves_under_twistd(tmp_path):
     """plugins/ambassador-omdb installed next to the ambassador (./run-tests does) is found with no change to
     the core: its dropin in site-packages/twisted/plugins is all twistd needs."""

@@ -10,6 +10,7 @@ from email.utils import formatdate
 
 import pytest
 import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock, deferLater
@@ -244,6 +245,7 @@ async def test_circuit_opens_fails_fast_probes_and_closes(fake_tmdb, start_ambas
     ready, report = await get(ambassador.admin_url + "/upstreams")  # the outside world's state: not readiness
     assert ready.code == 200 and b"circuit open" in report
     assert (await get(ambassador.admin_url + "/readyz"))[0].code == 200
+    assert await circuit_states(ambassador) == {"closed": 0, "open": 1, "half_open": 0}
 
     clock.advance(10)
     assert (await call(ambassador))[0].code == 502  # the one probe, failing: open for 20 s now
@@ -253,9 +255,18 @@ async def test_circuit_opens_fails_fast_probes_and_closes(fake_tmdb, start_ambas
     assert result.code == 503 and len(fake_tmdb.requests) == 4
     clock.advance(10)
     fake_tmdb.fault = None
+    assert await circuit_states(ambassador) == {"closed": 0, "open": 1, "half_open": 0}
     assert (await call(ambassador))[0].code == 200  # the probe succeeds: closed
     assert (await call(ambassador))[0].code == 200
     assert len(fake_tmdb.requests) == 6
+    assert await circuit_states(ambassador) == {"closed": 1, "open": 0, "half_open": 0}
+
+
+async def circuit_states(ambassador) -> dict[str, float]:
+    """ambassador_circuit_state of the tmdb adapter, by state."""
+    _, exposition = await get(ambassador.admin_url + "/metrics")
+    return {s.labels["state"]: s.value for f in text_string_to_metric_families(exposition.decode())
+            for s in f.samples if s.name == "ambassador_circuit_state" and s.labels["adapter"] == "tmdb"}
 
 
 @pytest_twisted.ensureDeferred

@@ -9,6 +9,7 @@ import pytest
 from attrs import define, field
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent
 
 from ambassador.exchange import Trace, UpstreamRequest, UpstreamResponse
 from ambassador.pipeline.guard import Guard
@@ -127,6 +128,38 @@ def test_the_breaker_opens_after_failures_and_a_refusal_of_our_own_frees_the_hal
     run(stage, a_call()).addErrback(lambda _: None)  # the probe is refused here, not by the upstream
     assert breaker.state != OPEN
     assert run(stage, a_call()).result.status == 200 and breaker.state == CLOSED
+
+
+def circuit_events(events) -> list[str]:
+    return [formatEvent(e) for e in events if formatEvent(e).startswith("Circuit of")]
+
+
+def test_each_change_of_the_circuit_is_one_log_event_not_one_per_request(clock, log_events):
+    breaker = CircuitBreaker(clock, failures=2, open_for=10, open_max=60, adapter="tmdb")
+    late = defer.Deferred()
+    inner = Inner([late, unreachable(), 503, Problem(504, "upstream-timeout", "Timed out", "x"), 200, 200])
+    stage = Breaker(inner, breaker)
+    in_flight = run(stage, a_call())  # admitted while closed, fails after the circuit opened
+    for _ in range(2):
+        run(stage, a_call()).addErrback(lambda _: None)
+    late.callback(502)
+    for _ in range(3):  # refused while open: no event
+        run(stage, a_call()).addErrback(lambda _: None)
+    assert circuit_events(log_events) == [
+        "Circuit of tmdb opened after 2 consecutive failures (last: status 503); not calling it for 10 s"]
+    assert in_flight.result.status == 502 and breaker.retry_after() == 10  # it did not trip again
+    clock.advance(10)
+    run(stage, a_call()).addErrback(lambda _: None)  # the probe times out
+    clock.advance(20)
+    assert run(stage, a_call()).result.status == 200  # the next probe
+    assert run(stage, a_call()).result.status == 200
+    assert circuit_events(log_events)[1:] == [
+        "Circuit of tmdb still open: the probe failed (upstream-timeout); not calling it for 20 s",
+        "Circuit of tmdb closed: the probe succeeded; calling it again"]
+    opened, still_open, closed = [e for e in log_events if formatEvent(e).startswith("Circuit of")]
+    assert (opened["log_level"], still_open["log_level"], closed["log_level"]) == (
+        LogLevel.warn, LogLevel.warn, LogLevel.info)
+    assert (opened["adapter"], opened["failures"], opened["why"]) == ("tmdb", 2, "status 503")
 
 
 def test_a_caller_who_leaves_frees_the_half_open_probe():

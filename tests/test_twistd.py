@@ -5,7 +5,9 @@ import re
 import shlex
 import signal
 from pathlib import Path
+from urllib.parse import quote
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer
 
@@ -61,7 +63,8 @@ async def test_bad_configuration_stops_startup_with_a_clear_message(tmp_path):
     output, code = await run_twistd("-n", "ambassador", "--port", "0",
                                     env={"TMDB_BASE_URL": "ftp://tmdb.example/path"}, cwd=tmp_path)
     assert code != 0
-    assert "TMDB_BASE_URL must look like https://host" in output
+    assert "TMDB_BASE_URL: expected a URL like https://api.example.com" in output
+    assert "ftp://" not in output
     assert "Traceback" not in output
 
     output, code = await run_twistd("-n", "ambassador", "--timeout", "-1", env={}, cwd=tmp_path)
@@ -120,6 +123,31 @@ async def test_json_log_format_writes_one_json_object_per_line(fake_tmdb, tmp_pa
     assert (access["status"], access["upstream_status"], access["route"]) == (200, 200, "movies")
     for secret in SECRETS:
         assert secret not in process.output.decode()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest_twisted.ensureDeferred
+async def test_a_caller_cannot_break_or_forge_a_log_line(fake_tmdb, tmp_path, log_format):
+    process = spawn_ambassador("--port", "0", "--admin-port", "none", "--log-format", log_format,
+                               env=tmdb_env(fake_tmdb, TMDB_API_KEY="test-api-key"), cwd=tmp_path)
+    forged = "x\r\n2026-01-01T00:00:00+0000 [ambassador.access#info] GET /forged 200\x1b[2J\u009b\u2028"
+    try:
+        port = await process.listening
+        await get(f"http://127.0.0.1:{port}/movies?with_genres={quote(forged)}")
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+    assert await process.ended == (0, None)
+    output = process.output.decode()
+    lines = output.splitlines()
+    [access] = [line for line in lines if "with_genres=" in line]
+    assert not any(c in output for c in "\r\x1b\x9b\u2028")
+    assert not any(line.startswith("2026-01-01") for line in lines)
+    if log_format == "text":
+        assert ("] GET /movies?with_genres=x\\r\\n2026-01-01T00:00:00+0000 [ambassador.access#info] GET /forged "
+                "200\\x1b[2J\\x9b\\u2028 ") in access
+        assert "None" not in access
+    else:
+        assert json.loads(access)["path"] == "/movies?with_genres=" + forged
 
 
 def memory_mib(pid: int, field: str) -> float:

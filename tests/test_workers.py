@@ -7,12 +7,14 @@ import signal
 import stat
 
 import pytest_twisted
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 
 from ambassador.pipeline.resilience import Policy
 from ambassador.app.workers import merge_expositions, share_of
-from conftest import SECRETS, get, tmdb_env
+from ambassador.metrics import Metrics
+from conftest import SECRETS, get, header, tmdb_env
 from processes import spawn_ambassador
 from test_cache import page
 
@@ -30,13 +32,26 @@ def test_expositions_merge_with_a_worker_label():
     one = (b'# HELP ambassador_requests_total Inbound.\n# TYPE ambassador_requests_total counter\n'
            b'ambassador_requests_total{adapter="tmdb",code_class="2xx"} 3.0\n'
            b'# HELP ambassador_circuit_state State.\n# TYPE ambassador_circuit_state gauge\n'
-           b'ambassador_circuit_state{adapter="tmdb"} 0.0\n')
+           b'ambassador_circuit_state{adapter="tmdb",state="open"} 0.0\n')
     two = one.replace(b"} 3.0", b"} 4.0").replace(b"} 0.0", b"} 1.0")
-    merged = merge_expositions([(0, one), (1, two)]).decode()
+    merged = merge_expositions([(0, one), (1, two), (2, b"")]).decode()  # worker 2 could not be asked
     assert merged.count("# TYPE ambassador_requests_total counter") == 1
     assert 'ambassador_requests_total{adapter="tmdb",code_class="2xx",worker="0"} 3.0' in merged
     assert 'ambassador_requests_total{adapter="tmdb",code_class="2xx",worker="1"} 4.0' in merged
-    assert 'ambassador_circuit_state{adapter="tmdb",worker="1"} 1.0' in merged
+    assert 'ambassador_circuit_state{adapter="tmdb",state="open",worker="1"} 1.0' in merged
+    assert 'worker="2"' not in merged
+
+
+def test_openmetrics_expositions_merge_as_openmetrics_each_process_its_own_process_and_build_series():
+    accept = "application/openmetrics-text"
+    one, two = (Metrics().exposition_for(accept)[0] for _ in range(2))
+    merged = merge_expositions([(0, one), (1, two)], accept).decode()
+    families = {f.name: f for f in openmetrics_families(merged)}  # the strict parser: valid OpenMetrics
+    build = families["ambassador_build"]
+    assert build.type == "info" and sorted(s.labels["worker"] for s in build.samples) == ["0", "1"]
+    started = families["process_start_time_seconds"]
+    assert sorted(s.labels["worker"] for s in started.samples) == ["0", "1"]  # one each, not summed
+    assert merged.endswith("# EOF\n") and merged.count("# EOF") == 1
 
 
 class Watched:
@@ -111,6 +126,15 @@ async def test_workers_serve_one_port_and_the_primary_reports_for_all(fake_tmdb,
                             r'worker="(\d)"\} (\S+)', text)
         assert sorted(worker for worker, _ in served) == ["0", "1"]
         assert sum(float(count) for _, count in served) == 20
+        started = re.findall(r'process_start_time_seconds\{worker="(\d)"\} ', text)
+        built = re.findall(r'ambassador_build_info\{version="[^"]+",worker="(\d)"\} 1.0', text)
+        assert sorted(started) == sorted(built) == ["0", "1"]  # each process's own, never summed
+        response, body = await get(admin + "/metrics", headers={"Accept": "application/openmetrics-text"})
+        assert header(response, "content-type").startswith("application/openmetrics-text")
+        served = [s for f in openmetrics_families(body.decode()) if f.name == "ambassador_requests"
+                  for s in f.samples if s.name == "ambassador_requests_total" and s.labels["route"] == "movies"
+                  and s.labels["code_class"] == "2xx"]
+        assert sorted(s.labels["worker"] for s in served) == ["0", "1"] and sum(s.value for s in served) == 20
     finally:
         process.transport.signalProcess(signal.SIGTERM)
     output = process.output.decode()

@@ -48,6 +48,7 @@ class HTTPAdapter:
     probe_path: str | None = None
     #: (key, value) pairs of ambassador.pipeline.resilience.Policy from the config file (timeout, retries …).
     policy_defaults: tuple[tuple[str, str], ...] = ()
+    propagate_trace: bool = False  # send traceparent upstream (config file's propagate_trace)
     accept_encoding: str = "identity"  # or gzip: asked of the upstream, decoded before interpret
     max_response_bytes: ClassVar[int] = DEFAULT_MAX_RESPONSE_BYTES
 

@@ -66,6 +66,7 @@ class TMDBAdapter:
     # slowly: a five-minute-old answer serves a caller better than an outage does.
     policy_defaults: tuple[tuple[str, str], ...] = (("rate_limit", "40"), ("rate_burst", "40"),
                                                     ("stale_if_error", "300"))
+    propagate_trace: bool = False  # an outside service: the caller's trace ends at the ambassador
 
     def upstream_request(self, inbound: InboundRequest) -> UpstreamRequest:
         if inbound.route.name == MOVIES.name:

@@ -30,14 +30,10 @@ def _split_url(value: str) -> SplitResult | None:
 
 
 def base_url_from_environment(environ, variable: str, default: str) -> str:
-    """``scheme://host[:port]`` from ``variable``: nothing else, so no request can leave it."""
-    parts = _split_url(environ.get(variable, "").strip() or default)
-    if parts is None or parts.path not in ("", "/"):
-        raise ConfigurationError(
-            f"{variable} must look like https://host or http://host:port "
-            "(no path, query or user info)"
-        )
-    return f"{parts.scheme}://{parts.netloc}"
+    """``scheme://host[:port][/prefix]`` from ``variable``: a path prefix is kept (an egress gateway
+    may serve the API below one, ``https://egress.example.com/tmdb``); no query or user info."""
+    origin, path = base_url_with_path(environ.get(variable, "").strip() or default, variable)
+    return origin + path
 
 
 def base_url_with_path(value: str, setting: str) -> tuple[str, str]:

@@ -42,7 +42,7 @@ Config file (--config FILE, YAML; secrets only by reference, never written in it
     NAME:                     one entry per adapter; NAME labels logs and metrics
       type: http              http (the default: no code needed) or an adapter plugin's name (tmdb)
       mount: /NAME            http: where it is served
-      base_url: URL           where the outside API is; http: may carry a path (https://api.example.com/v2)
+      base_url: URL           where the outside API is; may carry a path prefix (https://egress.example.com/tmdb)
       methods: [GET, HEAD]    http: methods forwarded
       paths: [/a, /b/c]       http: path prefixes forwarded below the mount (default: all)
       probe_path: /status     http: cheap GET for --probe-interval (default: not probed)
@@ -50,6 +50,7 @@ Config file (--config FILE, YAML; secrets only by reference, never written in it
                               default identity, a plugin's own default for a plugin (tmdb: gzip)
       timeout: SECONDS        per adapter (policy timeout); --timeout and --policy override it
       policy: {KEY: VALUE}    per adapter: the --policy keys (retries, rate_limit …); --policy overrides
+      propagate_trace: false  true: send the trace's traceparent upstream (tracing on only; docs/tracing.md)
       credential:             http: required; plugin: replaces what its variables configure
         style: query | header | bearer | basic | oauth2
         secret: {env: VAR} | {file: /path}              query, header, bearer
@@ -124,6 +125,12 @@ class Section:
             raise self.error(key, expected)
         return value
 
+    def flag(self, key: str) -> bool | None:
+        value = self.data.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise self.error(key, "true or false")
+        return value
+
     def seconds(self, key: str) -> float | None:
         value = self.get(key, (int, float), "a positive number of seconds")
         if value is not None and not value > 0:
@@ -192,7 +199,7 @@ def adapters_from_file(path: str, environ: Mapping[str, str], plugins: Iterable,
 
 def _http_adapter(name: str, entry: Section, environ) -> HTTPAdapter:
     entry.only(["type", "mount", "base_url", "methods", "paths", "probe_path", "timeout", "policy", "credential",
-                "accept_encoding"])
+                "propagate_trace", "accept_encoding"])
     mount = entry.text("mount", "a path like /weather", pattern=_MOUNT, required=True)
     if {".", ".."} & set(mount.split("/")):
         raise entry.error("mount", "a path like /weather")
@@ -214,6 +221,7 @@ def _http_adapter(name: str, entry: Section, environ) -> HTTPAdapter:
         secret_params=secret_params,
         probe_path=entry.text("probe_path", "a path like /status", pattern=_PATH),
         policy_defaults=_policy(entry),
+        propagate_trace=bool(entry.flag("propagate_trace")),
         accept_encoding=_accept_encoding(entry, "identity"),
     )
 
@@ -259,6 +267,7 @@ class _Configured:
     credential: ICredential
     secret_params: frozenset[str]
     policy_defaults: tuple[tuple[str, str], ...]
+    propagate_trace: bool
     accept_encoding: str
 
     @property
@@ -281,21 +290,21 @@ class _Configured:
 
 
 def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
-    entry.only(["type", "base_url", "timeout", "policy", "credential", "accept_encoding"])
+    entry.only(["type", "base_url", "timeout", "policy", "credential", "propagate_trace", "accept_encoding"])
     origin, base_path = _base_url(entry)
-    if base_path:
-        raise entry.error("base_url", f"a URL with no path for {adapter.name} (like https://host:port)")
     credential, secret_params = adapter.credential, frozenset[str]()
+    propagate = entry.flag("propagate_trace")
     section = entry.section("credential")
     if section is not None:
         credential, secret_params = _credential(name, section, environ)
     return _Configured(
         adapter=adapter,
         name=name,
-        base_url=origin or adapter.base_url,
+        base_url=adapter.base_url if origin is None else origin + (base_path or ""),
         credential=credential,
         secret_params=adapter.secret_params | secret_params,
         policy_defaults=tuple(getattr(adapter, "policy_defaults", None) or ()) + _policy(entry),
+        propagate_trace=bool(getattr(adapter, "propagate_trace", False)) if propagate is None else propagate,
         accept_encoding=_accept_encoding(entry, getattr(adapter, "accept_encoding", "identity")),
     )
 

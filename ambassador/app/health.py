@@ -58,6 +58,24 @@ class AdapterState:
     credential_rejected: bool = False
     probe_failure: str | None = None
     configured: bool = True
+    _rejected_fingerprint: str | None = field(default=None, init=False)  # of the credential value the upstream last rejected
+
+    def credential_refused(self, status: int) -> None:
+        """The upstream rejected the credential (``status``: its answer's). Logged once per credential
+        value, by fingerprint: a rotation to a value that is rejected too is logged again."""
+        fingerprint = _fingerprint_of(self.adapter.credential)
+        if not self.credential_rejected or fingerprint != self._rejected_fingerprint:
+            log.warn("The {adapter} service rejected the credential with fingerprint {fingerprint} (status "
+                     "{status}); its answers are 502 credential-rejected until it takes one",
+                     adapter=self.adapter.name, fingerprint=fingerprint, status=status)
+        self.credential_rejected, self._rejected_fingerprint = True, fingerprint
+
+    def credential_accepted(self) -> None:
+        """The upstream answered as one that took the credential."""
+        if self.credential_rejected:
+            log.info("The {adapter} service accepts the credential again (fingerprint {fingerprint})",
+                     adapter=self.adapter.name, fingerprint=_fingerprint_of(self.adapter.credential))
+        self.credential_rejected, self._rejected_fingerprint = False, None
 
     def reasons(self) -> list[str]:
         """Why readiness counts the adapter as unable to serve: a configured adapter without its
@@ -98,6 +116,12 @@ class AdapterState:
                 "credential": "present" if credential.present() else
                               "missing" if self.configured else "not configured",
                 "probed": bool(getattr(self.adapter, "probe_path", None))}
+
+
+def _fingerprint_of(credential) -> str:
+    """The credential's fingerprint (a digest, never the value); "-" for one that offers none."""
+    fingerprint = getattr(credential, "fingerprint", None)
+    return fingerprint() if fingerprint is not None else "-"
 
 
 @define

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from attrs import evolve, frozen
 from twisted.python.components import proxyForInterface
 
+from ambassador.adapters.http import HTTPAdapter
 from ambassador.app.discovery import Discovery
 from ambassador.exchange import Route
 from ambassador.interfaces import ConfigurationError, IExternalAdapter
@@ -106,15 +107,41 @@ def describe_adapters(discovery: Discovery, mounts: Sequence[Mount], environ) ->
     """The --list-adapters text: each adapter's routes, description and settings (set or not, never values)."""
     lines = []
     for plugin in discovery.adapters:
-        routes = ", ".join(f"{route.path}{'/…' if route.prefix else ''} ({route.name})"
-                           for route in moved_routes(plugin.name, plugin.routes, mounts))
-        lines += [f"{plugin.name}: {plugin.description}", f"  mounted at: {routes}"]
+        lines += [f"{plugin.name}: {plugin.description}",
+                  f"  mounted at: {_routes(moved_routes(plugin.name, plugin.routes, mounts))}"]
         for setting in plugin.settings:
             state = "set" if environ.get(setting.name, "").strip() else "not set"
             lines.append(f"  {setting.name:30} {state:8} {setting.help}")
     if not discovery.adapters:
         lines.append("No adapters found.")
-    for failure in discovery.failures:
-        lines.append(f"Dropin {failure.module} failed to import ({failure.error}); any adapter it provides "
-                     "is not served")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _failures(discovery)) + "\n"
+
+
+def describe_configured(adapters: Sequence[IExternalAdapter], discovery: Discovery, config: str) -> str:
+    """The --list-adapters text with --config: what the file serves, and whether each has its credential."""
+    descriptions = {plugin.name: plugin.description for plugin in discovery.adapters}
+    lines = [f"Served from {config}:"]
+    for adapter in adapters:
+        inner = adapter
+        while hasattr(inner, "adapter"):  # through a remount and a config file entry, to the plugin's adapter
+            inner = inner.adapter
+        description = "an HTTP API (type http)" if isinstance(inner, HTTPAdapter) else descriptions[inner.name]
+        credential = adapter.credential
+        state = "set" if credential.present() else f"missing: {credential.missing_reason(adapter.name)}"
+        lines += [f"{adapter.name}: {description}", f"  mounted at: {_routes(adapter.routes)}",
+                  f"  credential: {state}"]
+    if not adapters:
+        lines.append("No adapters.")
+    others = sorted(set(descriptions) - {adapter.name for adapter in adapters})
+    if others:
+        lines.append(f"Found but not in {config}: {', '.join(others)}")
+    return "\n".join(lines + _failures(discovery)) + "\n"
+
+
+def _routes(routes: Sequence[Route]) -> str:
+    return ", ".join(f"{route.path}{'/…' if route.prefix else ''} ({route.name})" for route in routes)
+
+
+def _failures(discovery: Discovery) -> list[str]:
+    return [f"Dropin {failure.module} failed to import ({failure.error}); any adapter it provides is not served"
+            for failure in discovery.failures]

@@ -130,7 +130,7 @@ class Wiring:
             policy = share_of(policies[adapter.name], self.workers)
             kept = previous.guards.get(adapter.name) if previous is not None else None
             if kept is None or kept.policy != policy or _base_url(previous, adapter.name) != adapter.base_url:
-                kept = Guard.of(policy, self.clock)  # else its breaker and rate limit carry on
+                kept = Guard.of(policy, self.clock, adapter.name)  # else its breaker and rate limit carry on
             guards[adapter.name] = kept
         readiness = Readiness.of(adapters, {name: guard.breaker for name, guard in guards.items()}, unconfigured)
         readiness.cache_store = self.cache_store  # type: ignore[assignment]  # a StoreState or None

@@ -32,7 +32,7 @@ from ambassador.app.settings import AdapterSpec, Settings
 from ambassador.interfaces import ConfigurationError
 from ambassador.web.limits import InboundLimits
 from ambassador.metrics import Metrics
-from ambassador.app.mounting import Mount, check_mount_names, describe_adapters, select_adapters
+from ambassador.app.mounting import Mount, check_mount_names, describe_adapters, describe_configured, select_adapters
 from ambassador.cache.peers import PeerFactory, Peers
 from ambassador.pipeline.guard import Guard
 from ambassador.pipeline.resilience import POLICY_HELP, Policy
@@ -43,6 +43,7 @@ from ambassador.cache.redisstore import RedisStore, parse_redis_url
 from ambassador.pipeline.client import UpstreamClient
 from ambassador.pipeline.gateway import Gateway
 from ambassador.web.proxy import ACCESS_LOG_FROM, ProxyFactory
+from ambassador.tracing import TRACING_HELP, Tracing, tracing_wanted
 from ambassador.app.workers import (PEER_DIR_VARIABLE, WORKER_VARIABLE, AdoptedEndpoint, WorkerPool, accept_one_at_a_time,
                       report_admin_port, share_of, stop_when_primary_ends, worker_index)
 
@@ -105,7 +106,8 @@ class Options(usage.Options):
         ["no-cache", None, "Turn the response cache off for every adapter (per adapter: --policy ADAPTER.cache=off)."],
         ["list-adapters", None,
          "Print every discovered adapter (name, paths, description, the environment variables it reads "
-         "and whether each is set, never its value) and exit."],
+         "and whether each is set, never its value) and exit. With --config: the adapters the file "
+         "serves, their paths and whether each has its credential (the file is checked first)."],
     ]
     optParameters = [
         ["port", "p", "8080",
@@ -212,6 +214,9 @@ class Options(usage.Options):
                  "(like --plugin-dir)",
                  f"  {CACHE_URL_VARIABLE:32} where the response cache keeps answers when --cache is not given "
                  "(memory or redis://…; may hold a password)"]
+        lines += [f"  {name:32} {text}" for name, text in TRACING_HELP.items()]
+        lines.append("  (tracing: docs/tracing.md; OTEL_EXPORTER_OTLP_HEADERS and the other OTLP variables are "
+                     "the SDK's own)")
         for plugin in discover_adapters().adapters:
             lines.append(f"  {plugin.name}: {plugin.description}")
             for setting in plugin.settings:
@@ -279,11 +284,15 @@ class Options(usage.Options):
             if self["config"] is None:
                 plugins = select_adapters(discovery, self["adapter"])
                 check_mount_names(self["mount"], [plugin.name for plugin in plugins])
-            if self["list-adapters"]:
+            if self["list-adapters"] and self["config"] is None:
                 print(describe_adapters(discovery, self["mount"], os.environ), end="")
                 raise SystemExit(0)
             # Configuring an adapter is how its settings are validated: a bad one is a usage error.
             loaded = load_adapters(spec, reactor, discovery=discovery)
+            if self["list-adapters"]:
+                print(describe_configured(loaded.adapters, discovery, self["config"]), end="")
+                raise SystemExit(0)
+            tracing = tracing_wanted(os.environ)
         except ConfigurationError as e:
             raise usage.UsageError(str(e))
         for failure in loaded.failures:
@@ -311,6 +320,7 @@ class Options(usage.Options):
             worker_args=self.arguments,
             access_log=self["access-log"],
             replicas_hint=self["replicas-hint"],
+            tracing=tracing,
         )
 
 
@@ -483,6 +493,7 @@ class Ambassador:
     pool: WorkerPool | None = None  # the primary's, with --workers (SIGHUP is passed on to them)
     url: str = ""  # where the proxy and admin listen, once a caller records it (ambassador.testing)
     admin_url: str = ""
+    tracing: Tracing | None = None  # on: what makeService shuts down once the drain is over
 
     @property
     def readiness(self) -> Readiness:
@@ -515,6 +526,9 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
             admin_endpoint, report = "tcp:0:interface=127.0.0.1", lambda port: report_admin_port(port.getHost().port)
         reactor.callWhenRunning(stop_when_primary_ends, reactor, peer_dir)
     metrics = Metrics()
+    tracing = Tracing.from_environment(os.environ) if settings.tracing else None
+    if tracing is not None:
+        log.info("Tracing on: spans exported over OTLP/HTTP as the OTEL_* variables say")
     client = UpstreamClient(reactor, connect_timeout=settings.connect_timeout)
     cache = redis = None
     replicas = settings.replicas_hint or 1
@@ -538,7 +552,7 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
             for adapter in adapters:
                 share_bucket(guards[adapter.name], policies[adapter.name], adapter, redis, clock, workers * replicas)
         return Gateway(client, clock, metrics, readiness, guards, forward_request_id=settings.forward_request_id,
-                       rng=rng, cache=cache, peers=peering)
+                       rng=rng, cache=cache, peers=peering, tracing=tracing)
 
     def make_prober(readiness: Readiness, gateway: Gateway) -> Prober | None:
         return Prober(readiness, gateway, clock, probe_interval) if probe_interval > 0 else None
@@ -566,7 +580,7 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
     routes = ", ".join(f"{route.path} ({adapter.name})" for adapter in generation.adapters for route in adapter.routes)
     log.info("Routes: {routes}", routes=routes or "none")
     site = ProxyFactory(generation.adapters, generation.gateway, metrics, clock, limits=limits, token=settings.token,
-                        access_log=settings.access_log)
+                        access_log=settings.access_log, tracing=tracing)
     wiring.sites.append(site)
     proxy = Listener(reactor, endpoint, site, label + "proxy", warn_if_exposed=worker == 0, grace_period=grace_period,
                      on_listening=accept_one_at_a_time if workers > 1 or worker > 0 else None, option="--port",
@@ -584,7 +598,7 @@ def assemble(reactor, settings: Settings, *, clock=None, rng=None,
         admin.setServiceParent(service)
         health.listeners.append(admin)
     reloader = Reloader(settings.spec, wiring, reactor, metrics.reloads) if settings.spec is not None else None
-    return Ambassador(service, proxy, admin, metrics, health, cache, wiring, reloader, pool)
+    return Ambassador(service, proxy, admin, metrics, health, cache, wiring, reloader, pool, tracing=tracing)
 
 
 def share_bucket(guard: Guard, pod: Policy, adapter, redis: RedisStore, clock, processes: int) -> None:
@@ -635,6 +649,8 @@ def makeService(options: Options) -> MultiService:
         stop_startup(message)
 
     ambassador = assemble(reactor, settings, fatal=fatal)
+    if ambassador.tracing is not None:  # "after": once the drain has ended the last requests' spans
+        reactor.addSystemEventTrigger("after", "shutdown", ambassador.tracing.shutdown)
     if ambassador.reloader is not None:
         reactor.callWhenRunning(reload_on_sighup, reactor, ambassador.reloader, ambassador.pool)
     return ambassador.service

@@ -59,7 +59,7 @@ class Settings:
     ``replicas_hint`` how many replicas share Redis (None: not said, taken as 1): each one's share of a
     rate limit while Redis is away; ``unconfigured`` the adapters only discovered (not named, no
     credential variable set: they do not block readiness); ``spec`` what SIGHUP rebuilds the adapters
-    from (None: no reload)."""
+    from (None: no reload); ``tracing`` whether the OTEL_* variables turn tracing on (ambassador.tracing)."""
 
     adapters: tuple[IExternalAdapter, ...] = field(converter=_adapters)
     endpoint: str
@@ -80,3 +80,4 @@ class Settings:
     replicas_hint: int | None = None
     unconfigured: frozenset[str] = frozenset()
     spec: AdapterSpec | None = None
+    tracing: bool = False

@@ -42,8 +42,10 @@ import socket
 import sys
 
 from attrs import evolve
-from prometheus_client import CollectorRegistry, Metric, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import CollectorRegistry, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families as text_families
 from twisted.application.service import Service
 from twisted.internet import defer, fdesc
 from twisted.internet.abstract import FileDescriptor
@@ -252,19 +254,20 @@ class WorkerPool(Service):
                 except Exception:
                     pass
 
-    def gather_metrics(self, own: bytes) -> defer.Deferred:
-        """Every process's metrics in one exposition, each sample labelled with its worker."""
+    def gather_metrics(self, own: bytes, accept: str = "") -> defer.Deferred:
+        """Every process's metrics in one exposition, each sample labelled with its worker; ``own`` and
+        the result in the format ``accept`` asks for (``Metrics.exposition_for``), as each worker is asked."""
         asked = [(0, defer.succeed(own))]
+        request = UpstreamRequest("GET", "/metrics", headers={"Accept": accept} if accept else {})
         for index, worker in sorted(self.workers.items()):
             if worker.admin_port is not None:
-                call = self._client.fetch(f"http://127.0.0.1:{worker.admin_port}", UpstreamRequest("GET", "/metrics"),
-                                          max_body=16 * 1024 * 1024)
+                call = self._client.fetch(f"http://127.0.0.1:{worker.admin_port}", request, max_body=16 * 1024 * 1024)
                 call.addTimeout(5, self._reactor)
                 call.addCallback(lambda response: response.body if response.status == 200 else b"")
                 call.addErrback(lambda _: b"")  # a worker stopping or restarting: left out this time
                 asked.append((index, call))
         gathered = defer.gatherResults([call for _, call in asked])
-        gathered.addCallback(lambda texts: merge_expositions(zip([i for i, _ in asked], texts)))
+        gathered.addCallback(lambda texts: merge_expositions(zip([i for i, _ in asked], texts), accept))
         return gathered
 
 
@@ -276,11 +279,19 @@ class _Families:
         return self._families
 
 
-def merge_expositions(expositions) -> bytes:
-    """(worker index, Prometheus text) pairs as one exposition, with a ``worker`` label on every sample."""
+def merge_expositions(expositions, accept: str = "") -> bytes:
+    """(worker index, exposition) pairs as one exposition, with a ``worker`` label on every sample; each
+    and the result in the format ``accept`` asks for (OpenMetrics or the Prometheus text format).
+
+    Nothing is summed: a per-process value (``process_*``, ``python_*``, ``ambassador_build_info``) stays
+    one series per worker, and ``sum without (worker)`` is for the counters that add up."""
+    encode, content_type = choose_encoder(accept)
+    parse = openmetrics_families if content_type.startswith("application/openmetrics-text") else text_families
     families: dict[str, Metric] = {}
     for index, text in expositions:
-        for family in text_string_to_metric_families(text.decode("utf-8")):
+        if not text:  # a worker that could not be asked
+            continue
+        for family in parse(text.decode("utf-8")):
             merged = families.setdefault(family.name, family)
             samples = [sample._replace(labels={**sample.labels, "worker": str(index)}) for sample in family.samples]
             if merged is family:
@@ -289,7 +300,7 @@ def merge_expositions(expositions) -> bytes:
                 merged.samples.extend(samples)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(list(families.values())))
-    return generate_latest(registry)
+    return encode(registry)
 
 
 def stop_when_primary_ends(reactor, peer_dir: str | None = None) -> ParentWatch:

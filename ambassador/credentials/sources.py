@@ -514,7 +514,8 @@ class OAuth2ClientCredentials(_Sourced):
         return token, lifetime
 
     def _failed(self, adapter: str, status: int, kind: str, what: str) -> Problem:
+        # The log and /upstreams name the token endpoint for the operator; the caller's problem does not.
         self.problem = f"the token endpoint ({self._host()}) {what}"
         log.warn("No OAuth2 access token for {adapter}: {problem}", adapter=adapter, problem=self.problem)
         return Problem(status, kind, "No access token",
-                       f"The ambassador could not get an OAuth2 access token for {adapter}: {self.problem}.")
+                       f"The ambassador could not get an OAuth2 access token for {adapter}: the token endpoint {what}.")

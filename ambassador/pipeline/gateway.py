@@ -29,6 +29,7 @@ from ambassador.pipeline.stages.ratelimit import RateLimit
 from ambassador.pipeline.stages.retry import Retry
 from ambassador.pipeline.stages.send import Send
 from ambassador.problems import Problem
+from ambassador.tracing import Tracing
 
 
 class Gateway:
@@ -51,13 +52,16 @@ class Gateway:
         rng: random.Random | None = None,
         cache: ResponseCache | None = None,
         peers=None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._readiness = readiness
         self._guards = guards
         self._forward_request_id = forward_request_id
         self._caching = Caching(cache, metrics, peers)
         rng = rng or random.Random()
-        self._chains = {name: _chain(guard, client, clock, metrics, name, rng) for name, guard in guards.items()}
+        for name in guards:
+            metrics.serve(name)
+        self._chains = {name: _chain(guard, client, clock, metrics, name, rng, tracing) for name, guard in guards.items()}
         self._probes = {name: _probe_chain(guard, client, clock, metrics, name) for name, guard in guards.items()}
 
     def answer(self, adapter: IExternalAdapter, inbound: InboundRequest, trace: Trace, *,
@@ -99,18 +103,18 @@ class Gateway:
             answer = adapter.interpret(inbound, response)
         except Problem as problem:
             if problem.kind == "credential-rejected":
-                state.credential_rejected = True
+                state.credential_refused(response.status)
             raise
         if answer.status < 500:
-            state.credential_rejected = False  # the upstream took the credential
+            state.credential_accepted()
         return answer
 
 
 def _chain(guard: Guard, client: UpstreamClient, clock: IReactorTime, metrics: Metrics, name: str,
-           rng: random.Random) -> Stage:
+           rng: random.Random, tracing: Tracing | None) -> Stage:
     """The adapter's stages, innermost first; those its policy turns off are left out."""
     policy = guard.policy
-    stage: Stage = Send(client, policy, clock, metrics.upstream(name))
+    stage: Stage = Send(client, policy, clock, metrics.upstream(name), tracing)
     stage = Concurrency(stage, guard.slots, policy, clock, metrics.concurrency_rejections.labels(name))
     if guard.bucket is not None:
         stage = RateLimit(stage, guard.bucket, policy, clock, metrics.rate_limit_waits.labels(name),

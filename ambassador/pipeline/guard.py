@@ -19,10 +19,12 @@ class Guard:
     slots: defer.DeferredSemaphore
 
     @classmethod
-    def of(cls, policy: Policy, clock: IReactorTime) -> Guard:
+    def of(cls, policy: Policy, clock: IReactorTime, adapter: str = "-") -> Guard:
+        """``adapter``: the name the breaker's log events give."""
         breaker = None
         if policy.breaker_failures:
-            breaker = CircuitBreaker(clock, policy.breaker_failures, policy.breaker_open, policy.breaker_open_max)
+            breaker = CircuitBreaker(clock, policy.breaker_failures, policy.breaker_open, policy.breaker_open_max,
+                                     adapter)
         bucket = None
         if policy.rate_limit:
             bucket = TokenBucket(clock, policy.rate_limit, policy.burst, policy.rate_queue)

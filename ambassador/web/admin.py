@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -118,10 +117,12 @@ class MetricsResource(_Leaf):
         self._workers = workers
 
     def render_GET(self, request):
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        own, content_type = self._metrics.exposition_for(accept)  # OpenMetrics if asked for, else text
+        request.setHeader(b"content-type", content_type.encode())
         if self._workers is None:
-            return self._metrics.exposition()
-        gathered = self._workers.gather_metrics(self._metrics.exposition())  # --workers: every process's
+            return own
+        gathered = self._workers.gather_metrics(own, accept)  # --workers: every process's
 
         gone = []
 

@@ -32,6 +32,11 @@ from ambassador.problems import PROBLEM_CONTENT_TYPE, Problem
 
 access_log = Logger(namespace="ambassador.access")
 
+
+def log_access(status: int, text: str, **fields) -> None:
+    """An access line: at warning level for a 5xx answer (what an SRE alerts on), info otherwise."""
+    (access_log.warn if status >= 500 else access_log.info)(text, status=status, **fields)
+
 # Checked before Twisted parses a line, so that what it would answer with a bare 400 gets a problem:
 # method SP target SP version (RFC 9112 section 3, the target visible ASCII), and token ":" value where
 # no value holds a control character other than tab (so no NUL or bare CR).
@@ -401,8 +406,8 @@ class LimitedSite(Site):
 
     def refused(self, problem: Problem, request_id: str) -> None:
         """Called for each problem answered before a request was read whole."""
-        access_log.info("Refused {status} {problem} id={request_id}", status=problem.status, problem=problem.kind,
-                        request_id=request_id)
+        log_access(problem.status, "Refused {status} {problem} id={request_id}", problem=problem.kind,
+                   request_id=request_id)
 
     def getResourceFor(self, request):
         request.responseHeaders.removeHeader(b"server")  # callers need not know which Twisted this is

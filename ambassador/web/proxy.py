@@ -24,12 +24,12 @@ from ambassador.pipeline.answers import HOP_BY_HOP_HEADERS, hop_by_hop
 from ambassador.credentials.sources import FileSecret
 from ambassador.exchange import Answer, InboundRequest, Route, Trace, resembles_param
 from ambassador.interfaces import ConfigurationError, IExternalAdapter
-from ambassador.web.limits import InboundLimits, LimitedSite, new_request_id
+from ambassador.web.limits import InboundLimits, LimitedSite, log_access, new_request_id
 from ambassador.metrics import Metrics, RouteMetrics
 from ambassador.problems import PROBLEM_CONTENT_TYPE, Problem, not_found
+from ambassador.tracing import Tracing
 
 log = Logger(namespace="ambassador")
-access_log = Logger(namespace="ambassador.access")
 #: ``--access-log`` choices: the lowest status that gets an access-log event (above any status: none).
 ACCESS_LOG_FROM = {"all": 0, "errors": 400, "none": 1000}
 
@@ -43,13 +43,16 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # the caller's credentials and cookies, the ambassador's own token, and what
 # describes the hop between caller and ambassador (with Proxy-*, X-Forwarded-*
 # and the hop-by-hop headers).
-_CALLER_ONLY_HEADERS = frozenset({"authorization", "cookie", "host", "forwarded", "x-real-ip", "content-length"})
+_CALLER_ONLY_HEADERS = frozenset({"authorization", "cookie", "host", "forwarded", "x-real-ip", "content-length",
+                                  # the caller's trace context: continued by our span, never passed on as is
+                                  "traceparent", "tracestate"})
 _HIDDEN = _CALLER_ONLY_HEADERS | HOP_BY_HOP_HEADERS
 # A caller's X-Request-ID is reused only if it cannot upset a log line or a header.
 _ACCEPTABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}\Z")
 # nginx's status for a request whose caller closed the connection before the answer.
 CLIENT_CLOSED_REQUEST = 499
 _NO_BODY_STATUSES = frozenset({204, 304})
+_NO_IDS: dict[str, str] = {}  # the access log's trace ids, tracing off
 
 
 class Answering(Protocol):
@@ -67,6 +70,8 @@ class RouteHandler:
         self.gateway = gateway
         self.metrics = metrics
         self._allow = ", ".join(route.methods)
+        #: http.route of its spans: the template, never a caller's path
+        self.template = route.path.rstrip("/") + ("/{path}" if route.prefix else "")
 
     def inbound(self, request, segments: list[bytes]) -> InboundRequest:
         """What the adapter is given; ``segments`` are the (plain) path segments below the mount."""
@@ -240,8 +245,9 @@ class ProxyFactory(LimitedSite):
 
     def __init__(self, adapters: Iterable[IExternalAdapter], gateway: Answering, metrics: Metrics, clock, *,
                  limits: InboundLimits = InboundLimits(), token: FileSecret | None = None,
-                 access_log: str = "all") -> None:
+                 access_log: str = "all", tracing: Tracing | None = None) -> None:
         self._metrics = metrics
+        self._tracing = tracing
         super().__init__(self._tree(adapters, gateway), limits=limits, reactor=clock)
         self.clock = clock
         self._log_from = ACCESS_LOG_FROM[access_log]
@@ -277,10 +283,11 @@ class ProxyFactory(LimitedSite):
 
     def refused(self, problem: Problem, request_id: str) -> None:
         self._unmatched.answered(problem.status, 0.0)
+        self._metrics.problems.labels("", problem.kind).inc()
         if problem.status < self._log_from:
             return
-        access_log.info("Refused {status} {problem} id={request_id}", status=problem.status,
-                        problem=problem.kind, request_id=request_id)
+        log_access(problem.status, "Refused {status} {problem} id={request_id}", problem=problem.kind,
+                   request_id=request_id)
 
     def drain(self, grace_period: float) -> defer.Deferred:
         """Fires when no request is in flight, or after ``grace_period`` seconds, whichever is first."""
@@ -308,6 +315,8 @@ class ProxyFactory(LimitedSite):
         request.handler = request.answer = request.problem = None
         request.gone = False
         request.trace = Trace()
+        if self._tracing is not None:
+            request.trace.span = self._tracing.server_span(request.headers, request.method.decode("latin-1"))
         request.notifyFinish().addErrback(self._gone, request)
         resource = super().getResourceFor(request)
         problem = _target_problem(request.uri)
@@ -328,6 +337,9 @@ class ProxyFactory(LimitedSite):
     def serve(self, request, handler: RouteHandler, segments: list[bytes]) -> None:
         request.handler = handler
         handler.metrics.in_flight.inc()
+        if request.trace.span is not None:
+            Tracing.routed(request.trace.span, request.method.decode("latin-1"), request.path.decode("latin-1"),
+                           handler.template, handler.adapter.name)
         try:
             inbound = handler.inbound(request, segments)
         except Problem as problem:
@@ -359,6 +371,7 @@ class ProxyFactory(LimitedSite):
 
     def answer_problem(self, request, problem: Problem) -> None:
         request.problem = problem.kind
+        self._metrics.problems.labels(request.handler.adapter.name if request.handler else "", problem.kind).inc()
         body = problem.body(instance=request.path.decode("latin-1"), request_id=request.id)
         self._finish(request, problem.status,
                      [("X-Request-ID", request.id), ("Content-Type", PROBLEM_CONTENT_TYPE), *problem.headers], body)
@@ -407,15 +420,19 @@ class ProxyFactory(LimitedSite):
             adapter, route = handler.adapter.name, handler.route.name
             secret_params, metrics = handler.adapter.secret_params, handler.metrics
         metrics.answered(status, duration)
+        ids = _NO_IDS
+        if trace.span is not None and self._tracing is not None:
+            self._tracing.answered(trace.span, status, trace.cache, request.problem)
+            ids = Tracing.log_ids(trace.span)
         if status < self._log_from:  # the access line costs about a third of a cache hit's CPU
             return
-        access_log.info(
+        log_access(
+            status,
             "{method} {path} {status} {duration_ms}ms adapter={adapter} route={route} "
             "upstream={upstream_status} attempts={attempts} cache={cache} id={request_id}",
             request_id=request.id,
             method=request.method.decode("latin-1"),
             path=_redacted_uri(request.uri, secret_params),
-            status=status,
             adapter=adapter,
             route=route,
             upstream_status=trace.upstream_status,
@@ -423,4 +440,5 @@ class ProxyFactory(LimitedSite):
             cache=trace.cache,
             problem=request.problem,
             duration_ms=round(duration * 1000, 1),
+            **ids,
         )

@@ -1,9 +1,10 @@
 #!/bin/bash
-# Proves Dockerfile and pod.yaml in a real container runtime (podman): builds
-# the image, plays the Pod against a fake TMDB on the host's loopback, and
-# checks what the main container gets. Runs as root (as CI does); installs
-# podman from Debian. Needs host ports 8080 and 9901 free: the Pod uses host
-# networking.
+# Proves Dockerfile, pod.yaml and deploy/native-sidecar.yaml in a real
+# container runtime (podman): builds the image, plays each Pod against a fake
+# TMDB on the host's loopback, and checks what the main container gets; with
+# the key in a Secret volume, that a rotation is used without a restart. Runs
+# as root (as CI does); installs podman from Debian. Needs host ports 8080 and
+# 9901 free: the Pods use host networking.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -33,6 +34,7 @@ finish() {
     local status=$?
     podman pod rm --force --time 0 movies >/dev/null 2>&1 || true
     podman secret rm themoviedb >/dev/null 2>&1 || true
+    podman volume rm --force themoviedb >/dev/null 2>&1 || true
     if [ -n "$fake_pid" ]; then kill "$fake_pid" 2>/dev/null || true; fi
     rm -rf "$work"
     if [ "$status" -ne 0 ]; then
@@ -56,6 +58,7 @@ done
 # Leftovers of an interrupted run would make kube play and secret create fail.
 podman pod rm --force --time 0 movies >/dev/null 2>&1 || true
 podman secret rm themoviedb >/dev/null 2>&1 || true
+podman volume rm --force themoviedb >/dev/null 2>&1 || true
 
 step="base image $base (no registry here: built from Debian)"
 if ! podman image exists "$base"; then
@@ -97,35 +100,50 @@ for _ in $(seq 50); do [ -s "$work/fake.url" ] && break; sleep 0.2; done
 fake_url=$(head -1 "$work/fake.url")
 [ -n "$fake_url" ]
 
-step="Secret themoviedb from tests/container/secret.yaml"
+# What both Pods are checked with. Each is played from a copy that
+# podman_copy.py writes (it prints what it changed from the manifest).
+play() {  # play MANIFEST
+    printf '  played copy of %s:\n' "${1#"$root"/}" >&2
+    "$work/venv/bin/python" "$here/podman_copy.py" "$1" "$fake_url" "$base" >"$work/played.yaml"
+    # Without systemd podman cannot schedule the livenessProbe it turns into a
+    # healthcheck, and says so; the readiness check stands in for the kubelet.
+    quiet podman kube play --network host "$work/played.yaml"
+    for _ in $(seq 50); do ready >/dev/null 2>&1 && break; sleep 0.2; done
+}
+ready() { podman exec movies-main curl -sf localhost:9901/readyz; }
+movies() {  # movies [?QUERY]: what the main container gets from localhost:8080/movies, then the status
+    podman exec movies-main curl -s -w '\n%{http_code}' "localhost:8080/movies${1:-}" || true
+}
+got_movies() {  # got_movies ANSWER: the fake TMDB's movies, with status 200
+    python3 -c 'import json, sys; body, _, status = sys.argv[1].rpartition("\n")
+titles = {m["title"] for m in json.loads(body or "{}").get("results", [])}
+assert status == "200" and {"Fight Club", "The Matrix"} <= titles, sys.argv[1][:500]' "$1"
+}
+stop_pod() {  # stop_pod MANIFEST: stops the Pod within the manifest's grace period, keeps the log
+    # podman 4.3 does not take terminationGracePeriodSeconds from the Pod: pass it.
+    local grace stop_started stop_took
+    grace=$(sed -n 's/^  terminationGracePeriodSeconds: //p' "$1")
+    stop_started=$SECONDS
+    quiet podman pod stop --time "$grace" movies
+    stop_took=$((SECONDS - stop_started))
+    check "stopping the Pod: ambassador exits 0 within the ${grace}s grace period (took ${stop_took}s)" \
+        test "$(podman inspect --format '{{.State.ExitCode}}' "$ctr")" = 0 -a "$stop_took" -lt "$grace"
+    podman logs "$ctr" >"$work/ambassador.log" 2>&1
+    quiet podman pod rm --force --time 0 movies
+}
+
+step="Secret themoviedb from tests/container/secret.yaml, as secretKeyRef reads it"
 # podman 4.3 reads a secretKeyRef from a flat JSON object of key -> base64 value.
 printf '{"apikey": "%s"}' "$apikey_b64" >"$work/secret.json"
 podman secret create themoviedb "$work/secret.json" >/dev/null
 
 step="play pod.yaml"
-# The played copy differs from pod.yaml only in what this machine needs:
-#  - main runs the Debian base (it has sh and curl; no registry to pull curlimages/curl from);
-#  - the ambassador gets TMDB_BASE_URL pointing at the fake TMDB;
-#  - no ports: (host networking refuses port mappings).
-sed -e "s|image: docker.io/curlimages/curl:.*|image: $base|" \
-    -e "s|^      env:|&\n        - name: TMDB_BASE_URL\n          value: $fake_url|" \
-    "$root/pod.yaml" | awk '/^      ports:/ {skip = 1; next} skip && /^        / {next} {skip = 0; print}' \
-    >"$work/pod.yaml"
-{ diff -u "$root/pod.yaml" "$work/pod.yaml" || true; } | sed -n 's/^[-+] /  &/p'
-# Without systemd podman cannot schedule the livenessProbe it turns into a
-# healthcheck, and says so; the readiness check below stands in for the kubelet.
-quiet podman kube play --network host "$work/pod.yaml"
+play "$root/pod.yaml"
 
-step="checks"
-ready() { podman exec movies-main curl -sf localhost:9901/readyz; }
-for _ in $(seq 50); do ready >/dev/null 2>&1 && break; sleep 0.2; done
+step="checks of pod.yaml"
 check "readiness: GET localhost:9901/readyz answers 200" ready
 # As in the pattern's article: kubectl exec movies -c main -- curl localhost:8080/movies
-podman exec movies-main curl -s localhost:8080/movies >"$work/movies.json" || true
-check "main container: curl localhost:8080/movies returns the fake TMDB's movies" \
-    python3 -c 'import json, sys; body = open(sys.argv[1]).read()
-titles = {m["title"] for m in json.loads(body or "{}").get("results", [])}
-assert {"Fight Club", "The Matrix"} <= titles, body[:500]' "$work/movies.json"
+check "main container: curl localhost:8080/movies returns the fake TMDB's movies" got_movies "$(movies)"
 check "ambassador runs as a non-root user (uid 10001)" \
     test "$(podman top "$ctr" huser | tail -1)" = 10001
 # As root, so that only a read-only filesystem can refuse the write.
@@ -134,15 +152,59 @@ check "ambassador's root filesystem is read-only" \
 check "dropin.cache is pre-built (no attempt to rewrite it on the read-only fs)" \
     sh -c "! podman logs $ctr 2>&1 | grep -i 'plugin cache'"
 
-step="stop the Pod"
-# podman 4.3 does not take terminationGracePeriodSeconds from the Pod: pass it.
-grace=$(sed -n 's/^  terminationGracePeriodSeconds: //p' "$root/pod.yaml")
-stop_started=$SECONDS
-quiet podman pod stop --time "$grace" movies
-stop_took=$((SECONDS - stop_started))
-check "stopping the Pod: ambassador exits 0 within the ${grace}s grace period (took ${stop_took}s)" \
-    test "$(podman inspect --format '{{.State.ExitCode}}' "$ctr")" = 0 -a "$stop_took" -lt "$grace"
-podman logs "$ctr" >"$work/ambassador.log" 2>&1
+step="stop pod.yaml's Pod"
+stop_pod "$root/pod.yaml"
 printf '%s\n' "$key" >"$work/key"
 check "the ambassador logged the request, and never the API key" \
     sh -c "grep -q 'GET /movies 200' $work/ambassador.log && ! grep -qF -f $work/key $work/ambassador.log"
+
+step="Secret themoviedb from tests/container/secret.yaml, as a Secret volume reads it"
+# podman 4.3 fills a Secret volume from a podman secret holding the whole
+# Secret object, and writes each data value into its file as it is, without
+# decoding the base64: so the object holds the decoded key.
+podman secret rm themoviedb >/dev/null
+printf '{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "themoviedb"}, "data": {"apikey": "%s"}}' \
+    "$key" >"$work/secret-object.json"
+podman secret create themoviedb "$work/secret-object.json" >/dev/null
+
+step="play deploy/native-sidecar.yaml (as an ordinary sidecar: podman 4.3 has no native ones)"
+play "$root/deploy/native-sidecar.yaml"
+
+step="checks of deploy/native-sidecar.yaml"
+reads_key_file() {
+    podman exec "$ctr" sh -c 'test -z "$TMDB_API_KEY" && test -s "$TMDB_API_KEY_FILE"' && ready
+}
+check "readiness: GET localhost:9901/readyz answers 200, the key read from TMDB_API_KEY_FILE" reads_key_file
+check "main container: curl localhost:8080/movies returns the fake TMDB's movies" got_movies "$(movies)"
+# The kubelet swaps a Secret volume's content in one rename (of its ..data
+# link): rotate() renames the key file in the volume podman made from the secret.
+volume=$(podman volume inspect --format '{{.Mountpoint}}' themoviedb)
+rotate() {  # rotate KEY: the Secret's new value, then waits until the ambassador says it read it
+    local before
+    before=$(podman logs "$ctr" 2>&1 | grep -c 'themoviedb/apikey changed' || true)
+    printf '%s' "$1" >"$volume/..apikey.new"
+    mv -f "$volume/..apikey.new" "$volume/apikey"
+    for _ in $(seq 25); do  # the ambassador checks the file every second
+        [ "$(podman logs "$ctr" 2>&1 | grep -c 'themoviedb/apikey changed')" -gt "$before" ] && return
+        sleep 0.2
+    done
+    return 1
+}
+rotated_key=rotated-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')  # one the fake TMDB refuses
+started_at=$(podman inspect --format '{{.State.StartedAt}}' "$ctr")
+refused() {  # refused ANSWER: 502 credential-rejected, from the ambassador that was running before
+    [ "${1##*$'\n'}" = 502 ] && grep -q credential-rejected <<<"$1" &&
+        [ "$(podman inspect --format '{{.State.StartedAt}}' "$ctr")" = "$started_at" ]
+}
+# Each request asks another URL: no cached answer stands in for the upstream's.
+check "Secret rotated to a key the fake TMDB refuses: the ambassador reads it within 5 s" rotate "$rotated_key"
+check "  ... and the next request is refused with it (502 credential-rejected), without a restart" \
+    refused "$(movies '?page=2')"
+check "Secret rotated back: the ambassador reads it within 5 s" rotate "$key"
+check "  ... and the next request gets the fake TMDB's movies" got_movies "$(movies '?sort_by=vote_count.desc')"
+
+step="stop deploy/native-sidecar.yaml's Pod"
+stop_pod "$root/deploy/native-sidecar.yaml"
+printf '%s\n%s\n' "$key" "$rotated_key" >"$work/keys"
+check "the ambassador logged both rotations, and never a key" \
+    sh -c "test \$(grep -c 'themoviedb/apikey changed' $work/ambassador.log) = 2 && ! grep -qF -f $work/keys $work/ambassador.log"

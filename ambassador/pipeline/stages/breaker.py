@@ -5,12 +5,14 @@ from __future__ import annotations
 from attrs import define, field
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from ambassador.exchange import UpstreamResponse
 from ambassador.problems import Problem
 from ambassador.pipeline.resilience import whole_seconds
 from ambassador.pipeline.stages import ATTEMPT_FAILURES, Call, Stage
 
+log = Logger(namespace="ambassador")
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 # Upstream answers that count as failures.
 FAILED_STATUSES = frozenset({500, 502, 503, 504})
@@ -22,12 +24,20 @@ class CircuitBreaker:
 
     After the open interval one probe request goes through: success closes
     the circuit, failure opens it again for twice as long (up to ``open_max``).
+
+    Each change is one log event, never one per request: a warning when the
+    circuit opens (how many failures, the last one's kind) and when a failed
+    probe keeps it open ("still open", with the next interval), info when it
+    closes. Going half-open is not an event of its own: the probe's outcome is.
+    An attempt admitted before the circuit opened that fails after it changes
+    nothing (the circuit is open already).
     """
 
     clock: IReactorTime
     failures: int
     open_for: float
     open_max: float
+    adapter: str = "-"  # the name its log events give
     state: str = CLOSED
     _consecutive: int = field(default=0, init=False)
     _trips: int = field(default=0, init=False)
@@ -53,14 +63,29 @@ class CircuitBreaker:
         return max(1.0, self._opened_until - self.clock.seconds())
 
     def succeeded(self) -> None:
+        if self.state != CLOSED:
+            log.info("Circuit of {adapter} closed: {what} succeeded; calling it again", adapter=self.adapter,
+                     what="the probe" if self.state == HALF_OPEN else "an upstream call")
         self.state, self._consecutive, self._trips, self._probing = CLOSED, 0, 0, False
 
-    def failed(self) -> None:
+    def failed(self, why: str) -> None:
+        """An attempt reached for the upstream and failed; ``why`` says how (a problem kind, a status)."""
+        if self.state == OPEN:
+            return
         self._consecutive += 1
-        if self.state == HALF_OPEN or (self.failures and self._consecutive >= self.failures):
+        probe = self.state == HALF_OPEN
+        if probe or (self.failures and self._consecutive >= self.failures):
             self._trips += 1
+            seconds = min(self.open_max, self.open_for * 2 ** (self._trips - 1))
             self.state, self._probing = OPEN, False
-            self._opened_until = self.clock.seconds() + min(self.open_max, self.open_for * 2 ** (self._trips - 1))
+            self._opened_until = self.clock.seconds() + seconds
+            if probe:
+                log.warn("Circuit of {adapter} still open: the probe failed ({why}); not calling it for {seconds:g} s",
+                         adapter=self.adapter, why=why, seconds=seconds)
+            else:
+                log.warn("Circuit of {adapter} opened after {failures} consecutive failures (last: {why}); "
+                         "not calling it for {seconds:g} s", adapter=self.adapter, failures=self._consecutive,
+                         why=why, seconds=seconds)
 
 
 @define
@@ -75,12 +100,18 @@ class Breaker:
         try:
             response = await self.next(call)
         except Problem as problem:
-            (breaker.failed if problem.kind in ATTEMPT_FAILURES else breaker.abandoned)()
+            if problem.kind in ATTEMPT_FAILURES:
+                breaker.failed(problem.kind)
+            else:
+                breaker.abandoned()
             raise
         except defer.CancelledError:
             breaker.abandoned()
             raise
-        (breaker.failed if response.status in FAILED_STATUSES else breaker.succeeded)()
+        if response.status in FAILED_STATUSES:
+            breaker.failed(f"status {response.status}")
+        else:
+            breaker.succeeded()
         return response
 
 

@@ -27,10 +27,6 @@ def deadline_passed(adapter: IExternalAdapter, timeout: float) -> Problem:
         504,
         "upstream-timeout",
         "Upstream timed out",
-        f"The {adapter.name} service ({host_of(adapter.base_url)}) did not answer completely within the "
+        f"The {adapter.name} service did not answer completely within the "
         f"{timeout:g} s deadline (all attempts included).",
     )
-
-
-def host_of(base_url: str) -> str:
-    return base_url.split("://", 1)[-1]

@@ -21,7 +21,8 @@ from ambassador.pipeline.client import (
 )
 from ambassador.pipeline.resilience import Policy
 from ambassador.pipeline.stages import Call
-from ambassador.pipeline.stages.deadline import deadline_passed, host_of
+from ambassador.pipeline.stages.deadline import deadline_passed
+from ambassador.tracing import Tracing
 
 
 class AttemptTimedOut(Exception):
@@ -34,19 +35,26 @@ class Send:
     policy: Policy
     clock: IReactorTime
     metrics: UpstreamMetrics  # the adapter's
+    tracing: Tracing | None = None  # on: a CLIENT span per attempt, under the inbound request's
 
     async def __call__(self, call: Call) -> UpstreamResponse:
-        adapter, clock = call.adapter, self.clock
+        adapter, clock, request = call.adapter, self.clock, call.request
         remaining = call.deadline - clock.seconds()
         if remaining <= 0:  # the waits before this attempt used the deadline up
             raise deadline_passed(adapter, self.policy.timeout)
         timeout = min(remaining, self.policy.attempt_timeout or remaining)
         call.trace.attempts += 1
+        tracing, span = self.tracing, None
+        if tracing is not None and call.trace.span is not None:  # not a probe's attempt
+            span = tracing.client_span(call.trace.span, request.method, adapter.base_url, request.path,
+                                       call.trace.attempts - 1)
+            if getattr(adapter, "propagate_trace", False):  # the adapter's choice: an outside service sees it
+                request = request.with_headers({**request.headers, **tracing.traceparent(span)})
         started = clock.seconds()
         limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
         encoding = getattr(adapter, "accept_encoding", "identity")
         try:
-            fetched = self.client.fetch(adapter.base_url, call.request, max_body=limit, accept_encoding=encoding)
+            fetched = self.client.fetch(adapter.base_url, request, max_body=limit, accept_encoding=encoding)
         except Exception:  # a request the client refuses at once (a bad header) fails like any other attempt
             fetched = defer.fail()
         # The timeout cancels the call, which drops its connection.
@@ -54,12 +62,18 @@ class Send:
         try:
             response = await fetched
         except Exception as e:
-            self.metrics.attempted(_outcome_of(e), clock.seconds() - started)
-            if isinstance(e, defer.CancelledError):  # the caller left
+            outcome = _outcome_of(e)
+            self.metrics.attempted(outcome, clock.seconds() - started)
+            explained = e if isinstance(e, defer.CancelledError) else _explained(e, adapter, timeout)
+            if span is not None and tracing is not None:
+                tracing.attempt_ended(span, None, explained.kind if isinstance(explained, Problem) else outcome)
+            if explained is e:  # the caller left (or a failure the client's contract does not name)
                 raise
-            raise _explained(e, adapter, timeout) from None
+            raise explained from None
         call.trace.upstream_status = response.status
         self.metrics.attempted(f"{response.status // 100}xx", clock.seconds() - started)
+        if span is not None and tracing is not None:
+            tracing.attempt_ended(span, response.status)
         return response
 
 
@@ -76,7 +90,8 @@ def _outcome_of(e: Exception) -> str:
 
 def _explained(e: Exception, adapter, timeout: float) -> Exception:
     """The Problem a failed attempt is for the caller; anything the client's contract does not name as is."""
-    where = f"the {adapter.name} service ({host_of(adapter.base_url)})"
+    # The caller is told which service, never where it is: the upstream's address is the operator's business.
+    where = f"the {adapter.name} service"
     if isinstance(e, AttemptTimedOut):
         return Problem(504, "upstream-timeout", "Upstream timed out",
                        f"{where} did not answer completely within {timeout:g} s.")
