@@ -58,10 +58,14 @@ class IExternalAdapter(Interface):
     probe_path = Attribute("Optional: an upstream path that is cheap to GET and fails when the "
                            "credential is bad; used by --probe-interval. Absent or None: not probed.")
     max_response_bytes = Attribute("Optional: the longest upstream answer read, in bytes; a longer one is "
-                                   "a 502. Absent: ambassador.pipeline.client.DEFAULT_MAX_RESPONSE_BYTES (10 MiB).")
+                                   "a 502. Absent: ambassador.pipeline.client.DEFAULT_MAX_RESPONSE_BYTES (10 MiB). "
+                                   "Counted decoded when the answer is compressed.")
     propagate_trace = Attribute("Optional: True to send the W3C traceparent (and tracestate) of each attempt's span "
                                 "to the outside service when tracing is on. Absent or False: the trace stops at "
                                 "the ambassador (the config file's propagate_trace overrides it).")
+    accept_encoding = Attribute("Optional: 'gzip' to ask the outside service for gzip answers (decoded, with "
+                                "max_response_bytes as the bound, before interpret sees them), or 'identity'. "
+                                "Absent: 'identity'.")
 
     egress = Attribute("Optional: an ambassador.adapter.Egress (forward proxy, extra CAs, client certificate) "
                        "for its upstream calls, token requests and probes. Absent or None: the process's "

@@ -49,8 +49,8 @@ class Metrics:
                                ["adapter"], registry=r)
         self.upstream_attempts = Counter("ambassador_upstream_attempts",
                                          "Requests sent to an outside service, by outcome (status class, "
-                                         "timeout, unreachable, cancelled, too-large, proxy-failed, proxy-timeout).",
-                                         ["adapter", "outcome"], registry=r)
+                                         "timeout, unreachable, cancelled, too-large, undecodable, proxy-failed, "
+                                         "proxy-timeout).", ["adapter", "outcome"], registry=r)
         self.upstream_seconds = Histogram("ambassador_upstream_duration_seconds",
                                           "Time one upstream attempt took, whole body included.",
                                           ["adapter"], registry=r, buckets=_BUCKETS)
@@ -141,7 +141,8 @@ class RouteMetrics:
 class UpstreamMetrics:
     """The label children one adapter's upstream attempts update, bound once."""
 
-    OUTCOMES = STATUS_CLASSES + ("timeout", "cancelled", "too-large", "unreachable", "proxy-failed", "proxy-timeout")
+    OUTCOMES = STATUS_CLASSES + ("timeout", "cancelled", "too-large", "undecodable", "unreachable", "proxy-failed",
+                                 "proxy-timeout")
 
     def __init__(self, metrics: Metrics, adapter: str) -> None:
         self._attempts = {o: metrics.upstream_attempts.labels(adapter, o) for o in self.OUTCOMES}

@@ -10,8 +10,9 @@ in memory as they are, through ``treq.testing.StubTreq`` (no sockets)::
     client = treq.testing.StubTreq(fake)
     response = await client.get("http://tmdb.test/3/movie/550?api_key=test-api-key")
 
-or on a loopback port with ``serve`` / ``serving``, with an ambassador in
-front of them, in this process, as ``twistd ambassador`` would serve it::
+or on a loopback port with ``serve`` / ``serving`` (``gzip=True``: answering gzip
+to a request that asks for it, as TMDB does), with an ambassador in front of
+them, in this process, as ``twistd ambassador`` would serve it::
 
     port = serve(FakeTMDB(api_keys={"my-key"}))            # port.base_url: http://127.0.0.1:<port>
     ambassador = start_ambassador([TMDBPlugin().configure({"TMDB_BASE_URL": port.base_url, ...}, reactor)])
@@ -37,8 +38,8 @@ from attrs import define, field, frozen
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.resource import EncodingResourceWrapper, Resource
+from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Site
 
 from ambassador.app.service import Ambassador, Listener, assemble, endpoint_description
 from ambassador.app.settings import Settings
@@ -97,10 +98,14 @@ class QuietSite(Site):
         pass
 
 
-def serve(resource: Resource, reactor=None):
-    """Listen on an ephemeral loopback port; the returned port's ``base_url`` says where."""
+def serve(resource: Resource, reactor=None, *, gzip: bool = False):
+    """Listen on an ephemeral loopback port; the returned port's ``base_url`` says where. With ``gzip``,
+    a request that asks for it (``Accept-Encoding: gzip``) is answered gzip, as TMDB does (twisted.web's
+    ``GzipEncoderFactory``)."""
     if reactor is None:
         from twisted.internet import reactor
+    if gzip:
+        resource = EncodingResourceWrapper(resource, [GzipEncoderFactory()])
     site = QuietSite(resource)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     port.base_url = f"http://127.0.0.1:{port.getHost().port}"
@@ -108,9 +113,9 @@ def serve(resource: Resource, reactor=None):
 
 
 @contextmanager
-def serving(fake: F) -> Iterator[F]:
+def serving(fake: F, *, gzip: bool = False) -> Iterator[F]:
     """``fake`` served on loopback (see ``serve``) for the block, with its ``base_url`` set."""
-    port = serve(fake)
+    port = serve(fake, gzip=gzip)
     fake.base_url = port.base_url
     try:
         yield fake

@@ -39,7 +39,7 @@ def clock():
 
 @pytest.fixture
 def fake_tmdb():
-    with serving(FakeTMDB()) as fake:
+    with serving(FakeTMDB(), gzip=True) as fake:  # as TMDB: gzip when asked (the adapter asks)
         yield fake
         for request in fake.hanging:
             if not request._disconnected:

@@ -69,3 +69,13 @@ def in_directory(pid: str, directory: str) -> bool:
         return os.readlink(f"/proc/{pid}/cwd").startswith(directory)
     except OSError:
         return False
+
+
+def test_gzip_bench_prints_both_answers():
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "gzip_tmdb.py"), "--fetches", "5"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for answer in ("movie-detail", "discover-page"):
+        sizes = re.search(rf"^{answer}\s+(\d+)\s+\d+\s+(\d+)\s", run.stdout, re.M)
+        assert sizes and int(sizes[2]) < int(sizes[1]), run.stdout  # gzip-6 below identity: it compressed
+        assert re.search(rf"^{answer}\s+[\d.]+\s+[\d.]+\s+[+-][\d.]+$", run.stdout, re.M), run.stdout

@@ -5,8 +5,10 @@ cancellation, and how failures map into the client's contract.
 
 from __future__ import annotations
 
+import gzip
 import socket
 import struct
+import tracemalloc
 
 import pytest
 import pytest_twisted
@@ -14,7 +16,10 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 
 from ambassador.exchange import UpstreamRequest
-from ambassador.pipeline.client import ResponseTooLarge, UpstreamClient, UpstreamFailed
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from ambassador.pipeline.client import ResponseTooLarge, UnreadableAnswer, UpstreamClient, UpstreamFailed
+from ambassador.pipeline.decoding import CHUNK, DecodingAgent
 from ambassador.pipeline.resilience import Policy
 from conftest import get, reactor_turns_until
 
@@ -338,8 +343,6 @@ async def test_an_answer_cut_short_is_502_and_not_cached(server, start_ambassado
 
 @pytest_twisted.ensureDeferred
 async def test_a_gzip_answer_sent_unasked_is_decoded_and_held_to_the_cap_decoded(server, client):
-    import gzip
-
     packed = gzip.compress(b"x" * 5000)
     upstream = server(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(packed), packed),
                       default=b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Encoding: gzip\r\n\r\n%s"
@@ -353,12 +356,15 @@ async def test_a_gzip_answer_sent_unasked_is_decoded_and_held_to_the_cap_decoded
     assert "content-encoding" not in (await upstream_client.fetch(server().url, GET)).headers
 
 
+@pytest.mark.parametrize("asked, sent", [("identity", []), ("gzip", [b"accept-encoding: gzip"])])
 @pytest_twisted.ensureDeferred
-async def test_an_accept_encoding_the_adapter_sets_is_sent(server, client):
+async def test_accept_encoding_is_what_the_adapter_asks_for_not_a_header_it_sets(server, client, asked, sent):
+    # A coding the client cannot decode would only come back as a 502: the one way to ask is accept_encoding.
     upstream = server()
-    await client().fetch(upstream.url, UpstreamRequest("GET", "/", (), {"Accept-Encoding": "br"}))
+    await client().fetch(upstream.url, UpstreamRequest("GET", "/", (), {"Accept-Encoding": "br"}),
+                         accept_encoding=asked)
     lines = upstream.requests[0][0].lower().split(b"\r\n")
-    assert [line for line in lines if line.startswith(b"accept-encoding")] == [b"accept-encoding: br"]
+    assert [line for line in lines if line.startswith(b"accept-encoding")] == sent
 
 
 def _certificate_for_localhost():
@@ -414,3 +420,101 @@ async def test_a_head_answer_has_no_body_even_with_a_length(server, client):
     assert (response.status, response.body, response.headers["content-length"]) == (200, b"", "2")
     assert (await upstream_client.fetch(upstream.url, GET, max_body=100)).body == b"{}"
     assert len(upstream.connections) == 1  # kept alive after it
+
+
+# ---------------------------------------------------------------- compressed answers (pipeline/decoding.py)
+
+BOMB = gzip.compress(bytes(10 * 1024 * 1024), 9)  # 10 MiB of zeros in ~10 KiB
+CAP = 1024 * 1024
+
+
+def gzip_answer(body: bytes, *, coding: bytes = b"gzip") -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: %s\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (coding, len(body), body))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_decompression_bomb_is_too_large_at_the_cap_and_memory_stays_bounded(server, client):
+    upstream = server(gzip_answer(BOMB))
+    assert len(BOMB) < 20 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(ResponseTooLarge):
+            await client().fetch(upstream.url, GET, max_body=CAP, accept_encoding="gzip")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The cap, the collector's growth past it, one piece of decoding and Twisted's own: not the 10 MiB decoded.
+    assert peak < CAP + 4 * CHUNK + 512 * 1024, peak
+    await reactor_turns_until(lambda: upstream.closed)  # the connection is dropped, not kept for reuse
+
+
+class Reading(Protocol):
+    """Reads a body piece by piece, stopping the body once it holds ``stop_at`` bytes."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.pieces: list[int] = []
+        self.stop_at = stop_at
+        self.done: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.pieces.append(len(data))
+        if self.stop_at is not None and sum(self.pieces) >= self.stop_at:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason) -> None:
+        self.done.callback(None)
+
+
+async def read_through_decoding_agent(url: str, reader: Reading) -> Reading:
+    agent = DecodingAgent(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+    response = await agent.request(b"GET", url.encode())
+    assert response.headers.getRawHeaders(b"content-encoding") is None
+    response.deliverBody(reader)
+    await reader.done
+    return reader
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_decoder_hands_over_at_most_one_chunk_at_a_time_and_stops_with_its_reader(server):
+    upstream = server(gzip_answer(BOMB), gzip_answer(BOMB))
+    whole = await read_through_decoding_agent(upstream.url, Reading())
+    assert sum(whole.pieces) == 10 * 1024 * 1024 and max(whole.pieces) <= CHUNK
+    stopped = await read_through_decoding_agent(upstream.url, Reading(stop_at=CAP))
+    assert CAP <= sum(stopped.pieces) <= CAP + CHUNK  # nothing more was inflated once the reader stopped
+
+
+@pytest_twisted.ensureDeferred
+async def test_gzip_members_one_after_another_and_an_empty_gzip_body_are_read(server, client):
+    upstream = server(gzip_answer(gzip.compress(b'{"a": ') + gzip.compress(b"1}")),
+                      b"HTTP/1.1 204 No Content\r\nContent-Encoding: gzip\r\n\r\n")
+    upstream_client = client()
+    response = await upstream_client.fetch(upstream.url, GET, accept_encoding="gzip")
+    assert response.body == b'{"a": 1}'
+    assert "content-encoding" not in response.headers and "content-length" not in response.headers
+    assert (await upstream_client.fetch(upstream.url, GET, accept_encoding="gzip")).body == b""
+
+
+@pytest.mark.parametrize("body", [
+    b"\x1f\x8b\x08\x00" + b"not deflate at all" * 10,  # a gzip header, then garbage
+    gzip.compress(b'{"results": []}' * 100)[:-12],  # cut short, with a Content-Length that matches the cut
+    gzip.compress(b"{}") + b"trailing garbage",
+])
+@pytest_twisted.ensureDeferred
+async def test_a_corrupt_or_truncated_gzip_stream_is_unreadable(server, client, body):
+    upstream = server(gzip_answer(body))
+    with pytest.raises(UnreadableAnswer) as raised:
+        await client().fetch(upstream.url, GET, accept_encoding="gzip")
+    assert raised.value.reason == "a corrupt or truncated gzip stream"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_coding_the_client_does_not_decode_is_unreadable_and_not_read(server, client):
+    upstream = server(gzip_answer(b"\x0b\x02\x80{}\x03", coding=b"br"), gzip_answer(gzip.compress(b"{}"),
+                                                                                    coding=b"gzip, deflate"))
+    upstream_client = client()
+    for _ in range(2):
+        with pytest.raises(UnreadableAnswer) as raised:
+            await upstream_client.fetch(upstream.url, GET)
+        assert raised.value.reason == "a content coding the ambassador does not decode"
+    await reactor_turns_until(lambda: len(upstream.closed) == 2)  # each body left unread: its connection dropped

@@ -52,6 +52,7 @@ class HTTPAdapter:
     propagate_trace: bool = False  # send traceparent upstream (config file's propagate_trace)
     #: How its requests leave (proxy, trust, client certificate); None: the process's defaults.
     egress: Egress | None = None
+    accept_encoding: str = "identity"  # or gzip: asked of the upstream, decoded before interpret
     max_response_bytes: ClassVar[int] = DEFAULT_MAX_RESPONSE_BYTES
 
     @property

@@ -37,6 +37,7 @@ from ambassador.pipeline.client import DEFAULT_MAX_RESPONSE_BYTES
 from ambassador.pipeline.egress import Egress
 from ambassador.pipeline.proxies import DIRECT, ProxyEnvironment, parse_proxy_url
 from ambassador.pipeline.trust import read_ca_file
+from ambassador.pipeline.decoding import ACCEPT_ENCODINGS
 from ambassador.pipeline.resilience import Policy
 
 CONFIG_HELP = """\
@@ -49,6 +50,8 @@ Config file (--config FILE, YAML; secrets only by reference, never written in it
       methods: [GET, HEAD]    http: methods forwarded
       paths: [/a, /b/c]       http: path prefixes forwarded below the mount (default: all)
       probe_path: /status     http: cheap GET for --probe-interval (default: not probed)
+      accept_encoding: gzip   ask for gzip answers (decoded, size cap counted decoded) or identity;
+                              default identity, a plugin's own default for a plugin (tmdb: gzip)
       timeout: SECONDS        per adapter (policy timeout); --timeout and --policy override it
       policy: {KEY: VALUE}    per adapter: the --policy keys (retries, rate_limit …); --policy overrides
       propagate_trace: false  true: send the trace's traceparent upstream (tracing on only; docs/tracing.md)
@@ -73,6 +76,7 @@ _MOUNT = re.compile(r"(/[A-Za-z0-9_.,:~-]+)+/?\Z")
 _PATH = re.compile(r"(/[A-Za-z0-9_.,:~-]+)*/?\Z")
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _STYLES = ("query", "header", "bearer", "basic", "oauth2")
+_ACCEPT_ENCODING = re.compile("(" + "|".join(ACCEPT_ENCODINGS) + r")\Z")
 _HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
 _SOURCE = "{env: VARIABLE} or {file: /path}"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # POSIX: what a shell can export
@@ -205,7 +209,7 @@ def adapters_from_file(path: str, environ: Mapping[str, str], plugins: Iterable,
 
 def _http_adapter(name: str, entry: Section, environ) -> HTTPAdapter:
     entry.only(["type", "mount", "base_url", "methods", "paths", "probe_path", "timeout", "policy", "credential",
-                "propagate_trace", *_EGRESS_KEYS])
+                "propagate_trace", "accept_encoding", *_EGRESS_KEYS])
     mount = entry.text("mount", "a path like /weather", pattern=_MOUNT, required=True)
     if {".", ".."} & set(mount.split("/")):
         raise entry.error("mount", "a path like /weather")
@@ -229,7 +233,12 @@ def _http_adapter(name: str, entry: Section, environ) -> HTTPAdapter:
         policy_defaults=_policy(entry),
         propagate_trace=bool(entry.flag("propagate_trace")),
         egress=_egress(entry, environ),
+        accept_encoding=_accept_encoding(entry, "identity"),
     )
+
+
+def _accept_encoding(entry: Section, default: str) -> str:
+    return entry.text("accept_encoding", " or ".join(ACCEPT_ENCODINGS), pattern=_ACCEPT_ENCODING, default=default)
 
 
 def _policy(entry: Section) -> tuple[tuple[str, str], ...]:
@@ -271,6 +280,7 @@ class _Configured:
     policy_defaults: tuple[tuple[str, str], ...]
     propagate_trace: bool
     egress: Egress | None
+    accept_encoding: str
 
     @property
     def max_response_bytes(self) -> int:
@@ -292,7 +302,8 @@ class _Configured:
 
 
 def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
-    entry.only(["type", "base_url", "timeout", "policy", "credential", "propagate_trace", *_EGRESS_KEYS])
+    entry.only(["type", "base_url", "timeout", "policy", "credential", "propagate_trace", "accept_encoding",
+                *_EGRESS_KEYS])
     origin, base_path = _base_url(entry)
     credential, secret_params = adapter.credential, frozenset[str]()
     propagate = entry.flag("propagate_trace")
@@ -308,6 +319,7 @@ def _plugin_adapter(name: str, entry: Section, environ, adapter) -> _Configured:
         policy_defaults=tuple(getattr(adapter, "policy_defaults", None) or ()) + _policy(entry),
         propagate_trace=bool(getattr(adapter, "propagate_trace", False)) if propagate is None else propagate,
         egress=_egress(entry, environ) or getattr(adapter, "egress", None),
+        accept_encoding=_accept_encoding(entry, getattr(adapter, "accept_encoding", "identity")),
     )
 
 

@@ -30,6 +30,7 @@ from ambassador.app.health import Health, Prober, Readiness
 from ambassador.app.mounting import check_mount_names, mounted, select_adapters
 from ambassador.app.settings import AdapterSpec
 from ambassador.interfaces import ConfigurationError, IExternalAdapter
+from ambassador.pipeline.decoding import ACCEPT_ENCODINGS
 from ambassador.pipeline.gateway import Gateway
 from ambassador.pipeline.guard import Guard
 from ambassador.pipeline.resilience import Policy, resolve_policies
@@ -75,6 +76,10 @@ def load_adapters(spec: AdapterSpec, reactor, *, discovery: Discovery | None = N
         configured = [a for a in configured if not spec.names or a.name in spec.names]
         check_mount_names(spec.mounts, [adapter.name for adapter in configured])
     adapters = [mounted(adapter, spec.mounts) for adapter in configured]
+    for adapter in adapters:  # a plugin's own attribute; the config file's key is checked where it is read
+        if getattr(adapter, "accept_encoding", "identity") not in ACCEPT_ENCODINGS:
+            raise ConfigurationError(f"the {adapter.name} adapter's accept_encoding: expected "
+                                     f"{' or '.join(ACCEPT_ENCODINGS)}")
     mount_table(adapters)
     policies = resolve_policies(adapters, list(spec.policy))
     if spec.forward_request_id - {adapter.name for adapter in adapters}:

@@ -1,11 +1,14 @@
 """The process's one HTTP client for upstream calls: treq over one persistent Agent pool.
 
 Contract (what the pipeline relies on): ``UpstreamClient.fetch(base_url,
-request, max_body=..., egress=...)`` returns a Deferred that fires with an
-``UpstreamResponse`` holding the whole answer, or fails with exactly one of
+request, max_body=..., egress=..., accept_encoding=...)`` returns a Deferred that fires with an
+``UpstreamResponse`` holding the whole answer, identity-encoded (a gzip answer
+is decoded, see ``ambassador.pipeline.decoding``), or fails with exactly one of
 
-- ``ResponseTooLarge(limit)``: the answer held more than ``max_body`` bytes
-  (the connection is dropped at the cap);
+- ``ResponseTooLarge(limit)``: the answer held more than ``max_body`` bytes,
+  counted decoded (the connection is dropped at the cap);
+- ``UnreadableAnswer(reason)``: a corrupt gzip stream, or a content coding
+  other than gzip;
 - ``UpstreamFailed(reason)``: no complete answer arrived (could not connect,
   TLS refused, connection lost or cut short); ``reason`` is a phrase for a
   problem's detail, never a secret;
@@ -44,17 +47,17 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent
-from zope.interface import implementer
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from ambassador import __version__
 from ambassador.exchange import UpstreamRequest, UpstreamResponse
+from ambassador.pipeline.decoding import ACCEPT_ENCODINGS, DecodingAgent, UnreadableAnswer
 from ambassador.pipeline.egress import DEFAULT_EGRESS, Egress, EgressAgent, Routes
 from ambassador.pipeline.proxies import DIRECT, ProxyEnvironment
 from ambassador.pipeline.tunnel import ProxyFailed, why_not_connected
 
-__all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "USER_AGENT", "ProxyFailed", "ResponseTooLarge", "UpstreamClient",
-           "UpstreamFailed"]
+__all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "USER_AGENT", "ProxyFailed", "ResponseTooLarge", "UnreadableAnswer",
+           "UpstreamClient", "UpstreamFailed"]
 
 USER_AGENT = f"ambassador/{__version__}"
 #: The most an upstream answer may hold unless the adapter sets ``max_response_bytes``.
@@ -152,15 +155,21 @@ class UpstreamClient:
                                 pool, lambda endpoint: _WatchedEndpoint(endpoint, self._closes))
         # treq wraps the Agent in a CookieAgent over this jar: a jar that keeps nothing.
         nothing = IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
-        return HTTPClient(_GzipNotAsked(agent), cookiejar=nothing)
+        return HTTPClient(DecodingAgent(agent), cookiejar=nothing)
 
     def fetch(self, base_url: str, request: UpstreamRequest, *, max_body: int = DEFAULT_MAX_RESPONSE_BYTES,
-              egress: Egress = DEFAULT_EGRESS) -> defer.Deferred:
-        """A Deferred firing with the UpstreamResponse; cancelling it drops the request."""
-        return defer.ensureDeferred(self._fetch(base_url, request, max_body, egress)).addErrback(_as_contracted)
+              egress: Egress = DEFAULT_EGRESS, accept_encoding: str = "identity") -> defer.Deferred:
+        """A Deferred firing with the UpstreamResponse; cancelling it drops the request.
+
+        ``accept_encoding="gzip"`` asks the upstream for a gzip answer (decoded before it is returned).
+        """
+        if accept_encoding not in ACCEPT_ENCODINGS:
+            raise ValueError(f"accept_encoding: expected one of {', '.join(ACCEPT_ENCODINGS)}")
+        return defer.ensureDeferred(self._fetch(base_url, request, max_body, egress, accept_encoding)).addErrback(
+            _as_contracted)
 
     async def _fetch(self, base_url: str, request: UpstreamRequest, max_body: int,
-                     egress: Egress) -> UpstreamResponse:
+                     egress: Egress, accept_encoding: str) -> UpstreamResponse:
         path = request.path or "/"
         if not _PLAIN_PATH.match(path):
             path = quote(path, safe="/:@!$&'()*+,;=-._~%")
@@ -170,6 +179,10 @@ class UpstreamClient:
         headers = Headers({"User-Agent": [self._user_agent]})
         for name, value in request.headers.items():
             headers.setRawHeaders(name, [value])
+        if accept_encoding == "gzip":  # the adapter's choice, not a caller's header
+            headers.setRawHeaders("Accept-Encoding", ["gzip"])
+        else:
+            headers.removeHeader("Accept-Encoding")
         response = await self._client_for(egress).request(request.method, url, headers=headers, data=request.body,
                                             allow_redirects=False, unbuffered=True)
         collector = _Collector(max_body, response.length, self._closes)
@@ -190,29 +203,6 @@ class BoundClient:
     def fetch(self, base_url: str, request: UpstreamRequest, *,
               max_body: int = DEFAULT_MAX_RESPONSE_BYTES) -> defer.Deferred:
         return self._client.fetch(base_url, request, max_body=max_body, egress=self._egress)
-
-
-@implementer(IAgent)
-class _GzipNotAsked:
-    """Takes back the ``Accept-Encoding: gzip`` treq adds to every request.
-
-    treq always wraps the Agent in a ContentDecoderAgent, which decompresses
-    each read whole before our cap sees it: one read of a hostile answer
-    could grow a thousandfold. Not asking keeps upstreams to identity; one
-    that compresses anyway is still decoded (treq offers no way out).
-    """
-
-    def __init__(self, agent) -> None:
-        self._agent = agent
-
-    def request(self, method, uri, headers=None, bodyProducer=None):
-        asked = headers.getRawHeaders(b"accept-encoding", []) if headers is not None else []
-        if asked and asked[-1] == b"gzip":  # ContentDecoderAgent's, added after any of ours
-            if len(asked) > 1:
-                headers.setRawHeaders(b"accept-encoding", asked[:-1])
-            else:
-                headers.removeHeader(b"accept-encoding")
-        return self._agent.request(method, uri, headers, bodyProducer)
 
 
 def _headers(raw: Headers) -> dict[str, str]:
@@ -261,6 +251,8 @@ class _Collector(Protocol):
             return
         if self._too_large:
             self.done.errback(ResponseTooLarge(self._limit))
+        elif reason.check(UnreadableAnswer):
+            self.done.errback(reason)
         elif reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self._closes.clean):
             self.done.callback(bytes(self._buffer))
         else:
@@ -322,8 +314,8 @@ class _WatchingFactory(WrappingFactory):
 
 
 def _as_contracted(failure: Failure) -> Failure:
-    """A failure of the call as one of the contract's three kinds (anything else passes unchanged)."""
-    if failure.check(defer.CancelledError, ResponseTooLarge, UpstreamFailed, ProxyFailed):
+    """A failure of the call as one of the contract's kinds (anything else passes unchanged)."""
+    if failure.check(defer.CancelledError, ResponseTooLarge, UnreadableAnswer, UpstreamFailed, ProxyFailed):
         return failure
     # treq reports a cancelled request as ResponseNeverReceived wrapping CancelledError: a caller who
     # left, not an unreachable upstream.

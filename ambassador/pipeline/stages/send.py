@@ -11,10 +11,12 @@ from twisted.python.failure import Failure
 from ambassador.exchange import UpstreamResponse
 from ambassador.metrics import UpstreamMetrics
 from ambassador.problems import Problem
+from ambassador.pipeline.answers import bad_answer
 from ambassador.pipeline.client import (
     DEFAULT_MAX_RESPONSE_BYTES,
     ProxyFailed,
     ResponseTooLarge,
+    UnreadableAnswer,
     UpstreamClient,
     UpstreamFailed,
 )
@@ -52,8 +54,10 @@ class Send:
                 request = request.with_headers({**request.headers, **tracing.traceparent(span)})
         started = clock.seconds()
         limit = getattr(adapter, "max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
+        encoding = getattr(adapter, "accept_encoding", "identity")
         try:
-            fetched = self.client.fetch(adapter.base_url, request, max_body=limit, egress=egress_of(adapter))
+            fetched = self.client.fetch(adapter.base_url, request, max_body=limit, accept_encoding=encoding,
+                                        egress=egress_of(adapter))
         except Exception:  # a request the client refuses at once (a bad header) fails like any other attempt
             fetched = defer.fail()
         # The timeout cancels the call, which drops its connection.
@@ -84,6 +88,8 @@ def _outcome_of(e: Exception) -> str:
         return "cancelled"
     if isinstance(e, ProxyFailed):
         return "proxy-timeout" if e.timed_out else "proxy-failed"
+    if isinstance(e, UnreadableAnswer):
+        return "undecodable"
     return "too-large" if isinstance(e, ResponseTooLarge) else "unreachable"
 
 
@@ -97,6 +103,8 @@ def _explained(e: Exception, adapter, timeout: float) -> Exception:
     if isinstance(e, ResponseTooLarge):
         return Problem(502, "upstream-too-large", "Upstream answer too large",
                        f"{where} answered more than {e.args[0]} bytes, the most the ambassador reads from it.")
+    if isinstance(e, UnreadableAnswer):
+        return bad_answer(adapter.name, e.reason)
     if isinstance(e, UpstreamFailed):
         return Problem(502, "upstream-unreachable", "Upstream unreachable", f"Calling {where}: {e.reason}.")
     if isinstance(e, ProxyFailed):  # the reason names the proxy; the upstream stays unnamed (the proxy's to reach)
