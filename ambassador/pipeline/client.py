@@ -134,7 +134,7 @@ class UpstreamClient:
         return BoundClient(self, egress)
 
     def _client_for(self, egress: Egress) -> HTTPClient:
-        key = egress.key()
+        key = egress.key
         if key not in self._clients:
             self._clients[key] = self._new_client(egress)
         return self._clients[key]

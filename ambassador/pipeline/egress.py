@@ -45,9 +45,12 @@ class Egress:
     ca_only: bool = False
     client_cert: SecretSource | None = field(default=None, eq=False)
     client_key: SecretSource | None = field(default=None, eq=False)
+    #: Equal for adapters that may share connections (the sources by where they read from); made once,
+    #: since the client looks its connections up by it on every request.
+    key: tuple = field(init=False, eq=False, repr=False)
 
-    def key(self) -> tuple:
-        """Equal for adapters that may share connections (the sources by where they read from)."""
+    @key.default
+    def _key(self) -> tuple:
         sources = tuple(source.describe() if source else None for source in (self.client_cert, self.client_key))
         return (self.proxies, tuple(c.dump() for c in self.ca_certificates), self.ca_only, sources)
 

@@ -109,7 +109,6 @@ def _explained(e: Exception, adapter, timeout: float) -> Exception:
         return Problem(502, "upstream-unreachable", "Upstream unreachable", f"Calling {where}: {e.reason}.")
     if isinstance(e, ProxyFailed):  # the reason names the proxy; the upstream stays unnamed (the proxy's to reach)
         if e.timed_out:
-            return Problem(504, "proxy-timeout", "Forward proxy timed out", f"Calling the {adapter.name} service: "
-                           f"{e.reason}.")
-        return Problem(502, "proxy-failed", "Forward proxy failed", f"Calling the {adapter.name} service: {e.reason}.")
+            return Problem(504, "proxy-timeout", "Forward proxy timed out", f"Calling {where}: {e.reason}.")
+        return Problem(502, "proxy-failed", "Forward proxy failed", f"Calling {where}: {e.reason}.")
     return e
