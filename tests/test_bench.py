@@ -40,6 +40,8 @@ def test_bench_prints_every_scenario(tmp_path):
     for scenario in ("S1 proxy path", "S2 slow upstream"):  # recorded figures, no verdict
         assert re.search(rf"^{scenario} +ambassador .* recorded", table, re.M), table
     assert re.search(r"^S1 proxy path +go seed .*blocked", table, re.M), table
+    for scenario in ("S3 cache path", "S7 mix, flat out"):  # the twisted.web floor, beside the peers
+        assert re.search(rf"^{scenario} +twisted.web leaf +\d+ +[\d.]+ +[\d.]+ .*the floor", table, re.M), table
     assert re.search(r"^S3 cache path +ambassador .*needs ≥[\d.]+× nginx's hits per process", table, re.M), table
     assert re.search(r"^S4 .*upstream requests: \d+ .*\d+/20 answered 200", table, re.M), table
     assert re.search(r"^S5 .*one idle process [\d.]+ MiB \(needs ≤\d+\), S2's ambassador: start [\d.]+ MiB, "

@@ -217,6 +217,18 @@ def test_the_rate_limit_refuses_at_once_what_could_not_be_sent_within_the_queue(
     assert second.called and third.called and len(inner.calls) == 3
 
 
+def test_by_default_the_rate_limit_keeps_nobody_waiting():
+    clock, inner = Clock(), Inner()
+    stage, _ = rate_stage(inner, clock, rate_limit=40, rate_burst=2)
+    first, second, third = (run(stage, a_call()) for _ in range(3))
+    assert first.called and second.called and len(inner.calls) == 2  # the burst
+    assert third.called and third.result.value.status == 429  # 25 ms from a token: refused now, not queued
+    assert "none is free for this request now" in third.result.value.detail
+    assert list(third.result.value.headers) == [("Retry-After", "1")]
+    clock.advance(0.025)
+    assert run(stage, a_call()).called and len(inner.calls) == 3  # the next token, one interval later
+
+
 @pytest.mark.parametrize("status", [429, 503])
 def test_a_429_or_503_with_retry_after_holds_back_every_later_request(status):
     clock, inner = Clock(), Inner([(status, {"retry-after": "3"})])

@@ -60,7 +60,9 @@ class Policy:
     retry_after_cap: float = 5.0
     rate_limit: float | None = None  # requests per second sent upstream; None: unlimited
     rate_burst: int | None = None  # default: the rate, rounded up
-    rate_queue: float = 1.0  # longest a request waits for the rate limit before 429
+    # Longest a request waits for the rate limit before 429. None, as Envoy's and Kong's limits: the burst
+    # absorbs jitter below the rate, and past it a queue only adds latency to what the rate serves anyway.
+    rate_queue: float = 0.0
     breaker_failures: int = 5  # consecutive failures that open the circuit; 0: no breaker
     breaker_open: float = 10.0
     breaker_open_max: float = 60.0
@@ -118,7 +120,7 @@ POLICY_HELP = {
     "retry_after_cap": "longest Retry-After honoured, seconds (5)",
     "rate_limit": "requests per second sent upstream, or none (TMDB: 40)",
     "rate_burst": "token bucket size (default: the rate)",
-    "rate_queue": "seconds a request may wait for the rate limit before 429 (1)",
+    "rate_queue": "seconds a request may wait for the rate limit before 429; 0: none (0)",
     "breaker_failures": "consecutive failures that open the circuit, 0 for none (5)",
     "breaker_open": "seconds the circuit stays open on the first trip (10)",
     "breaker_open_max": "longest open interval, doubling on repeated trips (60)",

@@ -89,7 +89,8 @@ class RateLimit:
 
 
 def rate_limited(adapter: str, policy: Policy, retry_after: float) -> Problem:
+    why = (f"this request would have waited more than {policy.rate_queue:g} s" if policy.rate_queue
+           else "none is free for this request now")
     return Problem(429, "rate-limited", "Rate limit reached",
                    f"The ambassador sends at most {policy.rate_limit:g} requests per second to the {adapter} "
-                   f"service and this request would have waited more than {policy.rate_queue:g} s; retry later.",
-                   headers=[("Retry-After", whole_seconds(retry_after))])
+                   f"service and {why}; retry later.", headers=[("Retry-After", whole_seconds(retry_after))])
