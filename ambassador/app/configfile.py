@@ -12,7 +12,6 @@ import re
 from typing import Any, Literal, overload
 from collections.abc import Iterable, Mapping
 
-import yaml
 from attrs import frozen
 from zope.interface import implementer
 
@@ -166,6 +165,9 @@ class Section:
 
 def adapters_from_file(path: str, environ: Mapping[str, str], plugins: Iterable, reactor) -> list:
     """The adapters ``path`` configures. ``plugins`` are the discovered IAdapterPlugins."""
+    # Imported here, not at the top: only --config reads YAML, and PyYAML costs an idle process ~1 MiB.
+    import yaml
+
     try:
         with open(path, encoding="utf-8") as f:
             document = yaml.safe_load(f)

@@ -44,8 +44,6 @@ import sys
 from attrs import evolve
 from prometheus_client import CollectorRegistry, Metric
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
-from prometheus_client.parser import text_string_to_metric_families as text_families
 from twisted.application.service import Service
 from twisted.internet import defer, fdesc
 from twisted.internet.abstract import FileDescriptor
@@ -285,6 +283,10 @@ def merge_expositions(expositions, accept: str = "") -> bytes:
 
     Nothing is summed: a per-process value (``process_*``, ``python_*``, ``ambassador_build_info``) stays
     one series per worker, and ``sum without (worker)`` is for the counters that add up."""
+    # Imported here: only a --workers primary parses expositions, and a single process need not hold the parsers.
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+    from prometheus_client.parser import text_string_to_metric_families as text_families
+
     encode, content_type = choose_encoder(accept)
     parse = openmetrics_families if content_type.startswith("application/openmetrics-text") else text_families
     families: dict[str, Metric] = {}
