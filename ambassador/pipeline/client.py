@@ -250,11 +250,13 @@ class _Collector(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:  # cancelled
             return
+        # isinstance, not Failure.check: check compares qualified class names it formats on every call.
+        why = reason.value
         if self._too_large:
             self.done.errback(ResponseTooLarge(self._limit))
-        elif reason.check(UnreadableAnswer):
+        elif isinstance(why, UnreadableAnswer):
             self.done.errback(reason)
-        elif reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self._closes.clean):
+        elif isinstance(why, ResponseDone) or (isinstance(why, PotentialDataLoss) and self._closes.clean):
             self.done.callback(bytes(self._buffer))
         else:
             # Fewer bytes than Content-Length, a broken chunk, or a close-delimited body ended by a reset.

@@ -141,7 +141,7 @@ class _Gunzipping(Protocol):
             self.stopProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        ended = reason.check(ResponseDone, PotentialDataLoss) is not None
+        ended = isinstance(reason.value, (ResponseDone, PotentialDataLoss))  # not check: see client._Collector
         if self._corrupt or (ended and self._received and not self._inflater.eof):
             reason = Failure(UnreadableAnswer(_CORRUPT))
         self._reader.connectionLost(reason)
