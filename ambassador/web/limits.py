@@ -314,11 +314,16 @@ class LimitedChannel(HTTPChannel):
     def checkPersistence(self, request, version) -> bool:
         # Twisted closes every HTTP/1.0 connection; a Site whose answers all carry their length keeps the
         # ones that ask for it (the proxy port, as before twisted.web served it).
-        tokens = b",".join(request.requestHeaders.getRawHeaders(b"connection", [])).lower().split(b",")
-        if version == b"HTTP/1.0" and self.site.keeps_http_1_0_alive and b"keep-alive" in map(bytes.strip, tokens):
+        if version == b"HTTP/1.0" and self.site.keeps_http_1_0_alive and self.asks_keep_alive(request):
             request.responseHeaders.setRawHeaders(b"Connection", [b"keep-alive"])
             return True
         return super().checkPersistence(request, version)
+
+    @staticmethod
+    def asks_keep_alive(request) -> bool:
+        # Read only for an HTTP/1.0 request: an HTTP/1.1 one's Connection header is Twisted's to read.
+        tokens = b",".join(request.requestHeaders.getRawHeaders(b"connection", [])).lower().split(b",")
+        return b"keep-alive" in map(bytes.strip, tokens)
 
     def close_when_idle(self) -> None:
         if not self.busy and self.head_lines == 0 and self.deadline is None:
