@@ -91,7 +91,9 @@ class _Gunzipped(proxyForInterface(IResponse)):  # type: ignore[misc]
 
     def __init__(self, response) -> None:
         self.original = response
-        self.headers = response.headers.copy()
+        # Changed in place, as _decoded does for an identity answer: nothing reads the original's headers
+        # after this wrapper stands in for it, so a copy (each header set again) would be for nothing.
+        self.headers = response.headers
         self.headers.removeHeader(b"content-encoding")
         self.headers.removeHeader(b"content-length")
         self.length = UNKNOWN_LENGTH
