@@ -20,6 +20,7 @@ is decoded, see ``ambassador.pipeline.decoding``), or fails with exactly one of
 
 from __future__ import annotations
 
+from functools import partial
 from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import quote, urlencode
 
@@ -152,7 +153,7 @@ class UpstreamClient:
                             self._tls_policy or egress.tls_policy(self._ca), self._connect_timeout)
             agent = EgressAgent(reactor, routes, Agent.usingEndpointFactory(reactor, _Watched(routes, self._closes),
                                                                             pool=pool),
-                                pool, lambda endpoint: _WatchedEndpoint(endpoint, self._closes))
+                                pool, lambda endpoint: _WatchedEndpoint(partial(_same, endpoint), self._closes))
         # treq wraps the Agent in a CookieAgent over this jar: a jar that keeps nothing.
         nothing = IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
         return HTTPClient(DecodingAgent(agent), cookiejar=nothing)
@@ -249,11 +250,13 @@ class _Collector(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:  # cancelled
             return
+        # isinstance, not Failure.check: check compares qualified class names it formats on every call.
+        why = reason.value
         if self._too_large:
             self.done.errback(ResponseTooLarge(self._limit))
-        elif reason.check(UnreadableAnswer):
+        elif isinstance(why, UnreadableAnswer):
             self.done.errback(reason)
-        elif reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self._closes.clean):
+        elif isinstance(why, ResponseDone) or (isinstance(why, PotentialDataLoss) and self._closes.clean):
             self.done.callback(bytes(self._buffer))
         else:
             # Fewer bytes than Content-Length, a broken chunk, or a close-delimited body ended by a reset.
@@ -280,18 +283,27 @@ class _Watched:
         self._closes = closes
 
     def endpointForURI(self, uri):
-        return _WatchedEndpoint(self._endpoints(uri), self._closes)
+        # The Agent asks for an endpoint on every request but connects one only when its pool has no idle
+        # connection: the endpoint (a HostnameEndpoint, for https the TLS options and their context, some
+        # 10 and 70 µs) is made then, not for every request.
+        return _WatchedEndpoint(partial(self._endpoints, uri), self._closes)
 
 
 class _WatchedEndpoint:
-    def __init__(self, endpoint, closes: _CloseReasons) -> None:
-        self._endpoint = endpoint
+    """The endpoint ``make`` returns, made when connected, whose connections say how they closed."""
+
+    def __init__(self, make, closes: _CloseReasons) -> None:
+        self._make = make
         self._closes = closes
 
     def connect(self, factory):
         factory.noisy = False  # else Twisted logs "Starting factory" for every upstream connection
         wrapping = _WatchingFactory(factory, self._closes)
-        return self._endpoint.connect(wrapping).addCallback(lambda wrapper: wrapper.wrappedProtocol)
+        return self._make().connect(wrapping).addCallback(lambda wrapper: wrapper.wrappedProtocol)
+
+
+def _same(endpoint):
+    return endpoint
 
 
 class _Watching(ProtocolWrapper):

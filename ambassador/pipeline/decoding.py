@@ -91,7 +91,9 @@ class _Gunzipped(proxyForInterface(IResponse)):  # type: ignore[misc]
 
     def __init__(self, response) -> None:
         self.original = response
-        self.headers = response.headers.copy()
+        # Changed in place, as _decoded does for an identity answer: nothing reads the original's headers
+        # after this wrapper stands in for it, so a copy (each header set again) would be for nothing.
+        self.headers = response.headers
         self.headers.removeHeader(b"content-encoding")
         self.headers.removeHeader(b"content-length")
         self.length = UNKNOWN_LENGTH
@@ -141,7 +143,7 @@ class _Gunzipping(Protocol):
             self.stopProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        ended = reason.check(ResponseDone, PotentialDataLoss) is not None
+        ended = isinstance(reason.value, (ResponseDone, PotentialDataLoss))  # not check: see client._Collector
         if self._corrupt or (ended and self._received and not self._inflater.eof):
             reason = Failure(UnreadableAnswer(_CORRUPT))
         self._reader.connectionLost(reason)

@@ -75,6 +75,8 @@ class Routes:
     def __init__(self, reactor, clock: IReactorTime, proxies: ProxyEnvironment, policy, timeout: float) -> None:
         self._reactor, self._clock, self._proxies, self._policy = reactor, clock, proxies, policy
         self._timeout = timeout
+        #: Whether any plain-http URI goes through a proxy (``proxy_for``): one is named for http.
+        self.proxies_plain_http = proxies.http is not None
 
     def proxy_for(self, uri: URI) -> ProxyURL | None:
         return self._proxies.proxy_for(uri.scheme.decode("ascii"), uri.host.decode("ascii"), uri.port)
@@ -106,8 +108,11 @@ class EgressAgent:
         self._through: dict[ProxyURL, ProxyAgent] = {}
 
     def request(self, method, uri, headers=None, bodyProducer=None) -> defer.Deferred:
-        parsed = URI.fromBytes(uri)
-        proxy = self._routes.proxy_for(parsed) if parsed.scheme == b"http" else None
+        # The URI is parsed (~5 us) only when plain http may go through a proxy at all.
+        proxy = None
+        if self._routes.proxies_plain_http:
+            parsed = URI.fromBytes(uri)
+            proxy = self._routes.proxy_for(parsed) if parsed.scheme == b"http" else None
         if proxy is None:
             return self._agent.request(method, uri, headers, bodyProducer)
         if proxy.authorization is not None:

@@ -13,7 +13,6 @@ token), and gives a caller ``read_timeout`` seconds to send a whole request.
 from __future__ import annotations
 
 import re
-from functools import partial
 from http import HTTPStatus
 from io import BytesIO
 from random import getrandbits
@@ -204,9 +203,20 @@ class LimitedChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
             return  # lingering after a refusal: read and drop
-        if self.deadline is None and not self.busy:
-            self.deadline = self.callLater(self.limits.read_timeout, partial(self.refuse, too_slow(self.limits)))
         super().dataReceived(data)
+        # Armed once what arrived is parsed, and only for a request it left incomplete: one that arrives in
+        # one read, as nearly all do, costs no timer. No time has passed since its first byte arrived.
+        if self.deadline is None and not (self.refused or self.busy) and self.reading(data):
+            self.deadline = self.callLater(self.limits.read_timeout, self.read_deadline_passed)
+
+    def reading(self, last: bytes) -> bool:
+        """Whether a request is part-read, ``last`` being what was received last: its head has begun, a
+        line of it waits for its end, or its body is being read (a whole one makes the channel busy)."""
+        return not self.line_mode or self.head_lines > 0 or not last.endswith(b"\n")
+
+    def read_deadline_passed(self) -> None:
+        # The problem is made when the deadline passes: almost every request arrives in time.
+        self.refuse(too_slow(self.limits))
 
     def lineReceived(self, line: bytes) -> None:
         if self.refused:
@@ -304,11 +314,16 @@ class LimitedChannel(HTTPChannel):
     def checkPersistence(self, request, version) -> bool:
         # Twisted closes every HTTP/1.0 connection; a Site whose answers all carry their length keeps the
         # ones that ask for it (the proxy port, as before twisted.web served it).
-        tokens = b",".join(request.requestHeaders.getRawHeaders(b"connection", [])).lower().split(b",")
-        if version == b"HTTP/1.0" and self.site.keeps_http_1_0_alive and b"keep-alive" in map(bytes.strip, tokens):
+        if version == b"HTTP/1.0" and self.site.keeps_http_1_0_alive and self.asks_keep_alive(request):
             request.responseHeaders.setRawHeaders(b"Connection", [b"keep-alive"])
             return True
         return super().checkPersistence(request, version)
+
+    @staticmethod
+    def asks_keep_alive(request) -> bool:
+        # Read only for an HTTP/1.0 request: an HTTP/1.1 one's Connection header is Twisted's to read.
+        tokens = b",".join(request.requestHeaders.getRawHeaders(b"connection", [])).lower().split(b",")
+        return b"keep-alive" in map(bytes.strip, tokens)
 
     def close_when_idle(self) -> None:
         if not self.busy and self.head_lines == 0 and self.deadline is None:

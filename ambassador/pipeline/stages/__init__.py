@@ -38,6 +38,10 @@ class Call:
     deadline: float = math.inf  # on the clock; set by the Deadline stage
     refreshed: bool = False  # the credential was refreshed once already in this exchange
 
+    def with_request(self, request: UpstreamRequest) -> Call:
+        """This call sending ``request``: what ``attrs.evolve`` does, without its look at the fields."""
+        return Call(self.adapter, request, self.trace, self.deadline, self.refreshed)
+
 
 #: A stage, or the rest of the chain below it.
 Stage = Callable[[Call], Coroutine[Any, Any, UpstreamResponse]]

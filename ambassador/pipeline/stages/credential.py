@@ -7,7 +7,7 @@ from (and before) the retry policy.
 
 from __future__ import annotations
 
-from attrs import define, evolve
+from attrs import define
 
 from ambassador.exchange import UpstreamResponse
 from ambassador.pipeline.stages import Call, Stage
@@ -20,7 +20,7 @@ class Credential:
     async def __call__(self, call: Call) -> UpstreamResponse:
         adapter = call.adapter
         sent = await adapter.credential.attach(call.request, adapter.name)
-        response = await self.next(evolve(call, request=sent))
+        response = await self.next(call.with_request(sent))
         if response.status == 401 and not call.refreshed and adapter.credential.rejected(sent):
             call.refreshed = True
             return await self(call)

@@ -55,12 +55,15 @@ class Retry:
         if retries_left <= 0:
             return None
         policy = self.policy
-        backoff = full_jitter_backoff(policy, policy.retries - retries_left, self.rng)
         if isinstance(outcome, Problem):
-            return backoff if outcome.kind in _RETRIED_PROBLEMS else None
+            return self._backoff(retries_left) if outcome.kind in _RETRIED_PROBLEMS else None
         if outcome.status in (429, 503):
             asked = retry_after_seconds(outcome.headers.get("retry-after"), self.clock.seconds())
             if asked is None:
-                return backoff
+                return self._backoff(retries_left)
             return asked if asked <= policy.retry_after_cap else None
-        return backoff if outcome.status in (502, 504) else None
+        return self._backoff(retries_left) if outcome.status in (502, 504) else None
+
+    def _backoff(self, retries_left: int) -> float:
+        # Drawn only for an outcome that is retried: most are not, and the draw is a call into random.
+        return full_jitter_backoff(self.policy, self.policy.retries - retries_left, self.rng)
