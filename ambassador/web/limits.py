@@ -203,16 +203,9 @@ class LimitedChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
             return  # lingering after a refusal: read and drop
-        super().dataReceived(data)
-        # Armed once what arrived is parsed, and only for a request it left incomplete: one that arrives in
-        # one read, as nearly all do, costs no timer. No time has passed since its first byte arrived.
-        if self.deadline is None and not (self.refused or self.busy) and self.reading(data):
+        if self.deadline is None and not self.busy:
             self.deadline = self.callLater(self.limits.read_timeout, self.read_deadline_passed)
-
-    def reading(self, last: bytes) -> bool:
-        """Whether a request is part-read, ``last`` being what was received last: its head has begun, a
-        line of it waits for its end, or its body is being read (a whole one makes the channel busy)."""
-        return not self.line_mode or self.head_lines > 0 or not last.endswith(b"\n")
+        super().dataReceived(data)
 
     def read_deadline_passed(self) -> None:
         # The problem is made when the deadline passes: almost every request arrives in time.
