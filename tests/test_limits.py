@@ -158,6 +158,18 @@ def test_a_request_trickled_byte_by_byte_gets_408_after_the_read_timeout():
     assert transport.disconnected  # a caller that never closes is cut off
 
 
+def test_a_caller_sending_only_empty_lines_gets_408_after_the_read_timeout():
+    """Empty lines may come before a request (RFC 9112 section 2.2): they start the deadline all the same."""
+    clock = Clock()
+    channel, transport = proxy_channel(clock, read_timeout=10, idle_timeout=60)
+    for _ in range(3):
+        channel.dataReceived(b"\r\n")
+        clock.advance(3)
+    assert transport.value() == b""
+    clock.advance(1)
+    assert parse_response(transport.value())[0] == 408 and transport.write_closed
+
+
 def test_a_silent_connection_is_closed_after_the_idle_timeout():
     clock = Clock()
     channel, transport = proxy_channel(clock, read_timeout=10, idle_timeout=60)
