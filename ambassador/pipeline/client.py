@@ -153,7 +153,7 @@ class UpstreamClient:
                             self._tls_policy or egress.tls_policy(self._ca), self._connect_timeout)
             agent = EgressAgent(reactor, routes, Agent.usingEndpointFactory(reactor, _Watched(routes, self._closes),
                                                                             pool=pool),
-                                pool, lambda endpoint: _WatchedEndpoint(partial(_same, endpoint), self._closes))
+                                pool, lambda endpoint: _WatchedEndpoint(lambda: endpoint, self._closes))
         # treq wraps the Agent in a CookieAgent over this jar: a jar that keeps nothing.
         nothing = IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
         return HTTPClient(DecodingAgent(agent), cookiejar=nothing)
@@ -300,10 +300,6 @@ class _WatchedEndpoint:
         factory.noisy = False  # else Twisted logs "Starting factory" for every upstream connection
         wrapping = _WatchingFactory(factory, self._closes)
         return self._make().connect(wrapping).addCallback(lambda wrapper: wrapper.wrappedProtocol)
-
-
-def _same(endpoint):
-    return endpoint
 
 
 class _Watching(ProtocolWrapper):

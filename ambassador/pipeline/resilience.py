@@ -60,7 +60,7 @@ class Policy:
     retry_after_cap: float = 5.0
     rate_limit: float | None = None  # requests per second sent upstream; None: unlimited
     rate_burst: int | None = None  # default: the rate, rounded up
-    # Longest a request waits for the rate limit before 429. None, as Envoy's and Kong's limits: the burst
+    # Longest a request waits for the rate limit before 429. By default no wait, as Envoy's and Kong's: the burst
     # absorbs jitter below the rate, and past it a queue only adds latency to what the rate serves anyway.
     rate_queue: float = 0.0
     breaker_failures: int = 5  # consecutive failures that open the circuit; 0: no breaker
