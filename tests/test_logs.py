@@ -74,14 +74,19 @@ def test_text_lines_escape_line_breaks_and_control_characters(value, text):
     assert not any(c in json_line for c in "\n\r\x00\x1b\x7f\x9b\u2028\u2029\t")
 
 
-def test_a_failure_keeps_its_traceback_on_continuation_lines_and_its_message_on_one():
+def failed(error: Exception, text: str, **fields) -> dict:
+    """The event Logger.failure emits for ``error`` raised and caught, with its traceback."""
     try:
-        raise ValueError("bad\r\nvalue\x1b")
-    except ValueError:
+        raise error
+    except type(error):
         failure = Failure()
-    events = []
-    Logger(namespace="ambassador", observer=events.append).failure("Failed {what}", failure, what="a\nb")
-    line = event_as_text(events[0])
+    events: list = []
+    Logger(namespace="ambassador", observer=events.append).failure(text, failure, **fields)
+    return events[0]
+
+
+def test_a_failure_keeps_its_traceback_on_continuation_lines_and_its_message_on_one():
+    line = event_as_text(failed(ValueError("bad\r\nvalue\x1b"), "Failed {what}", what="a\nb"))
     first, *rest = line[:-1].split("\n")
     assert first.endswith("[ambassador#critical] Failed a\\nb")
     assert rest[0] == "\tTraceback (most recent call last):" and all(r.startswith("\t") for r in rest)
@@ -156,17 +161,12 @@ def test_json_writes_what_it_has_no_word_for_as_its_repr():
 
 
 def test_json_failure_has_error_and_traceback():
-    try:
-        raise ValueError("no good")
-    except ValueError:
-        failure = Failure()
-    events = []
-    Logger(namespace="ambassador", observer=events.append).failure("Failed {what}", failure, what="dividing")
-    document = json.loads(event_as_json(events[0]))
+    event = failed(ValueError("no good"), "Failed {what}", what="dividing")
+    document = json.loads(event_as_json(event))
     assert (document["level"], document["message"], document["what"]) == ("critical", "Failed dividing", "dividing")
     assert document["error"] == "no good"
     assert document["traceback"].startswith("Traceback") and "ValueError: no good" in document["traceback"]
-    assert event_as_text(events[0]) == formatEventAsClassicLogText(events[0])  # a traceback of one-line text
+    assert event_as_text(event) == formatEventAsClassicLogText(event)  # a traceback of one-line text
 
 
 @pytest_twisted.ensureDeferred

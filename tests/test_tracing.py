@@ -244,8 +244,8 @@ async def test_spans_of_requests_are_exported_with_their_links_and_never_a_secre
         assert secret not in process.output.decode()
 
 
-@pytest_twisted.ensureDeferred
-async def test_spans_still_queued_at_sigterm_are_flushed_before_the_process_exits(collector, fake_tmdb, tmp_path):
+async def one_request_then_sigterm(collector, fake_tmdb, tmp_path, *, before_sigterm=lambda: None):
+    """An ambassador exporting only at exit answers one request, then gets SIGTERM; returns it once it exited 0."""
     env = _tracing_env(collector, fake_tmdb, OTEL_BSP_SCHEDULE_DELAY="600000")  # never by the schedule
     process = spawn_ambassador("--port", "0", "--admin-port", "none", "--grace-period", "1",
                                env=env, cwd=tmp_path)
@@ -253,26 +253,26 @@ async def test_spans_still_queued_at_sigterm_are_flushed_before_the_process_exit
         url = f"http://127.0.0.1:{await process.listening}"
         response, _ = await get(url + "/movies")
         assert response.code == 200
-        assert collector.spans == []
+        before_sigterm()
     finally:
         process.transport.signalProcess(signal.SIGTERM)
     assert await process.ended == (0, None), process.output.decode()
+    return process
+
+
+@pytest_twisted.ensureDeferred
+async def test_spans_still_queued_at_sigterm_are_flushed_before_the_process_exits(collector, fake_tmdb, tmp_path):
+    def nothing_exported_yet():
+        assert collector.spans == []
+
+    await one_request_then_sigterm(collector, fake_tmdb, tmp_path, before_sigterm=nothing_exported_yet)
     assert {s.kind for s in collector.spans} == {SERVER, CLIENT}
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_collector_that_never_answers_does_not_hold_up_the_exit(fake_tmdb, tmp_path):
     with serving(FakeCollector(hang=True)) as collector:
-        env = _tracing_env(collector, fake_tmdb, OTEL_BSP_SCHEDULE_DELAY="600000")
-        process = spawn_ambassador("--port", "0", "--admin-port", "none", "--grace-period", "1",
-                                   env=env, cwd=tmp_path)
-        try:
-            url = f"http://127.0.0.1:{await process.listening}"
-            response, _ = await get(url + "/movies")
-            assert response.code == 200
-        finally:
-            process.transport.signalProcess(signal.SIGTERM)
-        assert await process.ended == (0, None), process.output.decode()
+        process = await one_request_then_sigterm(collector, fake_tmdb, tmp_path)
         assert collector.bodies  # the export was tried, and given up on
         assert "Spans not all exported within 3 s" in process.output.decode()
         for request in collector.held:
